@@ -1,0 +1,1 @@
+"""data_prep: scraped and annotated text -> clean, deduplicated, redacted, validated chat JSONL."""
