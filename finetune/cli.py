@@ -1,0 +1,177 @@
+"""`finetune` command line: one subcommand per module, heavy imports only inside each command.
+
+    finetune train CONFIG.yaml [key=value ...]      accelerate launch -m finetune train CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from finetune.config import ConfigError, describe_schema, load_config
+
+COMMANDS = {
+    "train": "Fine-tune a model (LoRA, QLoRA or full) from a YAML config plus key=value overrides.",
+    "preview": "Show the tokens of the first examples and which ones are trained (loss masks).",
+    "eval": "Evaluate a base model and/or an adapter: perplexity, bits/byte, task metrics, report.",
+    "generate": "Generate replies for a JSONL file of prompts or chats with an adapter.",
+    "chat": "Chat with an adapter in the terminal (streams tokens; /reset, /exit).",
+    "merge": "Merge an adapter into its base model and save a standalone model directory.",
+    "tiny-model": "Build a small Llama model and a locally trained tokenizer (for tests and demos).",
+    "quickstart": "Run the whole path on CPU: data prep, tiny model, LoRA training, eval, inference.",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (see configs/train/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.r=16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Distributed LLM fine-tuning: LoRA/QLoRA under DeepSpeed ZeRO, evaluation, inference.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
+    _add_config_args(p)
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+
+    p = sub.add_parser("preview", help=COMMANDS["preview"], description=COMMANDS["preview"])
+    _add_config_args(p)
+    p.add_argument("--n", type=int, default=3, help="number of examples (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON: per example a list of {token, text, trained}")
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+
+    p = sub.add_parser("eval", help=COMMANDS["eval"], description=COMMANDS["eval"])
+    p.add_argument("--model", help="base model directory or hub id (default: read from the adapter)")
+    p.add_argument("--adapter", help="adapter directory (a run's adapter/)")
+    p.add_argument("--data", required=True, help="held-out chat JSONL (the last assistant turn is the reference)")
+    p.add_argument("--output", required=True, help="report directory")
+    p.add_argument("--metrics", default="exact_match,f1,rouge_l,chrf",
+                   help="comma-separated builtin names or module:function")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--loss-on", choices=["assistant", "last_assistant", "all"], default="assistant")
+    p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantized")
+    p.add_argument("--run-dir", help="training run directory, for the loss curve in the report")
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks")
+    p.add_argument("--lm-eval-include", help="directory of extra lm-eval task YAMLs")
+
+    p = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"])
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--input", required=True, help="JSONL of {messages: [...]} or {prompt: ...}")
+    p.add_argument("--output", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", help="override the base model recorded in the adapter")
+
+    p = sub.add_parser("chat", help=COMMANDS["chat"], description=COMMANDS["chat"])
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--model", help="override the base model recorded in the adapter")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+    p = sub.add_parser("merge", help=COMMANDS["merge"], description=COMMANDS["merge"])
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--model", help="override the base model recorded in the adapter")
+
+    p = sub.add_parser("tiny-model", help=COMMANDS["tiny-model"], description=COMMANDS["tiny-model"])
+    p.add_argument("--output", required=True, help="directory to write the model and tokenizer to")
+    p.add_argument("--corpus", nargs="*", help="text/JSONL files or directories to train the tokenizer on")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("quickstart", help=COMMANDS["quickstart"], description=COMMANDS["quickstart"])
+    p.add_argument("--output-dir", default="quickstart_output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    # bitsandbytes warns on every import that an optional CPU kernel package is absent; it is not
+    # needed (QLoRA runs without it), so the warning only hides real messages.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return _dispatch(args) or 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # user-facing errors of our own carry the fix in their message
+        from finetune.errors import USER_ERRORS
+
+        if isinstance(exc, USER_ERRORS):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    cmd = args.command
+    if cmd == "train":
+        if args.help_config:
+            print("\n".join(describe_schema()))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        from finetune.train import train
+
+        train(cfg)
+    elif cmd == "preview":
+        cfg = load_config(args.config, args.overrides)
+        from finetune.preview import preview
+
+        preview(cfg, n=args.n, as_json=args.json, split=args.split)
+    elif cmd == "eval":
+        from finetune.evaluate import eval_command
+
+        return eval_command(args)
+    elif cmd == "generate":
+        from finetune.inference import generate_command
+
+        return generate_command(args)
+    elif cmd == "chat":
+        from finetune.inference import chat_command
+
+        return chat_command(args)
+    elif cmd == "merge":
+        from finetune.inference import merge_command
+
+        return merge_command(args)
+    elif cmd == "tiny-model":
+        from finetune.tiny import build_tiny_model
+
+        out = build_tiny_model(args.output, args.corpus, vocab_size=args.vocab_size,
+                               hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+        print(f"tiny model -> {out}")
+    elif cmd == "quickstart":
+        from finetune.quickstart import quickstart
+
+        quickstart(args.output_dir, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Training configuration: YAML recipe + dotted ``key=value`` overrides, one typed schema.
+
+Every problem in a config (unknown key, wrong type, bad value, missing file) is collected and
+reported at once, each with its dotted key, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "load_config",
+    "parse_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A config failed to load; ``problems`` lists every ``(dotted key, message)``."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{len(problems)} problem(s) in config {source}:"]
+        lines += [f"  - {key}: {msg}" for key, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Section(BaseModel):
+    # An unknown key is an error, never ignored: a typo like `lora.rank` would otherwise train r=8.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: str = Field(description="Chat JSONL for training (as `data-prep` writes it).")
+    eval: str | None = Field(None, description="Chat JSONL for evaluation during training.")
+    loss_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant",
+        description="Which tokens are trained: every assistant turn (content + end-of-turn token), "
+        "only the last assistant turn, or the whole sequence.",
+    )
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples longer than `max_length`; both are counted."
+    )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use `epochs`).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(4, ge=1, description="Examples per device per micro-batch.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Per-device eval batch (default: batch_size).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of total steps if < 1, else steps.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant...).")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: once per epoch).")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: once per epoch).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without eval-loss improvement."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
+    )
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length (less padding, a little less randomness)."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="tensorboard, wandb, mlflow, or none."
+    )
+    ddp_timeout_s: int = Field(1800, ge=1, description="Timeout of every collective, in seconds.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError("max_steps must be -1 (use epochs) or a positive number")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or `all-linear`."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).",
+    )
+
+
+class QuantConfig(_Section):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="bnb_4bit_quant_storage. auto = the compute dtype, required by ZeRO-3 "
+        "to partition 4-bit weights (PEFT docs).",
+    )
+
+
+class EvalConfig(_Section):
+    after_train: bool = Field(False, description="Run `finetune eval` (base vs tuned) after training.")
+    data: str | None = Field(None, description="Held-out chat JSONL for the post-training eval.")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match", "f1", "rouge_l", "chrf"])
+    max_examples: int | None = Field(None, ge=1)
+
+    @field_validator("data")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
+class TrainConfig(_Section):
+    model: str = Field(description="Base model: a local directory or a hub id.")
+    adapter: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained.")
+    data: DataConfig
+    output_dir: str = Field(description="Run directory (adapter/, checkpoints/, metrics.jsonl, run.json).")
+    seed: int = 42
+    max_length: int = Field(2048, ge=8, description="Tokens per example after the chat template.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template; default: the tokenizer's own, else ChatML."
+    )
+    packing: bool = Field(False, description="Pack several examples per row (no cross-attention).")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantConfig = Field(default_factory=QuantConfig)
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON (configs/deepspeed/), or null.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+    overwrite: bool = Field(False, description="Allow training into an output_dir that holds a run.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model repository.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the base weights are loaded in."
+    )
+    attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2...")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _ds_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_present(cls, v: str) -> str:
+        looks_local = v.startswith((".", "/", "~")) or os.sep in v.rstrip(os.sep).split(os.sep, 1)[-1]
+        if looks_local and not Path(v).expanduser().is_dir():
+            raise ValueError(f"model directory not found: {v}")
+        return v
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["lora.r=16", "training.max_steps=20"]`` into a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("<command line>", [(item, "an override must look like key=value")])
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` as a string; a number is what anyone typing it means.
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError("<command line>", [(key, "conflicts with another override")])
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Paths in a recipe are relative to the current directory first, then to the recipe file."""
+
+    def fix(container: dict[str, Any], key: str) -> None:
+        v = container.get(key)
+        if isinstance(v, str) and v and not Path(v).is_absolute() and not Path(v).exists():
+            candidate = base_dir / v
+            if candidate.exists():
+                container[key] = str(candidate)
+
+    for key in ("deepspeed", "model"):
+        fix(raw, key)
+    for section, keys in (("data", ("train", "eval")), ("eval", ("data",))):
+        if isinstance(raw.get(section), dict):
+            for key in keys:
+                fix(raw[section], key)
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `finetune train --help-config`)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and e["type"] not in ("value_error",) and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        problems.append((key, msg))
+    return problems
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **extra: Any) -> TrainConfig:
+    """Load a YAML recipe, apply dotted overrides, validate, and report every problem at once."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<overrides>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(source, [("<file>", f"config file not found: {p}")])
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}" if mark else "<file>"
+            raise ConfigError(source, [(where, f"not valid YAML: {exc}")]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, [("<root>", "a config must be a mapping of keys to values")])
+        raw = loaded
+        _resolve_paths(raw, p.parent)
+    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = _merge(raw, extra)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, _problems(err)) from None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_schema(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """One line per key: dotted name, type, default, description (drives `--help-config`)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe_schema(ann, key + "."))
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        lines.append(f"{key:38s} {tname:28.28s} {default:14.14s} {field.description or ''}")
+    return lines

@@ -1,0 +1,155 @@
+"""Chat JSONL -> token ids + labels, with errors that name file:line and counts for every drop."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.chat_template import ChatFormatError, LossOn, encode_chat
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DataError", "read_chat_jsonl", "tokenize_dataset", "DataStats", "pad_collate"]
+
+VALID_ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line."""
+
+
+def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list[dict[str, Any]]:
+    """Read chat JSONL strictly: the first malformed line stops everything, naming file:line."""
+    path = Path(path)
+    records = []
+    problems: list[str] = []
+    with path.open(encoding="utf-8", errors="strict") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})")
+                continue
+            msgs = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                problems.append(f"{path}:{lineno}: expected an object with a non-empty `messages` list")
+                continue
+            bad = next(
+                (
+                    i
+                    for i, m in enumerate(msgs)
+                    if not isinstance(m, dict)
+                    or m.get("role") not in VALID_ROLES
+                    or not isinstance(m.get("content"), str)
+                ),
+                None,
+            )
+            if bad is not None:
+                problems.append(
+                    f"{path}:{lineno}: message {bad} needs a `role` in {sorted(VALID_ROLES)} "
+                    "and a string `content`"
+                )
+                continue
+            if require_assistant and not any(m["role"] == "assistant" for m in msgs):
+                problems.append(f"{path}:{lineno}: no assistant message, nothing to train on")
+                continue
+            records.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
+                            "line": lineno})
+            if len(problems) >= 20:
+                break
+    if problems:
+        more = " (stopped after 20)" if len(problems) >= 20 else ""
+        raise DataError(
+            f"{len(problems)} bad line(s) in {path}{more}; fix them or run "
+            f"`data-prep validate {path}`:\n  " + "\n  ".join(problems)
+        )
+    if not records:
+        raise DataError(f"{path} holds no examples (an empty dataset cannot be trained on)")
+    return records
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    trained_tokens: int = 0
+    max_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["dropped"] = dict(self.dropped)
+        return d
+
+
+def tokenize_dataset(
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    max_length: int,
+    loss_on: LossOn = "assistant",
+    too_long: str = "truncate",
+) -> tuple[list[dict[str, list[int]]], DataStats]:
+    """Encode every example; refuse when examples end up with no trained token."""
+    records = read_chat_jsonl(path)
+    stats = DataStats(examples=len(records))
+    rows = []
+    untrained: list[int] = []
+    for rec in records:
+        try:
+            enc = encode_chat(tokenizer, rec["messages"], max_length=None, loss_on=loss_on)
+        except ChatFormatError as exc:
+            raise DataError(f"{path}:{rec['line']}: {exc}") from None
+        if len(enc.input_ids) > max_length:
+            if too_long == "drop":
+                stats.dropped["longer_than_max_length"] += 1
+                continue
+            enc = encode_chat(tokenizer, rec["messages"], max_length=max_length, loss_on=loss_on)
+            stats.truncated += 1
+        if enc.n_trained == 0:
+            untrained.append(rec["line"])
+            continue
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        stats.kept += 1
+        stats.tokens += len(enc.input_ids)
+        stats.trained_tokens += enc.n_trained
+        stats.max_tokens = max(stats.max_tokens, len(enc.input_ids))
+    if untrained:
+        shown = ", ".join(f"{path}:{n}" for n in untrained[:10])
+        raise DataError(
+            f"{len(untrained)} example(s) have no trained token after the chat template, loss masks "
+            f"and max_length={max_length} (e.g. {shown}). Raise `max_length`, set "
+            "`data.too_long=drop`, or check `data.loss_on`; `finetune preview` shows the masks."
+        )
+    if not rows:
+        raise DataError(f"no example of {path} is left to train on: {dict(stats.dropped)}")
+    return rows, stats
+
+
+def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None):
+    """Right-pad a list of {input_ids, labels} into tensors; labels pad with -100."""
+    import torch
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        longest = max(len(b["input_ids"]) for b in batch)
+        if pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate

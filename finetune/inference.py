@@ -1,0 +1,254 @@
+"""Using a trained adapter: load it in one call, generate, chat, merge.
+
+    from finetune import load_for_inference, chat
+    model, tokenizer = load_for_inference("runs/x/adapter")
+    print(chat(model, tokenizer, [{"role": "user", "content": "Hi"}]))
+
+The tokenizer and chat template come from the adapter directory (saved there by `finetune train`),
+so inference formats prompts exactly as training did. Evaluation generates through
+`generate_replies` too, so what `finetune eval` scored is what this module returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.chat_template import end_of_turn_token, render_prompt
+from finetune.errors import AdapterError
+from finetune.modeling import load_base_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_for_inference", "chat", "generate_replies", "merge_adapter", "read_adapter_info"]
+
+
+def read_adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """What the adapter directory says about itself; a clear error when it is not an adapter."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise AdapterError(f"adapter directory not found: {d}")
+    cfg_file = d / "adapter_config.json"
+    if not cfg_file.is_file():
+        if (d / "config.json").is_file():
+            raise AdapterError(
+                f"{d} is a full model directory, not an adapter: pass it as --model (or `model=`) instead"
+            )
+        raise AdapterError(f"{d} is not an adapter: expected adapter_config.json (PEFT layout) in it")
+    info = json.loads(cfg_file.read_text())
+    meta = d / "finetune.json"
+    if meta.is_file():
+        info["finetune"] = json.loads(meta.read_text())
+    return info
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = []
+    eot = end_of_turn_token(tokenizer)
+    for tok in (eot, tokenizer.eos_token):
+        if tok is not None:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            if i is not None and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def load_for_inference(
+    adapter_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    quantize: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Return ``(model, tokenizer)`` ready for ``generate``: base + adapter, eval mode.
+
+    The base model is read from the adapter's config unless ``base_model`` is given; the tokenizer
+    and chat template are the ones saved with the adapter. ``quantize`` is None, "4bit" or "8bit".
+    """
+    from peft import PeftModel
+
+    info = read_adapter_info(adapter_dir)
+    base = base_model or info.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{adapter_dir}/adapter_config.json names no base model; pass base_model=")
+    if base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():
+        raise AdapterError(
+            f"the adapter's base model {base} is not on this machine; pass base_model= (or --model) "
+            "with its directory or hub id"
+        )
+    tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
+    model = load_base_model(base, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        model.resize_token_embeddings(len(tokenizer))
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc):
+            raise AdapterError(
+                f"the adapter in {adapter_dir} does not fit base model {base} (vocabulary or shape "
+                f"mismatch: tokenizer has {len(tokenizer)} tokens, base embeddings {n_embed}). "
+                "Was it trained on another base model?"
+            ) from None
+        raise
+    if device and not quantize:
+        model.to(device)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def generate_replies(
+    model,
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+    **gen_kwargs: Any,
+) -> list[str]:
+    """Greedy (by default) replies to each conversation, batched, stopping at the end-of-turn token."""
+    import torch
+    from tqdm.auto import tqdm
+
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    stop = _stop_ids(tokenizer)
+    replies: list[str] = []
+    device = next(model.parameters()).device
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    gen_kwargs = {"do_sample": False, **gen_kwargs}
+    try:
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+            chunk = prompts[start : start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **gen_kwargs,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            replies.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+    return [r.strip() for r in replies]
+
+
+def chat(model, tokenizer, messages: list[dict[str, str]], **gen_kwargs: Any) -> str:
+    """The assistant's reply to `messages`, formatted with the adapter's own chat template."""
+    return generate_replies(model, tokenizer, [messages], batch_size=1, **gen_kwargs)[0]
+
+
+def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "auto",
+                  base_model: str | None = None) -> Path:
+    """Fold the adapter into its base weights and save a standalone model directory, on CPU.
+
+    An adapter trained on a 4-bit base is merged into the base loaded in `dtype` (not 4-bit): the
+    LoRA update was learned against the dequantized NF4 weights, which differ from the original
+    full-precision ones by the quantization error, so the merged model matches base+adapter within
+    that error (the test states the tolerance).
+    """
+    from peft import PeftModel
+
+    info = read_adapter_info(adapter_dir)
+    base = base_model or info.get("base_model_name_or_path")
+    tokenizer = load_tokenizer(str(adapter_dir))
+    model = load_base_model(base, dtype=dtype, device_map={"": "cpu"})
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    merged = model.merge_and_unload()
+    output = Path(output)
+    merged.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+def _read_prompts(path: Path) -> list[tuple[dict, list[dict[str, str]]]]:
+    from finetune.data import DataError
+
+    items = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            msgs = obj["messages"]
+            if msgs and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            msgs = [{"role": "user", "content": obj["prompt"]}]
+        elif isinstance(obj, str):
+            msgs = [{"role": "user", "content": obj}]
+        else:
+            raise DataError(f"{path}:{lineno}: expected {{messages: [...]}}, {{prompt: ...}} or a string")
+        items.append((obj if isinstance(obj, dict) else {"prompt": obj}, msgs))
+    return items
+
+
+def generate_command(args) -> int:
+    from finetune.utils import atomic_write_text
+
+    items = _read_prompts(Path(args.input))
+    model, tok = load_for_inference(args.adapter, base_model=args.model)
+    replies = generate_replies(model, tok, [m for _, m in items], max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, progress=True)
+    lines = [json.dumps({**obj, "reply": r}, ensure_ascii=False) for (obj, _), r in zip(items, replies)]
+    atomic_write_text(args.output, "\n".join(lines) + "\n")
+    print(f"{len(replies)} replies -> {args.output}")
+    return 0
+
+
+def chat_command(args) -> int:
+    from transformers import TextStreamer
+
+    model, tok = load_for_inference(args.adapter, base_model=args.model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = list(system)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    print("Chat with the adapter. /reset clears the history, /exit quits.", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = list(system)
+            print("(history cleared)", flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        sys.stdout.write("assistant> ")
+        sys.stdout.flush()
+        reply = generate_replies(model, tok, [history], batch_size=1,
+                                 max_new_tokens=args.max_new_tokens, streamer=streamer)[0]
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def merge_command(args) -> int:
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, base_model=args.model)
+    print(f"merged model -> {out}")
+    return 0

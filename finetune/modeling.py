@@ -1,0 +1,101 @@
+"""Loading a base model (full precision or 4/8-bit) and its tokenizer; attaching adapters.
+
+Everything goes through `from_pretrained` on a directory or hub id, so the tiny local models used
+here and a 70B model on a cluster take the same path. bitsandbytes is imported only for QLoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.chat_template import ensure_chat_template
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_tokenizer", "load_base_model", "resolve_dtype", "model_ref"]
+
+
+def model_ref(name: str) -> str:
+    """A local directory becomes an absolute path, so adapters saved with it load from anywhere."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.is_dir() else name
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(name: str, *, chat_template: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if trust_remote_code:
+        logger.warning("trust_remote_code=True: code shipped with %s will run on this machine", name)
+    tok = AutoTokenizer.from_pretrained(model_ref(name), trust_remote_code=trust_remote_code)
+    ensure_chat_template(tok, chat_template)
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token will do.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(bits: int, *, quant_type: str = "nf4", double_quant: bool = True,
+                        compute_dtype: Any = None, storage_dtype: Any = None):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise RuntimeError("QLoRA needs bitsandbytes: pip install bitsandbytes") from exc
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # ZeRO-3 partitions parameters by dtype; 4-bit weights stored as uint8 cannot be flattened
+        # with the rest, so the storage dtype must equal the compute dtype (PEFT docs).
+        bnb_4bit_quant_storage=storage_dtype or compute_dtype,
+    )
+
+
+def load_base_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    quantize: str | None = None,
+    quant_kwargs: dict[str, Any] | None = None,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """A causal LM from a directory or hub id; weights from safetensors when present."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize:
+        bits = 4 if quantize in ("4bit", 4) else 8
+        qk = dict(quant_kwargs or {})
+        qk.setdefault("compute_dtype", torch_dtype)
+        kwargs["quantization_config"] = quantization_config(bits, **qk)
+        if device_map is None:
+            if torch.cuda.is_available():
+                device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+            else:
+                device_map = {"": "cpu"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(model_ref(name), **kwargs)

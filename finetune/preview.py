@@ -1,0 +1,57 @@
+"""`finetune preview`: the tokens of the first examples and which ones are trained.
+
+It goes through the same `encode_chat` as training, so what it shows is what the trainer sees.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from finetune.chat_template import IGNORE_INDEX, encode_chat
+from finetune.config import TrainConfig
+from finetune.data import read_chat_jsonl
+from finetune.modeling import load_tokenizer
+
+__all__ = ["preview", "preview_examples"]
+
+_GREEN, _DIM, _RESET = "\033[42;30m", "\033[2m", "\033[0m"
+
+
+def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list[dict]:
+    """Per example: the list of {token, text, trained} and counts."""
+    tok = load_tokenizer(cfg.model, chat_template=cfg.chat_template, trust_remote_code=cfg.trust_remote_code)
+    path = cfg.data.train if split == "train" else cfg.data.eval
+    if path is None:
+        raise ValueError("data.eval is not set, so there is no eval split to preview")
+    out = []
+    for rec in read_chat_jsonl(path)[:n]:
+        enc = encode_chat(tok, rec["messages"], max_length=cfg.max_length, loss_on=cfg.data.loss_on)
+        tokens = [
+            {"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]), "trained": lab != IGNORE_INDEX}
+            for i, lab in zip(enc.input_ids, enc.labels)
+        ]
+        out.append({"line": rec["line"], "file": path, "n_tokens": len(tokens), "n_trained": enc.n_trained,
+                    "truncated": enc.truncated, "tokens": tokens})
+    return out
+
+
+def preview(cfg: TrainConfig, n: int = 3, as_json: bool = False, split: str = "train") -> None:
+    examples = preview_examples(cfg, n, split)
+    if as_json:
+        json.dump(examples, sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+        return
+    color = sys.stdout.isatty()
+    for ex in examples:
+        print(f"--- {ex['file']}:{ex['line']}  {ex['n_tokens']} tokens, {ex['n_trained']} trained"
+              f"{' (truncated)' if ex['truncated'] else ''}")
+        parts = []
+        for t in ex["tokens"]:
+            if color:
+                parts.append(f"{_GREEN if t['trained'] else _DIM}{t['text']}{_RESET}")
+            else:
+                parts.append(f"[{t['text']}]" if t["trained"] else t["text"])
+        print("".join(parts))
+    if not color:
+        print("(trained tokens are shown in [brackets])")

@@ -1,0 +1,127 @@
+"""`finetune tiny-model`: a small Llama-architecture causal LM and a locally trained tokenizer.
+
+Tests and the quickstart use it because nothing can be downloaded at run time. It is saved in the
+standard Hugging Face layout, so every loader goes through `from_pretrained(dir)`, the same code path
+as a real model on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from finetune.chat_template import CHATML_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_tiny_model", "corpus_texts"]
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Fallback corpus when no --corpus is given: enough text for the byte-level merges of common
+# English words; the quickstart passes its own training data instead.
+_DEFAULT_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the price of the kettle? The kettle costs $34.",
+    "user assistant system question answer context page product price color weight",
+    "Hello! How can I help you today? Thank you for your question.",
+]
+
+
+def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Texts from chat JSONL (message contents), other JSONL/JSON lines, or plain text files."""
+    for path in paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            raw = f.read_text(encoding="utf-8", errors="replace")
+            if f.suffix == ".jsonl":
+                for line in raw.splitlines():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                        for m in obj["messages"]:
+                            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                                yield m["content"]
+                    elif isinstance(obj, dict):
+                        yield " ".join(str(v) for v in obj.values() if isinstance(v, str))
+            else:
+                yield raw
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # trim_offsets=False keeps offsets exact, which the loss masks rely on.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.padding_side = "right"
+    return fast
+
+
+def build_tiny_model(
+    output: str | Path,
+    corpus: list[str | Path] | None = None,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Train a tokenizer on `corpus`, build a random-init Llama, save both to `output`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    output = Path(output)
+    texts = list(corpus_texts(corpus)) if corpus else list(_DEFAULT_CORPUS)
+    if not texts:
+        raise ValueError(f"the corpus {corpus} holds no text")
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 8 // 3 // 8 * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, do_sample=False
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    n = sum(p.numel() for p in model.parameters())
+    logger.info("tiny model: %.2fM parameters, vocab %d -> %s", n / 1e6, len(tokenizer), output)
+    return output

@@ -1,0 +1,433 @@
+"""`finetune train`: config -> data -> model (+adapter) -> trainer -> train -> export -> eval.
+
+Thin over `transformers.Trainer`: it owns the loop, gradient accumulation (token-weighted via
+`num_items_in_batch`), checkpoint/resume and the accelerate/DeepSpeed mechanics. This module adds
+what it gets wrong or leaves out: loss masks from the chat template, gloo on CPU clusters,
+kill-safe checkpoints, a run directory that refuses to be overwritten, and an exported adapter that
+carries its tokenizer and chat template.
+
+Run directory:
+    adapter/            PEFT adapter (or model/ for full fine-tuning) + tokenizer + chat template
+    checkpoints/        checkpoint-N/ (a COMPLETE marker is written once every rank has saved)
+    config.yaml         the resolved config
+    run.json            versions, git commit, world size, seed, data hashes, data stats
+    metrics.jsonl       loss, eval_loss, learning_rate, tokens/s per logging step
+    tensorboard/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from finetune.config import TrainConfig, dump_config
+from finetune.data import DataStats, pad_collate, tokenize_dataset
+from finetune.errors import RunDirError
+from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
+from finetune.utils import atomic_write_text, is_main_process, rank0_print
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train", "RunDirError", "latest_complete_checkpoint"]
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Path:
+    """Train as configured; returns the run directory."""
+    run_dir = Path(cfg.output_dir)
+    dist_kwargs = _setup_distributed(cfg)
+    resume_from = _setup_run_dir(cfg, run_dir)
+    tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
+                               trust_remote_code=cfg.trust_remote_code)
+    train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer)
+    model = _setup_model(cfg, tokenizer)
+    trainer = _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwargs)
+    _print_summary(cfg, trainer, model, data_stats)
+    _write_run_info(cfg, run_dir, trainer, data_stats)
+
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    _export(cfg, run_dir, trainer, tokenizer)
+    trainer.accelerator.wait_for_everyone()
+    if cfg.eval.after_train and cfg.eval.data and is_main_process():
+        from finetune.evaluate import evaluate_run
+
+        evaluate_run(run_dir, cfg)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------
+def _setup_distributed(cfg: TrainConfig) -> dict[str, Any]:
+    """Pick the process-group backend before the Trainer does.
+
+    With no CUDA, accelerate picks no backend and every rank silently trains alone (see
+    shared/STACK.md); creating the state ourselves with gloo fixes it for DDP and DeepSpeed.
+    """
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kwargs: dict[str, Any] = {"ddp_timeout": cfg.training.ddp_timeout_s}
+    if cfg.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if world > 1 and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        PartialState(backend="gloo", timeout=timedelta(seconds=cfg.training.ddp_timeout_s))
+        kwargs.update(ddp_backend="gloo", accelerator_config={"use_configured_state": True})
+    elif world == 1 and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+    return kwargs
+
+
+def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished on every rank (a kill mid-save leaves none)."""
+    if not ckpt_dir.is_dir():
+        return None
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _setup_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    ckpt_dir = run_dir / "checkpoints"
+    has_run = run_dir.is_dir() and any(
+        (run_dir / n).exists() for n in ("run.json", "checkpoints", "adapter", "model")
+    )
+    if cfg.resume:
+        ckpt = latest_complete_checkpoint(ckpt_dir)
+        if ckpt is None:
+            raise RunDirError(
+                f"resume=true but {ckpt_dir} holds no complete checkpoint; start without resume=true"
+            )
+        rank0_print(f"Resuming from {ckpt}")
+        return ckpt
+    if has_run and not cfg.overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run. Pass resume=true to continue it, overwrite=true to "
+            "replace it, or choose another output_dir."
+        )
+    if has_run and cfg.overwrite and is_main_process():
+        for n in ("checkpoints", "adapter", "model", "metrics.jsonl", "run.json", "tensorboard"):
+            p = run_dir / n
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    return None
+
+
+def _setup_data(cfg: TrainConfig, tokenizer):
+    from datasets import Dataset
+
+    kw = dict(max_length=cfg.max_length, loss_on=cfg.data.loss_on, too_long=cfg.data.too_long)
+    train_rows, train_stats = tokenize_dataset(tokenizer, cfg.data.train, **kw)
+    stats = {"train": train_stats}
+    eval_ds = None
+    if cfg.data.eval:
+        eval_rows, stats["eval"] = tokenize_dataset(tokenizer, cfg.data.eval, **kw)
+        eval_ds = Dataset.from_list(eval_rows)
+    train_ds = Dataset.from_list([{**r, "length": len(r["input_ids"])} for r in train_rows])
+    return train_ds, eval_ds, stats
+
+
+def _setup_model(cfg: TrainConfig, tokenizer):
+    import torch
+
+    quantize = "4bit" if cfg.adapter == "qlora" and cfg.quantization.bits == 4 else (
+        "8bit" if cfg.adapter == "qlora" else None)
+    qkw = None
+    if quantize:
+        q = cfg.quantization
+        compute = resolve_dtype(cfg.dtype if q.compute_dtype == "auto" else q.compute_dtype)
+        storage = compute if q.storage_dtype == "auto" else getattr(torch, q.storage_dtype)
+        qkw = dict(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=compute,
+                   storage_dtype=storage)
+    model = load_base_model(
+        cfg.model, dtype=cfg.dtype, quantize=quantize, quant_kwargs=qkw,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+    )
+    modules_to_save = list(cfg.lora.modules_to_save)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # The ChatML fallback added tokens the base has never seen: they need trained embeddings.
+        model.resize_token_embeddings(len(tokenizer))
+        for name in ("embed_tokens", "lm_head"):
+            if cfg.adapter != "full" and name not in modules_to_save:
+                modules_to_save.append(name)
+        logger.warning("added chat tokens to the vocabulary; training embed_tokens and lm_head in full")
+    model.config.use_cache = False
+    if cfg.adapter == "full":
+        if cfg.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantize:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.training.gradient_checkpointing
+        )
+    elif cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lcfg = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwargs):
+    import torch
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    t = cfg.training
+    has_eval = eval_ds is not None
+    strategy = "steps" if (t.eval_steps or t.save_steps) else "epoch"
+    eval_every = t.eval_steps or t.save_steps
+    save_every = t.save_steps or t.eval_steps
+    if has_eval and strategy == "steps":
+        # The best checkpoint must be a saved one, so saves happen at eval steps.
+        save_every = eval_every
+    dtype = resolve_dtype(cfg.dtype) if cfg.training.precision == "auto" else None
+    bf16 = cfg.training.precision == "bf16" or (dtype is torch.bfloat16 and torch.cuda.is_available())
+    fp16 = cfg.training.precision == "fp16"
+    report_to = [r for r in t.report_to if r != "none"] or "none"
+    if report_to != "none" and "tensorboard" in report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=strategy if has_eval else "no",
+        eval_steps=eval_every if has_eval and strategy == "steps" else None,
+        save_strategy=strategy,
+        save_steps=save_every if strategy == "steps" else None,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        bf16=bf16,
+        fp16=fp16,
+        activation_checkpointing=False,  # enabled on the model in _setup_model (PEFT needs it there)
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        dataloader_num_workers=t.num_workers,
+        include_num_input_tokens_seen="non_padding",
+        report_to=report_to,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        deepspeed=cfg.deepspeed,
+        disable_tqdm=not is_main_process(),
+        save_only_model=False,
+        **dist_kwargs,
+    )
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker()]
+    if has_eval and t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds.remove_columns([]),
+        eval_dataset=eval_ds,
+        data_collator=pad_collate(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# callbacks
+# ----------------------------------------------------------------------------------------------
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class MetricsLogger(_callback_base()):
+    """Append one JSON line per log event (rank 0): step, loss, eval_loss, lr, tokens/s."""
+
+    def __init__(self, path: Path, resume: bool = False):
+        self.path = path
+        self.resume = resume
+        self._t0: float | None = None
+        self._tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.resume and self.path.exists():
+                # Drop lines past the checkpoint we resume from: those steps are replayed.
+                keep = [ln for ln in self.path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
+                atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+            elif not self.resume:
+                self.path.write_text("")
+        self._t0 = time.perf_counter()
+        self._tokens0 = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.perf_counter()
+        rec: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for k, v in logs.items():
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                rec[k] = v
+        if "loss" in logs and self._t0 is not None:
+            dt = now - self._t0
+            dtok = state.num_input_tokens_seen - self._tokens0
+            if dt > 0 and dtok > 0:
+                rec["tokens_per_s"] = round(dtok / dt, 1)
+            self._t0, self._tokens0 = now, state.num_input_tokens_seen
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+class CheckpointMarker(_callback_base()):
+    """Write checkpoint-N/COMPLETE after every rank finished saving it; resume trusts only those."""
+
+    def on_save(self, args, state, control, **kw):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                atomic_write_text(ckpt / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting and export
+# ----------------------------------------------------------------------------------------------
+def _print_summary(cfg: TrainConfig, trainer, model, data_stats: dict[str, DataStats]) -> None:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    args = trainer.args
+    world = args.world_size
+    eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    st = data_stats["train"]
+    mean_tokens = st.tokens / max(st.kept, 1)
+    zero = "off"
+    if cfg.deepspeed:
+        zero = str(json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", "?"))
+    rank0_print(
+        "\n".join([
+            f"model            {cfg.model} ({cfg.adapter})",
+            f"parameters       {total / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
+            f"({100 * trainable / max(total, 1):.2f}%)",
+            f"world size       {world}   ZeRO stage {zero}   device {args.device}",
+            f"effective batch  {eff_batch} = {args.per_device_train_batch_size} per device x "
+            f"{args.gradient_accumulation_steps} accum x {world} ranks",
+            f"tokens per step  ~{eff_batch * mean_tokens:.0f} (mean {mean_tokens:.0f} tokens/example)",
+            f"train data       {st.kept} examples, {st.trained_tokens} trained tokens, "
+            f"{st.truncated} truncated, dropped {dict(st.dropped) or 0}",
+        ])
+    )
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats) -> None:
+    if not is_main_process():
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "bitsandbytes",
+                "datasets", "finetune-kit"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    info = {
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "git_commit": _git_commit(),
+        "world_size": trainer.args.world_size,
+        "seed": cfg.seed,
+        "model": model_ref(cfg.model),
+        "data": {k: {"path": str(Path(p).resolve()), "sha256": _sha256(p)}
+                 for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
+        "data_stats": {k: v.as_dict() for k, v in data_stats.items()},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+
+
+def _export(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
+    """Save the (best, when eval data exists) weights with the tokenizer and chat template."""
+    name = "model" if cfg.adapter == "full" else "adapter"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
+    if is_main_process() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    # save_model gathers ZeRO-3 shards on every rank, so all ranks call it.
+    trainer.save_model(str(tmp))
+    if is_main_process():
+        tokenizer.save_pretrained(tmp)
+        state = trainer.state
+        atomic_write_text(tmp / "finetune.json", json.dumps({
+            "adapter": cfg.adapter,
+            "base_model": model_ref(cfg.model),
+            "global_step": state.global_step,
+            "best_checkpoint": state.best_model_checkpoint,
+            "best_eval_loss": state.best_metric,
+            "loss_on": cfg.data.loss_on,
+            "max_length": cfg.max_length,
+        }, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        rank0_print(f"saved {name} -> {final}")
