@@ -27,7 +27,6 @@ def _step(n: int, text: str) -> None:
 def quickstart(output_dir: str | Path = "quickstart_output", *, overwrite: bool = False,
                overrides: list[str] | None = None) -> dict:
     from data_prep.build import build
-
     from finetune.config import load_config
     from finetune.inference import chat, load_for_inference
     from finetune.tiny import build_tiny_model

@@ -13,6 +13,7 @@ Run directory:
     run.json            versions, git commit, world size, seed, data hashes, data stats
     metrics.jsonl       loss, eval_loss, learning_rate, tokens/s per logging step
     tensorboard/
+    rank_probe/         only with FINETUNE_RANK_PROBE=1 (tests): per-rank pid, data hashes, weights
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from finetune.config import TrainConfig, dump_config
+from finetune.config import ConfigError, TrainConfig, dump_config
 from finetune.data import DataStats, pad_collate, tokenize_dataset
 from finetune.errors import RunDirError
 from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
@@ -63,6 +64,7 @@ def train(cfg: TrainConfig) -> Path:
 
     _export(cfg, run_dir, trainer, tokenizer)
     trainer.accelerator.wait_for_everyone()
+    _cleanup_distributed()
     if cfg.eval.after_train and cfg.eval.data and is_main_process():
         from finetune.evaluate import evaluate_run
 
@@ -74,25 +76,81 @@ def train(cfg: TrainConfig) -> Path:
 # setup
 # ----------------------------------------------------------------------------------------------
 def _setup_distributed(cfg: TrainConfig) -> dict[str, Any]:
-    """Pick the process-group backend before the Trainer does.
+    """Pick the DeepSpeed JSON and the process-group backend before the Trainer does.
 
     With no CUDA, accelerate picks no backend and every rank silently trains alone (see
-    shared/STACK.md); creating the state ourselves with gloo fixes it for DDP and DeepSpeed.
+    shared/STACK.md), so we create the state ourselves with gloo:
+      - DeepSpeed: `PartialState(backend="gloo")` runs `deepspeed.init_distributed(gloo)`;
+      - plain DDP: `PartialState(cpu=True, backend="gloo")` gives MULTI_CPU. Without `cpu=True` the
+        process group exists but the state says `DistributedType.NO`: data is sharded, yet the model
+        is never wrapped in DDP, so each rank trains its own copy and rank 0's is saved.
+    Returns extra TrainingArguments.
     """
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs: dict[str, Any] = {"ddp_timeout": cfg.training.ddp_timeout_s}
-    if cfg.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    _resolve_deepspeed_config(cfg)
+    use_deepspeed = bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if use_deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     if world > 1 and not torch.cuda.is_available():
         from accelerate import PartialState
 
-        PartialState(backend="gloo", timeout=timedelta(seconds=cfg.training.ddp_timeout_s))
+        state = PartialState(cpu=not use_deepspeed, backend="gloo",
+                             timeout=timedelta(seconds=cfg.training.ddp_timeout_s))
+        if state.num_processes != world:
+            raise RuntimeError(f"WORLD_SIZE={world} but the process group has {state.num_processes} "
+                               f"process(es) ({state.distributed_type}); refusing to train alone")
         kwargs.update(ddp_backend="gloo", accelerator_config={"use_configured_state": True})
     elif world == 1 and not torch.cuda.is_available():
         kwargs["use_cpu"] = True
     return kwargs
+
+
+def _cleanup_distributed() -> None:
+    """Tear the process group down once every rank has saved: the post-training eval runs on rank 0
+    alone, and with the group still up it sharded its data and waited for ranks that had exited
+    (gloo: "Connection closed by peer"). Left to interpreter exit, a ZeRO-3 rank also once aborted
+    ("terminate called without an active exception") after a finished run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _resolve_deepspeed_config(cfg: TrainConfig) -> None:
+    """One DeepSpeed JSON per run, whichever way it is named.
+
+    `accelerate launch --config_file <deepspeed yaml>` exports the yaml's `deepspeed_config_file` as
+    ACCELERATE_DEEPSPEED_CONFIG_FILE. Rule: the training config's `deepspeed` key wins when the
+    launcher names no file; when it is unset, the launcher's file is used (and written to the run's
+    config.yaml); when both are set they must be the same file or hold the same JSON, else it is an
+    error, since DeepSpeed would otherwise run with a config the user did not read.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if launcher in ("", "none"):
+        return
+    if not Path(launcher).is_file():
+        raise ConfigError("accelerate launch", [(
+            "deepspeed_config_file",
+            f"file not found: {launcher} (relative paths are read from {os.getcwd()}; launch from the "
+            "repository root or make the path absolute)",
+        )])
+    if not cfg.deepspeed:
+        cfg.deepspeed = launcher
+        return
+    same = Path(cfg.deepspeed).resolve() == Path(launcher).resolve() or (
+        json.loads(Path(cfg.deepspeed).read_text()) == json.loads(Path(launcher).read_text()))
+    if not same:
+        raise ConfigError("training config vs accelerate launch", [(
+            "deepspeed",
+            f"{cfg.deepspeed} differs from the accelerate config's deepspeed_config_file {launcher}; "
+            "unset `deepspeed` (the launcher's file is used) or point both at the same JSON",
+        )])
 
 
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -252,6 +310,11 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         **dist_kwargs,
     )
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker()]
+    collate = pad_collate(tokenizer.pad_token_id)
+    if os.environ.get("FINETUNE_RANK_PROBE") == "1":
+        probe = RankProbe(run_dir / "rank_probe", collate)
+        callbacks.append(probe)
+        collate = probe.collate
     if has_eval and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = Trainer(
@@ -259,7 +322,7 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         args=args,
         train_dataset=train_ds.remove_columns([]),
         eval_dataset=eval_ds,
-        data_collator=pad_collate(tokenizer.pad_token_id),
+        data_collator=collate,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -327,6 +390,58 @@ class CheckpointMarker(_callback_base()):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 atomic_write_text(ckpt / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+
+
+class RankProbe(_callback_base()):
+    """Debug hook for the distributed tests; on only with FINETUNE_RANK_PROBE=1.
+
+    Each rank writes rank_probe/rank-N.json in the run dir: pid, rank and world size as the process
+    group sees them, a short hash per example of its first batches (ranks must see different data)
+    and, after training, the sum and local size of its trainable weights (DDP and ZeRO-1/2 ranks must
+    agree; ZeRO-3 ranks hold shards) and the model's module classes (e.g. Linear4bit for QLoRA).
+    FINETUNE_RANK_PROBE_EXIT=R:S makes rank R die (os._exit) after step S, to check that a dead
+    rank fails the job instead of hanging it.
+    """
+
+    BATCHES = 4
+
+    def __init__(self, out_dir: Path, collate):
+        self.out_dir = out_dir
+        self._collate = collate
+        self.info: dict[str, Any] = {"pid": os.getpid(), "batches": []}
+        exit_at = os.environ.get("FINETUNE_RANK_PROBE_EXIT", "")
+        self.exit_at = tuple(int(x) for x in exit_at.split(":")) if exit_at else None
+
+    def collate(self, rows: list[dict]) -> dict[str, Any]:
+        if len(self.info["batches"]) < self.BATCHES:
+            self.info["batches"].append(
+                [hashlib.sha1(str(r["input_ids"]).encode()).hexdigest()[:12] for r in rows])
+        return self._collate(rows)
+
+    def _write(self, args) -> None:
+        atomic_write_text(self.out_dir / f"rank-{args.process_index}.json", json.dumps(self.info))
+
+    def on_train_begin(self, args, state, control, **kw):
+        import torch.distributed as dist
+
+        ready = dist.is_available() and dist.is_initialized()
+        self.info.update(rank=dist.get_rank() if ready else 0, world_size=dist.get_world_size() if ready else 1)
+        self._write(args)
+
+    def on_step_end(self, args, state, control, **kw):
+        self._write(args)
+        if self.exit_at == (args.process_index, state.global_step):
+            os._exit(1)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        if model is not None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            self.info.update(
+                trainable_sum=sum(float(p.detach().double().sum()) for p in trainable),
+                trainable_numel=sum(p.numel() for p in trainable),  # 0 for ZeRO-3 partitioned params
+                module_types=sorted({type(m).__name__ for m in model.modules()}),
+            )
+        self._write(args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ def test_cli_bad_config_fails_fast_and_loads_no_model(tmp_path):
     t0 = time.perf_counter()
     # -X importtime would be noisy; instead assert torch was never imported by the failing path.
     code = (
-        "import sys; from finetune.cli import main; rc = main(['train', %r]); "
-        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)" % str(p)
+        f"import sys; from finetune.cli import main; rc = main(['train', {str(p)!r}]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - t0
