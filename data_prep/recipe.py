@@ -1,0 +1,218 @@
+"""The recipe schema: every setting of a build, validated before any work.
+
+`data-prep run RECIPE.yaml key=value ...` loads YAML, applies dotted overrides, and reports every
+problem at once (unknown keys, wrong types, missing files) with dotted key names.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data_prep.readers.text import DEFAULT_SPEAKERS
+from data_prep.steps.redact import PII_TYPES
+
+Format = Literal["auto", "html", "text", "transcript", "csv", "tsv", "xlsx", "json", "jsonl"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ColumnsConfig(_Strict):
+    """Column names for annotated sources; unset means "first default name found in the row"."""
+
+    user: str | None = Field(None, description="column with the question / prompt (user turn)")
+    assistant: str | None = Field(None, description="column with the answer (assistant turn)")
+    context: str | None = Field(None, description="column with a passage prepended to the user turn")
+    join: str | None = Field(
+        None, description="column naming a page (file name, id or URL) to use as context"
+    )
+    system: str | None = Field(None, description="column with a per-row system prompt")
+
+
+class SourceConfig(_Strict):
+    path: str = Field(description="file, directory (walked recursively) or glob")
+    format: Format = "auto"
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    system: str | None = Field(None, description="system prompt for this source's examples")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str) -> str:
+        if not (os.path.exists(path) or glob.glob(path, recursive=True)):
+            raise ValueError(f"no such file, directory or glob match: {path}")
+        return path
+
+
+class ExtractionConfig(_Strict):
+    fast: bool = True
+    favor_precision: bool = True
+    include_tables: bool = True
+    dl_requires_question: bool = Field(True, description="<dl> pairs count as Q/A only if <dt> ends with '?'")
+
+
+class CleanConfig(_Strict):
+    fix_unicode: bool = True
+
+
+class RedactConfig(_Strict):
+    enabled: bool = True
+    types: list[Literal["email", "phone", "ip", "card"]] = Field(default_factory=lambda: list(PII_TYPES))
+
+
+class QualityConfig(_Strict):
+    """Gopher rules for long scraped text: context pages and transcripts of at least `min_words` words.
+
+    Shorter texts are left to the per-field chat checks. A context page failing a rule is only
+    counted (`context_action: warn`) by default: an annotator chose that page on purpose.
+    """
+
+    enabled: bool = True
+    context_action: Literal["warn", "reject"] = "warn"
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.6
+    min_stop_words: int = 2
+    max_duplicate_line_fraction: float = 0.3
+    max_top_2gram_char_fraction: float = 0.2
+    max_dup_5gram_char_fraction: float = 0.15
+
+
+class ChatFilterConfig(_Strict):
+    min_user_chars: int = 1
+    min_assistant_chars: int = 1
+    max_message_words: int = 8192
+
+
+class DedupConfig(_Strict):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, le=1)
+    near_action: Literal["drop", "group"] = Field(
+        "drop", description="drop near-duplicates, or keep them all in the split of the first one"
+    )
+    num_perm: int = Field(128, ge=16)
+    shingle_size: int = Field(5, ge=1)
+
+
+class SplitConfig(_Strict):
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class ContextConfig(_Strict):
+    budget: int = Field(512, ge=1, description="max words (or tokens with a tokenizer) of a joined page")
+
+
+class TranscriptConfig(_Strict):
+    speakers: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: dict(DEFAULT_SPEAKERS), description="speaker label (lowercase) -> role"
+    )
+
+
+class Recipe(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    output_dir: str
+    overwrite: bool = False
+    provenance: bool = True
+    system: str | None = None
+    workers: int = Field(1, ge=1)
+    tokenizer: str | None = Field(None, description="local tokenizer dir for context budget and length stats")
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    redact: RedactConfig = Field(default_factory=RedactConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    chat_filter: ChatFilterConfig = Field(default_factory=ChatFilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    transcript: TranscriptConfig = Field(default_factory=TranscriptConfig)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(f"no such directory: {path}")
+        return path
+
+
+class RecipeError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against configs/data/*.yaml)"
+        out.append(f"{key}: {msg}")
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b=value` sets data['a']['b']; the value is parsed as YAML (numbers, booleans, lists)."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"{item}: override must look like key=value")
+            continue
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(node, list) and parts[-1].isdigit():
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise RecipeError(problems)
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe; relative source paths are taken relative to the current directory."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise RecipeError([f"{path}: {err.strerror}"]) from err
+    except yaml.YAMLError as err:
+        raise RecipeError([f"{path}: invalid YAML: {err}"]) from err
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: a recipe is a mapping of keys, got {type(data).__name__}"])
+    data = apply_overrides(data, overrides or [])
+    return validate_recipe(data)
+
+
+def validate_recipe(data: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(format_errors(err)) from None

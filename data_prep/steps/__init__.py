@@ -1,0 +1,1 @@
+"""Steps over records: clean (Unicode/whitespace), redact (PII), filter (quality), dedup (exact + near)."""

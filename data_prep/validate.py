@@ -1,0 +1,167 @@
+"""`validate` and `stats` for chat JSONL: the checks of OpenAI's chat fine-tuning format checker
+(cookbook "Data preparation and analysis for chat model fine-tuning"), plus malformed JSON,
+warnings and length distributions, each bad line reported with its line number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_prep.tokens import Lengths, distribution
+
+RECOGNIZED_KEYS = ("role", "content", "name", "function_call", "weight")
+RECOGNIZED_ROLES = ("system", "user", "assistant", "function")
+
+
+@dataclass
+class Issue:
+    line: int
+    kind: str
+    detail: str = ""
+
+
+@dataclass
+class ValidationResult:
+    examples: int = 0
+    errors: list[Issue] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)
+    lengths: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "ok": self.ok,
+            "error_counts": dict(Counter(e.kind for e in self.errors)),
+            "warning_counts": dict(Counter(w.kind for w in self.warnings)),
+            "errors": [vars(e) for e in self.errors],
+            "warnings": [vars(w) for w in self.warnings],
+            "lengths": self.lengths,
+        }
+
+
+def check_example(ex: Any) -> list[tuple[str, str]]:
+    """Format errors of one parsed line, as (error type, detail), in the cookbook's vocabulary."""
+    if not isinstance(ex, dict):
+        return [("data_type", f"line is a {type(ex).__name__}, not an object")]
+    messages = ex.get("messages")
+    if not messages:
+        return [("missing_messages_list", "no `messages` or it is empty")]
+    if not isinstance(messages, list):
+        return [("data_type", "`messages` is not a list")]
+    errors = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            errors.append(("data_type", f"message {i} is not an object"))
+            continue
+        if "role" not in m or "content" not in m:
+            errors.append(
+                ("message_missing_key", f"message {i} has no {'role' if 'role' not in m else 'content'}")
+            )
+        extra = [k for k in m if k not in RECOGNIZED_KEYS]
+        if extra:
+            errors.append(("message_unrecognized_key", f"message {i}: {', '.join(map(str, extra))}"))
+        if m.get("role") not in RECOGNIZED_ROLES and "role" in m:
+            errors.append(("unrecognized_role", f"message {i}: {m.get('role')!r}"))
+        content, function_call = m.get("content"), m.get("function_call")
+        if (not content and not function_call) or (content is not None and not isinstance(content, str)):
+            errors.append(("missing_content", f"message {i}: content is {type(content).__name__}"))
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        errors.append(("example_missing_assistant_message", ""))
+    return errors
+
+
+def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 16385) -> ValidationResult:
+    lengths = Lengths(tokenizer)
+    res = ValidationResult()
+    totals: list[int] = []
+    assistant: list[int] = []
+    n_messages: list[int] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            res.examples += 1
+            try:
+                ex = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                res.errors.append(Issue(lineno, "malformed_json", str(err)))
+                continue
+            errs = check_example(ex)
+            res.errors += [Issue(lineno, k, d) for k, d in errs]
+            if errs:
+                continue
+            msgs = ex["messages"]
+            roles = {m["role"] for m in msgs}
+            if "system" not in roles:
+                res.warnings.append(Issue(lineno, "no_system_message"))
+            if "user" not in roles:
+                res.warnings.append(Issue(lineno, "no_user_message"))
+            counts = [lengths.count(m.get("content") or "") for m in msgs]
+            total = sum(counts)
+            if total > max_tokens:
+                res.warnings.append(
+                    Issue(lineno, "over_token_limit", f"{total} > {max_tokens} {lengths.unit}")
+                )
+            totals.append(total)
+            assistant.append(sum(c for c, m in zip(counts, msgs) if m["role"] == "assistant"))
+            n_messages.append(len(msgs))
+    res.lengths = {
+        "unit": lengths.unit,
+        "example_total": distribution(totals),
+        "assistant": distribution(assistant),
+        "messages_per_example": distribution(n_messages),
+    }
+    return res
+
+
+def stats_file(path: str, tokenizer: str | None = None) -> dict[str, Any]:
+    """Counts and length distributions of a chat JSONL (lines that do not parse are counted, not described)."""
+    lengths = Lengths(tokenizer)
+    roles: Counter[str] = Counter()
+    per_role: dict[str, list[int]] = {}
+    totals, n_messages = [], []
+    examples = bad = 0
+    sources: Counter[str] = Counter()
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            examples += 1
+            try:
+                ex = json.loads(raw)
+                msgs = ex["messages"]
+                assert isinstance(msgs, list)
+            except Exception:  # noqa: BLE001 - stats describes what it can; validate explains the rest
+                bad += 1
+                continue
+            total = 0
+            for m in msgs:
+                if not isinstance(m, dict):
+                    continue
+                role = str(m.get("role"))
+                n = lengths.count(m.get("content") if isinstance(m.get("content"), str) else "")
+                roles[role] += 1
+                per_role.setdefault(role, []).append(n)
+                total += n
+            totals.append(total)
+            n_messages.append(len(msgs))
+            meta = ex.get("meta")
+            if isinstance(meta, dict) and "source" in meta:
+                sources[str(meta["source"])] += 1
+    return {
+        "examples": examples,
+        "unparseable": bad,
+        "unit": lengths.unit,
+        "messages_by_role": dict(roles),
+        "example_total": distribution(totals),
+        "messages_per_example": distribution(n_messages),
+        "by_role": {r: distribution(v) for r, v in per_role.items()},
+        "sources": len(sources),
+    }
