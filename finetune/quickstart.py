@@ -85,7 +85,7 @@ def quickstart(output_dir: str | Path = "quickstart_output", *, overwrite: bool 
     }
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"\nDone in {total:.0f} s (training {train_s:.0f} s). Exact match on {summary['test_examples']} "
+        f"\nDone in {total:.0f} s (training + evaluation {train_s:.0f} s). Exact match on {summary['test_examples']} "
         f"held-out examples: base {summary['base_exact_match']:.2f} -> tuned {summary['tuned_exact_match']:.2f}"
         f"\n  data:    {data}/{{train,val,test,rejects}}.jsonl, report.json"
         f"\n  model:   {base}"

@@ -310,7 +310,7 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         **dist_kwargs,
     )
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker()]
-    collate = pad_collate(tokenizer.pad_token_id)
+    collate = make_collator(cfg, tokenizer)
     if os.environ.get("FINETUNE_RANK_PROBE") == "1":
         probe = RankProbe(run_dir / "rank_probe", collate)
         callbacks.append(probe)
@@ -327,6 +327,23 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         callbacks=callbacks,
     )
     return trainer
+
+
+def make_collator(cfg: TrainConfig, tokenizer):
+    """Padding to the longest in the batch, or (`packing: true`) one padding-free row per batch.
+
+    Packing concatenates the batch's examples into one row with position_ids restarting at 0 for
+    each: transformers then builds a block-diagonal mask (sdpa/eager) or passes sequence boundaries
+    to flash attention, so no example attends to another; the first label of every example is
+    -100, so no token predicts across a boundary. Needs the model's cache off (see STACK.md), which
+    _setup_model does.
+    """
+    if not cfg.packing:
+        return pad_collate(tokenizer.pad_token_id)
+    from transformers import DataCollatorWithFlattening
+
+    flash = bool(cfg.attn_implementation and cfg.attn_implementation.startswith("flash"))
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=flash, return_position_ids=True)
 
 
 # ----------------------------------------------------------------------------------------------
