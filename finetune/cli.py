@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        # Past a file-size limit the kernel kills the process unless SIGXFSZ is ignored; ignored,
+        # the write fails with EFBIG and the kit reports which file could not be written.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return _dispatch(args) or 0
     except ConfigError as exc:
@@ -121,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # user-facing errors of our own carry the fix in their message
-        from finetune.errors import USER_ERRORS
+        from finetune.errors import USER_ERRORS, Preempted
 
+        if isinstance(exc, Preempted):
+            from finetune.train import PREEMPTED_EXIT_CODE
+
+            return PREEMPTED_EXIT_CODE
         if isinstance(exc, USER_ERRORS):
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -71,7 +71,13 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: once per epoch).")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: once per epoch).")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    save_total_limit: int = Field(
+        2, ge=2, description="Checkpoints kept (the best one too). At least 2, so that a kill while "
+        "the newest is being written always leaves a complete one to resume from.",
+    )
+    preemption_grace_s: float = Field(
+        120, gt=0, description="After SIGTERM/SIGUSR1: seconds to save a checkpoint before exiting anyway."
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after N evaluations without eval-loss improvement."
     )

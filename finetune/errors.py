@@ -15,4 +15,21 @@ class RunDirError(RuntimeError):
     """The output directory holds a run and the user did not say what to do with it."""
 
 
-USER_ERRORS = (ConfigError, DataError, ChatFormatError, AdapterError, RunDirError, FileNotFoundError)
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, file-size limit)."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; the CLI exits with 75."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"pre-empted at step {step}")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickle-based weights file holds more than tensors; it is not loaded."""
+
+
+USER_ERRORS = (ConfigError, DataError, ChatFormatError, AdapterError, RunDirError, FileNotFoundError,
+               CheckpointWriteError, UnsafeCheckpointError)

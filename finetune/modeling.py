@@ -83,6 +83,8 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
+    if trust_remote_code:
+        logger.warning("trust_remote_code=True: code shipped with %s will run on this machine", name)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -98,4 +100,35 @@ def load_base_model(
                 device_map = {"": "cpu"}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(model_ref(name), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_ref(name), **kwargs)
+    except Exception as exc:
+        # transformers reads `.bin` checkpoints with torch.load(weights_only=True): a pickle that
+        # carries code (not just tensors) fails there, and is never executed.
+        if "weights_only" in str(exc) or type(exc).__name__ == "UnpicklingError":
+            from finetune.errors import UnsafeCheckpointError
+
+            bins = sorted(p.name for p in Path(model_ref(name)).glob("*.bin")) if Path(name).is_dir() else []
+            raise UnsafeCheckpointError(
+                f"refusing to load {name}/{', '.join(bins) or 'its pickle checkpoint'}: the file holds more "
+                "than tensors (a pickle can run code). Only tensors are loaded (weights_only=True); use "
+                "a safetensors copy of the weights, or convert a checkpoint you trust."
+            ) from None
+        raise
+    if quantize:
+        _keep_cpu_4bit_layers_unpacked_where_unsupported(model)
+    return model
+
+
+def _keep_cpu_4bit_layers_unpacked_where_unsupported(model) -> None:
+    """bitsandbytes 0.50 repacks a CPU `Linear4bit` for its AVX512-BF16 kernel on the first forward
+    in eval mode, and that kernel asserts out_features % 32 == 0 and in_features % blocksize == 0
+    ("N must be divisible by block_n"): any other layer crashes at evaluation (training mode never
+    repacks). Such layers keep the generic dequantize path; real models' sizes keep the fast kernel.
+    """
+    for module in model.modules():
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if quant_state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        if module.out_features % 32 or module.in_features % quant_state.blocksize:
+            module.support_avx512bf16_for_cpu = False

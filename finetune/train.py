@@ -33,7 +33,7 @@ from typing import Any
 
 from finetune.config import ConfigError, TrainConfig, dump_config
 from finetune.data import DataStats, pad_collate, tokenize_dataset
-from finetune.errors import RunDirError
+from finetune.errors import CheckpointWriteError, Preempted, RunDirError
 from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
 from finetune.utils import atomic_write_text, is_main_process, rank0_print
 
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["train", "RunDirError", "latest_complete_checkpoint"]
 
 COMPLETE_MARKER = "COMPLETE"
+# EX_TEMPFAIL: "try again later" — what a pre-empted run exits with, so a scheduler can requeue it.
+PREEMPTED_EXIT_CODE = 75
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +62,18 @@ def train(cfg: TrainConfig) -> Path:
     _print_summary(cfg, trainer, model, data_stats)
     _write_run_info(cfg, run_dir, trainer, data_stats)
 
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    preempt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Preemption))
+    preempt.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        preempt.uninstall()
+    if preempt.stopped:
+        trainer.accelerator.wait_for_everyone()
+        _cleanup_distributed()
+        rank0_print(f"Pre-empted ({preempt.signal_name}): checkpoint saved at step "
+                    f"{trainer.state.global_step}; re-run the same command with resume=true to continue.")
+        raise Preempted(trainer.state.global_step)
 
     _export(cfg, run_dir, trainer, tokenizer)
     trainer.accelerator.wait_for_everyone()
@@ -255,7 +268,7 @@ def _setup_model(cfg: TrainConfig, tokenizer):
 
 def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwargs):
     import torch
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     t = cfg.training
     has_eval = eval_ds is not None
@@ -309,7 +322,8 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         save_only_model=False,
         **dist_kwargs,
     )
-    callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker()]
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker(),
+                 Preemption(grace_s=t.preemption_grace_s)]
     collate = make_collator(cfg, tokenizer)
     if os.environ.get("FINETUNE_RANK_PROBE") == "1":
         probe = RankProbe(run_dir / "rank_probe", collate)
@@ -317,7 +331,7 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         collate = probe.collate
     if has_eval and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = Trainer(
+    trainer = KitTrainer(
         model=model,
         args=args,
         train_dataset=train_ds.remove_columns([]),
@@ -327,6 +341,32 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         callbacks=callbacks,
     )
     return trainer
+
+
+def _trainer_base():
+    from transformers import Trainer
+
+    return Trainer
+
+
+class KitTrainer(_trainer_base()):
+    """`Trainer` with one change: a failed checkpoint write (full disk, quota, file-size limit)
+    removes the partial checkpoint and raises one error naming the path; the previous COMPLETE
+    checkpoint is untouched (rotation runs only after a successful save)."""
+
+    def _save_checkpoint(self, model, trial):
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as exc:
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            previous = latest_complete_checkpoint(Path(self.args.output_dir))
+            raise CheckpointWriteError(
+                f"could not write checkpoint {folder}: {exc.strerror or exc}. The partial checkpoint "
+                f"was removed; the previous one ({previous or 'none yet'}) is intact. Free space "
+                "(or raise the quota / file-size limit) and re-run with resume=true."
+            ) from exc
 
 
 def make_collator(cfg: TrainConfig, tokenizer):
@@ -393,6 +433,72 @@ class MetricsLogger(_callback_base()):
             self._t0, self._tokens0 = now, state.num_input_tokens_seen
         with self.path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
+
+
+class Preemption(_callback_base()):
+    """SIGTERM / SIGUSR1 (what Slurm and Kubernetes send before a kill) -> save and stop.
+
+    The handler only sets a flag; at the next step end every rank learns whether ANY rank was
+    signalled (one tiny all-reduce per step, so all ranks save the same step and no collective is
+    left half-entered), then the Trainer saves a checkpoint and stops. A watchdog exits the process
+    after `grace_s` seconds if a step or the save hangs, so the job never outlives its grace period.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, grace_s: float = 120.0):
+        self.grace_s = grace_s
+        self.signal_name: str | None = None
+        self.stopped = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        import threading
+
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            timer = threading.Timer(self.grace_s, os._exit, args=(PREEMPTED_EXIT_CODE,))
+            timer.daemon = True
+            timer.start()
+
+    def _any_rank_signalled(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.signal_name else 0.0])
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._any_rank_signalled():
+            self.signal_name = self.signal_name or "signal on another rank"
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_evaluate = False
+        return control
 
 
 class CheckpointMarker(_callback_base()):
