@@ -651,21 +651,36 @@ def _export(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
     if is_main_process() and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    # save_model gathers ZeRO-3 shards on every rank, so all ranks call it.
-    trainer.save_model(str(tmp))
+    try:
+        # save_model gathers ZeRO-3 shards on every rank, so all ranks call it.
+        trainer.save_model(str(tmp))
+        if is_main_process():
+            tokenizer.save_pretrained(tmp)
+            state = trainer.state
+            atomic_write_text(tmp / "finetune.json", json.dumps({
+                "adapter": cfg.adapter,
+                "base_model": model_ref(cfg.model),
+                "global_step": state.global_step,
+                "best_checkpoint": state.best_model_checkpoint,
+                "best_eval_loss": state.best_metric,
+                "loss_on": cfg.data.loss_on,
+                "max_length": cfg.max_length,
+            }, indent=2))
+    except OSError as exc:
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"could not write the {name} to {tmp}: {exc.strerror or exc}. "
+            f"{'The previous ' + name + ' in ' + str(final) + ' is intact. ' if final.exists() else ''}"
+            f"The checkpoints in {run_dir / 'checkpoints'} are intact; free space and re-run with resume=true."
+        ) from exc
     if is_main_process():
-        tokenizer.save_pretrained(tmp)
-        state = trainer.state
-        atomic_write_text(tmp / "finetune.json", json.dumps({
-            "adapter": cfg.adapter,
-            "base_model": model_ref(cfg.model),
-            "global_step": state.global_step,
-            "best_checkpoint": state.best_model_checkpoint,
-            "best_eval_loss": state.best_metric,
-            "loss_on": cfg.data.loss_on,
-            "max_length": cfg.max_length,
-        }, indent=2))
+        # Swap by renames so that some complete copy is on disk at every moment.
+        old = run_dir / f".{name}.old"
+        if old.exists():
+            shutil.rmtree(old)
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         rank0_print(f"saved {name} -> {final}")

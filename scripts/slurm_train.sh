@@ -3,9 +3,12 @@
 #
 #   sbatch --nodes 4 --gpus-per-node 8 --time 24:00:00 scripts/slurm_train.sh configs/train/llama3_70b_qlora_zero3.yaml [key=value ...]
 #
-# Pre-emption: Slurm sends SIGUSR1 120 s before the time limit (--signal below); the job re-queues
-# itself and the next start resumes (resume=true) from the newest COMPLETE checkpoint. (Saving a
-# checkpoint on the signal itself is not implemented yet: work since the last save is lost.)
+# Pre-emption: Slurm sends SIGUSR1 to this batch shell 120 s before the time limit (--signal below).
+# The shell forwards SIGTERM to the job step; the launcher (torchrun under accelerate) passes it to
+# every rank, which saves a checkpoint at the next step and exits with 75. The job then re-queues
+# itself and the next start resumes (resume=true) from the newest COMPLETE checkpoint.
+# torchrun gives ranks 30 s after forwarding a signal before it kills them, so a checkpoint that
+# takes longer to write than that (very large full fine-tunes) loses the work since the last save.
 #SBATCH --job-name=finetune
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
@@ -32,8 +35,8 @@ if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then
 fi
 
 requeue() {
-  echo "caught USR1: forwarding to the trainers, then re-queueing ${SLURM_JOB_ID}"
-  kill -USR1 "${SRUN_PID}" 2>/dev/null || true
+  echo "caught USR1: asking the trainers to checkpoint and stop, then re-queueing ${SLURM_JOB_ID}"
+  kill -TERM "${SRUN_PID}" 2>/dev/null || true
   wait "${SRUN_PID}" || true
   scontrol requeue "${SLURM_JOB_ID}"
   exit 0

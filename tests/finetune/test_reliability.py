@@ -171,3 +171,36 @@ def test_trust_remote_code_when_asked_names_the_repository(tiny_model, caplog):
     with caplog.at_level("WARNING", logger="finetune.modeling"):
         load_base_model(str(tiny_model), trust_remote_code=True)
     assert any("trust_remote_code=True" in r.message and str(tiny_model) in r.message for r in caplog.records)
+
+
+def test_full_disk_during_adapter_export_is_one_clear_error(tiny_model, chat_data, tmp_path):
+    cfg = _config(tmp_path, tiny_model, chat_data, max_steps=10, save_steps=5)
+    run = tmp_path / "run"
+    child = f"""
+import resource, sys
+from transformers import TrainerCallback
+import finetune.train as T
+
+class LimitAtEnd(TrainerCallback):
+    def on_train_end(self, args, state, control, **kw):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+orig = T._setup_trainer
+def patched(*a, **k):
+    tr = orig(*a, **k)
+    tr.add_callback(LimitAtEnd())
+    return tr
+T._setup_trainer = patched
+from finetune.cli import main
+sys.exit(main(["train", {str(cfg)!r}]))
+"""
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "could not write the adapter" in res.stderr and ".adapter.tmp" in res.stderr
+    assert not (run / ".adapter.tmp").exists() and not (run / "adapter").exists()
+    assert (run / "checkpoints" / "checkpoint-10" / "COMPLETE").is_file()
+    # The error's advice works: resuming from the last checkpoint only exports.
+    done = subprocess.run([sys.executable, "-m", "finetune", "train", str(cfg), "resume=true"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
