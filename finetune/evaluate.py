@@ -74,13 +74,38 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _init_distributed_if_launched() -> None:
-    """Under torchrun/accelerate launch, join the process group (gloo when there is no GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _dist() is None:
-        import torch
-        from accelerate import PartialState
+def _init_distributed_if_launched() -> bool:
+    """Under torchrun/accelerate launch, join the process group; True when this call created it.
 
-        PartialState(backend=None if torch.cuda.is_available() else "gloo")
+    With no GPU the state is made with `cpu=True, backend="gloo"` (accelerate then says MULTI_CPU;
+    a plain `PartialState(backend="gloo")` starts the group too but labels the run not distributed).
+    A rank that silently scores alone looks like success (STACK.md), so the group's world size is
+    checked against WORLD_SIZE.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or _dist() is not None:
+        return False
+    import torch
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        PartialState()
+    else:
+        PartialState(cpu=True, backend="gloo")
+    dist = _dist()
+    got = dist.get_world_size() if dist else 1
+    if got != world:
+        raise RuntimeError(f"WORLD_SIZE={world} but the process group has {got} process(es); "
+                           "refusing to score a shard and report it as the whole set")
+    return True
+
+
+def _end_distributed() -> None:
+    """All ranks are past their last collective: tear the group down (left to exit, gloo can abort)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _shard(items: list, rank: int, world: int) -> list:
@@ -231,25 +256,45 @@ def evaluate(
     lm_eval_tasks: list[str] | None = None,
     lm_eval_include: str | None = None,
     max_length: int | None = None,
+    distributed: bool = True,
 ) -> dict[str, Any]:
-    """Score the base model and (when given) base + adapter on `data`; write the report."""
+    """Score the base model and (when given) base + adapter on `data`; write the report.
+
+    Under torchrun/`accelerate launch` each rank scores a shard and rank 0 writes the files.
+    `distributed=False` joins no process group (rank 0 alone, after training has torn it down).
+    """
     from finetune.metrics import DEFAULT_METRICS, load_metric
-    from finetune.modeling import load_base_model, load_tokenizer
 
     if model is None and adapter is None:
         raise ValueError("give --model, --adapter, or both")
     metrics = list(metrics or DEFAULT_METRICS)
     for m in metrics:
         load_metric(m)  # fail on a bad metric spec before any model loads
-    _init_distributed_if_launched()
+    owns_group = _init_distributed_if_launched() if distributed else False
+    try:
+        return _evaluate(data=data, output=Path(output), model=model, adapter=adapter, metrics=metrics,
+                         loss_on=loss_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         max_examples=max_examples, quantize=quantize, run_dir=run_dir,
+                         lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                         max_length=max_length)
+    finally:
+        if owns_group:
+            _end_distributed()
+
+
+def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_tokens, batch_size,
+              max_examples, quantize, run_dir, lm_eval_tasks, lm_eval_include, max_length) -> dict[str, Any]:
+    from finetune.modeling import load_base_model, load_tokenizer
+
+    dist = _dist()
     records, data_info = read_eval_records(data)
     if max_examples:
         records = records[:max_examples]
     if not records:
         raise ValueError(f"{data} holds no example with an assistant turn to evaluate")
-    output = Path(output)
-    report: dict[str, Any] = {"models": {}, "meta": {"data": data_info, "metrics": metrics,
-                                                      "loss_on": loss_on}}
+    report: dict[str, Any] = {"models": {}, "meta": {
+        "data": data_info, "metrics": metrics, "loss_on": loss_on, "quantize": quantize,
+        "world_size": dist.get_world_size() if dist else 1}}
     predictions: dict[str, list] = {}
     t0 = time.perf_counter()
     kw = dict(metrics=metrics, loss_on=loss_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -321,6 +366,7 @@ def evaluate_run(run_dir: str | Path, cfg) -> dict[str, Any]:
         max_examples=cfg.eval.max_examples,
         run_dir=run_dir,
         max_length=cfg.max_length,
+        distributed=False,  # rank 0 alone, once training has torn the process group down
     )
 
 

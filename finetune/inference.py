@@ -56,6 +56,95 @@ def _stop_ids(tokenizer) -> list[int]:
     return ids
 
 
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
+
+
+def _adapter_shape_problems(adapter_dir: Path, model) -> tuple[list[str], set[int], bool]:
+    """Each adapter tensor whose shape the base model cannot take, said in the base's terms; the
+    vocabulary sizes of the adapter's mismatched embedding/output weights; whether layer sizes differ.
+
+    Read from the safetensors header (no weights loaded), so the check costs nothing; PEFT's own
+    "size mismatch" error names neither the vocabulary nor the hidden size a user can act on.
+    """
+    from safetensors import safe_open
+
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        return [], set(), False
+    modules = dict(model.named_modules())
+    problems, vocab_rows, layers_differ = [], set(), False
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            shape = tuple(f.get_slice(key).get_shape())
+            name = key.removeprefix("base_model.model.")
+            for part in (".modules_to_save", ".original_module"):
+                name = name.replace(part, "")
+            mod_name, _, leaf = name.rpartition(".")
+            kind = None
+            for lora in (".lora_A", ".lora_B"):
+                if mod_name.endswith(lora):
+                    mod_name, kind = mod_name.removesuffix(lora), lora[1:]
+            module = modules.get(mod_name)
+            if module is None or leaf != "weight":
+                continue
+            if kind == "lora_A" and hasattr(module, "in_features") and len(shape) == 2:
+                if shape[1] != module.in_features:
+                    layers_differ = True
+                    problems.append(f"{mod_name}: the adapter's LoRA A takes {shape[1]} input features, "
+                                    f"the base layer has {module.in_features}")
+            elif kind == "lora_B" and hasattr(module, "out_features") and len(shape) == 2:
+                if shape[0] != module.out_features:
+                    layers_differ = True
+                    problems.append(f"{mod_name}: the adapter's LoRA B gives {shape[0]} output features, "
+                                    f"the base layer has {module.out_features}")
+            elif kind is None and type(module).__name__ in ("Embedding", "Linear"):
+                expected = tuple(module.weight.shape)
+                if shape != expected:
+                    is_vocab = mod_name.rpartition(".")[2] in _EMBEDDING_NAMES
+                    if is_vocab and shape[0] != expected[0]:
+                        vocab_rows.add(shape[0])
+                    layers_differ |= not is_vocab or shape[1:] != expected[1:]
+                    problems.append(f"{mod_name}.weight: the adapter holds {shape[0]} x {shape[1]}, "
+                                    f"the base has {expected[0]} x {expected[1]}")
+    return list(dict.fromkeys(problems)), vocab_rows, layers_differ
+
+
+def _attach_adapter(model, adapter_dir: str | Path, tokenizer, base: str):
+    """Resize the base to the adapter's tokenizer when it added tokens, check shapes, load the adapter."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        model.resize_token_embeddings(len(tokenizer))
+    problems, vocab_rows, layers_differ = _adapter_shape_problems(adapter_dir, model)
+    if problems:
+        why = []
+        if vocab_rows:
+            why.append(f"vocabulary mismatch: the adapter's embeddings have {'/'.join(map(str, sorted(vocab_rows)))} "
+                       f"rows, expected {model.get_input_embeddings().weight.shape[0]} (the tokenizer saved with "
+                       f"the adapter has {len(tokenizer)} tokens, the base model {n_embed}); save the tokenizer "
+                       "the adapter was trained with into the adapter directory")
+        if layers_differ:
+            why.append("shape mismatch: the adapter was trained on a base model with other layer sizes")
+        why = "; ".join(why)
+        shown = "\n  - ".join(problems[:6]) + (f"\n  - ... {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise AdapterError(
+            f"the adapter in {adapter_dir} does not fit base model {base}: {why}.\n  - {shown}\n"
+            "Pass the base model it was trained on (--model / base_model=)."
+        )
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc):
+            first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+            raise AdapterError(
+                f"the adapter in {adapter_dir} does not fit base model {base} (tokenizer {len(tokenizer)} "
+                f"tokens, base embeddings {n_embed}): {first}. Was it trained on another base model?"
+            ) from None
+        raise
+
+
 def load_for_inference(
     adapter_dir: str | Path,
     *,
@@ -70,8 +159,6 @@ def load_for_inference(
     The base model is read from the adapter's config unless ``base_model`` is given; the tokenizer
     and chat template are the ones saved with the adapter. ``quantize`` is None, "4bit" or "8bit".
     """
-    from peft import PeftModel
-
     info = read_adapter_info(adapter_dir)
     base = base_model or info.get("base_model_name_or_path")
     if not base:
@@ -83,19 +170,7 @@ def load_for_inference(
         )
     tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
     model = load_base_model(base, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
-    n_embed = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > n_embed:
-        model.resize_token_embeddings(len(tokenizer))
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except RuntimeError as exc:
-        if "size mismatch" in str(exc):
-            raise AdapterError(
-                f"the adapter in {adapter_dir} does not fit base model {base} (vocabulary or shape "
-                f"mismatch: tokenizer has {len(tokenizer)} tokens, base embeddings {n_embed}). "
-                "Was it trained on another base model?"
-            ) from None
-        raise
+    model = _attach_adapter(model, adapter_dir, tokenizer, base)
     if device and not quantize:
         model.to(device)
     model.eval()
@@ -158,15 +233,11 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "
     full-precision ones by the quantization error, so the merged model matches base+adapter within
     that error (the test states the tolerance).
     """
-    from peft import PeftModel
-
     info = read_adapter_info(adapter_dir)
     base = base_model or info.get("base_model_name_or_path")
     tokenizer = load_tokenizer(str(adapter_dir))
     model = load_base_model(base, dtype=dtype, device_map={"": "cpu"})
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model = _attach_adapter(model, adapter_dir, tokenizer, base)
     merged = model.merge_and_unload()
     output = Path(output)
     merged.save_pretrained(output, safe_serialization=True)

@@ -93,7 +93,10 @@ def load_base_model(
         qk = dict(quant_kwargs or {})
         qk.setdefault("compute_dtype", torch_dtype)
         kwargs["quantization_config"] = quantization_config(bits, **qk)
-        if device_map is None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if device_map is None and not is_deepspeed_zero3_enabled():
+            # Under ZeRO-3 DeepSpeed places the weights; a device_map would conflict with it.
             if torch.cuda.is_available():
                 device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
             else:

@@ -49,16 +49,18 @@ PREEMPTED_EXIT_CODE = 75
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> Path:
-    """Train as configured; returns the run directory."""
+def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> Path:
+    """Train as configured; returns the run directory. `callbacks`: extra `TrainerCallback`s
+    (e.g. a sweep's pruning callback)."""
     run_dir = Path(cfg.output_dir)
     dist_kwargs = _setup_distributed(cfg)
     resume_from = _setup_run_dir(cfg, run_dir)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer)
+    args = _training_args(cfg, run_dir, eval_ds is not None, dist_kwargs)
     model = _setup_model(cfg, tokenizer)
-    trainer = _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwargs)
+    trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks)
     _print_summary(cfg, trainer, model, data_stats)
     _write_run_info(cfg, run_dir, trainer, data_stats)
 
@@ -266,12 +268,14 @@ def _setup_model(cfg: TrainConfig, tokenizer):
     return get_peft_model(model, lcfg)
 
 
-def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwargs):
+def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, dist_kwargs: dict[str, Any]):
+    """TrainingArguments from the config. Built BEFORE the model: with a ZeRO-3 DeepSpeed config this
+    registers it globally, so `from_pretrained` partitions weights as they load (zero.Init) instead
+    of materialising the whole model on every rank."""
     import torch
-    from transformers import EarlyStoppingCallback, TrainingArguments
+    from transformers import TrainingArguments
 
     t = cfg.training
-    has_eval = eval_ds is not None
     strategy = "steps" if (t.eval_steps or t.save_steps) else "epoch"
     eval_every = t.eval_steps or t.save_steps
     save_every = t.save_steps or t.eval_steps
@@ -322,6 +326,14 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         save_only_model=False,
         **dist_kwargs,
     )
+    return args
+
+
+def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extra_callbacks=()):
+    from transformers import EarlyStoppingCallback
+
+    t = cfg.training
+    has_eval = eval_ds is not None
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker(),
                  Preemption(grace_s=t.preemption_grace_s)]
     collate = make_collator(cfg, tokenizer)
@@ -331,6 +343,7 @@ def _setup_trainer(cfg, run_dir, model, tokenizer, train_ds, eval_ds, dist_kwarg
         collate = probe.collate
     if has_eval and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    callbacks.extend(extra_callbacks)
     trainer = KitTrainer(
         model=model,
         args=args,
