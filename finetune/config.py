@@ -283,16 +283,35 @@ def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_schema(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
-    """One line per key: dotted name, type, default, description (drives `--help-config`)."""
+def _type_name(ann: Any) -> str:
+    from typing import get_args, get_origin
+
+    if get_origin(ann) is Literal:
+        return " / ".join(str(a) for a in get_args(ann))
+    args = get_args(ann)
+    if args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " or null" if type(None) in args else ""
+        )
+    return getattr(ann, "__name__", str(ann).replace("typing.", ""))
+
+
+def describe_schema(model: type[BaseModel] = TrainConfig, prefix: str = "", markdown: bool = False) -> list[str]:
+    """One line per key: dotted name, type, default, description (drives `--help-config` and
+    docs/configuration.md)."""
     lines = []
+    if markdown and not prefix:
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         ann = field.annotation
         key = f"{prefix}{name}"
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.extend(describe_schema(ann, key + "."))
+            lines.extend(describe_schema(ann, key + ".", markdown))
             continue
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        lines.append(f"{key:38s} {tname:28.28s} {default:14.14s} {field.description or ''}")
+        tname = _type_name(ann)
+        if markdown:
+            lines.append(f"| `{key}` | {tname} | `{default}` | {field.description or ''} |")
+        else:
+            lines.append(f"{key:38s} {tname:28.28s} {default:14.14s} {field.description or ''}")
     return lines

@@ -130,3 +130,9 @@ def test_accelerate_configs(path):
     ds_file = raw.get("deepspeed_config", {}).get("deepspeed_config_file")
     if ds_file:
         assert (REPO / ds_file).is_file()
+
+
+def test_configuration_reference_is_in_sync():
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    table = "\n".join(describe_schema(markdown=True))
+    assert table in doc, "regenerate docs/configuration.md from finetune.config.describe_schema(markdown=True)"
