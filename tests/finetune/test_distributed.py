@@ -228,6 +228,22 @@ def test_qlora_under_zero2(tiny_model, chat_data, tmp_path):
     _check_adapter(run, tiny_model)
 
 
+@needs_deepspeed
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_qlora_under_zero3(tiny_model, chat_data, tmp_path):
+    """QLoRA + ZeRO-3: 4-bit weights stored in the compute dtype (quantization.storage_dtype auto),
+    loaded under zero.Init because the training arguments exist before the model."""
+    pytest.importorskip("bitsandbytes")
+    config, run = _write_config(tmp_path, tiny_model, chat_data, adapter="qlora", lora={"r": 16},
+                                deepspeed="configs/deepspeed/zero3.json")
+    res = _run_ok("deepspeed_zero3.yaml", config)
+    probes = _check_two_ranks_trained(run, res, replicated=False)
+    assert all("Linear4bit" in p["module_types"] for p in probes), probes[0]["module_types"]
+    assert "ZeRO stage 3" in res.stdout and "(qlora)" in res.stdout, _show(res)
+    _check_adapter(run, tiny_model, r=16)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_dead_rank_fails_the_job_instead_of_hanging(tiny_model, chat_data, tmp_path):
