@@ -11,6 +11,7 @@ import os
 import sys
 
 from finetune.config import ConfigError, describe_schema, load_config
+from finetune.plan import add_plan_arguments
 
 COMMANDS = {
     "train": "Fine-tune a model (LoRA, QLoRA or full) from a YAML config plus key=value overrides.",
@@ -19,6 +20,7 @@ COMMANDS = {
     "generate": "Generate replies for a JSONL file of prompts or chats with an adapter.",
     "chat": "Chat with an adapter in the terminal (streams tokens; /reset, /exit).",
     "merge": "Merge an adapter into its base model and save a standalone model directory.",
+    "plan": "Predict per-device memory (weights, optimizer, activations) and whether a config fits.",
     "tiny-model": "Build a small Llama model and a locally trained tokenizer (for tests and demos).",
     "quickstart": "Run the whole path on CPU: data prep, tiny model, LoRA training, eval, inference.",
 }
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
     _add_config_args(p)
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("--force", action="store_true", help="train even if `finetune plan` predicts it will not fit")
+
+    p = sub.add_parser("plan", help=COMMANDS["plan"], description=COMMANDS["plan"])
+    add_plan_arguments(p)
 
     p = sub.add_parser("preview", help=COMMANDS["preview"], description=COMMANDS["preview"])
     _add_config_args(p)
@@ -145,6 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         if args.help_config:
             print("\n".join(describe_schema()))
             return 0
+        if args.force:
+            args.overrides.append("force=true")
         cfg = load_config(args.config, args.overrides)
         from finetune.train import train
 
@@ -170,6 +178,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from finetune.inference import merge_command
 
         return merge_command(args)
+    elif cmd == "plan":
+        from finetune.plan import plan_command
+
+        return plan_command(args)
     elif cmd == "tiny-model":
         from finetune.tiny import build_tiny_model
 

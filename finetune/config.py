@@ -160,6 +160,7 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
     overwrite: bool = Field(False, description="Allow training into an output_dir that holds a run.")
+    force: bool = Field(False, description="Train even when `finetune plan` predicts the run does not fit.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model repository.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype the base weights are loaded in."

@@ -55,6 +55,7 @@ def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> Path:
     run_dir = Path(cfg.output_dir)
     dist_kwargs = _setup_distributed(cfg)
     resume_from = _setup_run_dir(cfg, run_dir)
+    _check_plan(cfg)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer)
@@ -166,6 +167,32 @@ def _resolve_deepspeed_config(cfg: TrainConfig) -> None:
             f"{cfg.deepspeed} differs from the accelerate config's deepspeed_config_file {launcher}; "
             "unset `deepspeed` (the launcher's file is used) or point both at the same JSON",
         )])
+
+
+def _check_plan(cfg: TrainConfig) -> None:
+    """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true.
+
+    GPU only: the plan predicts GPU memory; its CPU predictions are validated separately by
+    scripts/validate_plan.py (docs/plan.md)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from finetune.config import ConfigError
+    from finetune.plan import plan_for_training, render_plan
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+    mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        plan = plan_for_training(cfg, world_size=world, gpus_per_node=per_node, device_memory=mem)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.warning("no memory plan for %s: %s", cfg.model, exc)
+        return
+    rank0_print(render_plan(plan))
+    if not plan.fits and not cfg.force:
+        raise ConfigError("memory plan", [("force", "predicted not to fit (see the table above); apply one of "
+                                          "the listed changes, or pass --force / force=true to try anyway")])
 
 
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
