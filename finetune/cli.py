@@ -21,6 +21,7 @@ COMMANDS = {
     "chat": "Chat with an adapter in the terminal (streams tokens; /reset, /exit).",
     "merge": "Merge an adapter into its base model and save a standalone model directory.",
     "plan": "Predict per-device memory (weights, optimizer, activations) and whether a config fits.",
+    "sweep": "Hyperparameter search on Optuna: many training runs in one resumable study, shared by workers.",
     "tiny-model": "Build a small Llama model and a locally trained tokenizer (for tests and demos).",
     "quickstart": "Run the whole path on CPU: data prep, tiny model, LoRA training, eval, inference.",
 }
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help=COMMANDS["quickstart"], description=COMMANDS["quickstart"])
     p.add_argument("--output-dir", default="quickstart_output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    from finetune.sweep import add_sweep_arguments  # light: optuna is imported inside the command
+
+    p = sub.add_parser("sweep", help=COMMANDS["sweep"], description=COMMANDS["sweep"])
+    add_sweep_arguments(p)
     return parser
 
 
@@ -182,6 +187,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from finetune.plan import plan_command
 
         return plan_command(args)
+    elif cmd == "sweep":
+        from finetune.sweep import sweep_command
+
+        return sweep_command(args)
     elif cmd == "tiny-model":
         from finetune.tiny import build_tiny_model
 

@@ -225,18 +225,29 @@ def chat(model, tokenizer, messages: list[dict[str, str]], **gen_kwargs: Any) ->
 
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "auto",
-                  base_model: str | None = None) -> Path:
+                  base_model: str | None = None, dequantize: bool | None = None) -> Path:
     """Fold the adapter into its base weights and save a standalone model directory, on CPU.
 
-    An adapter trained on a 4-bit base is merged into the base loaded in `dtype` (not 4-bit): the
-    LoRA update was learned against the dequantized NF4 weights, which differ from the original
-    full-precision ones by the quantization error, so the merged model matches base+adapter within
-    that error (the test states the tolerance).
+    An adapter trained on a 4-bit base (QLoRA; `dequantize=None` reads that from the adapter's
+    finetune.json) is merged into the DEQUANTIZED NF4 base: the base is loaded in 4-bit exactly as
+    in training, dequantized to `dtype`, and the LoRA update added. The adapter was learned against
+    those dequantized weights, so the merged model reproduces 4-bit base + adapter (to float
+    rounding), not the original full-precision weights + adapter, which differ by the NF4 error.
+    `dequantize=False` merges into the original full-precision base instead.
     """
     info = read_adapter_info(adapter_dir)
     base = base_model or info.get("base_model_name_or_path")
+    meta = info.get("finetune", {})
+    if dequantize is None:
+        dequantize = meta.get("adapter") == "qlora"
     tokenizer = load_tokenizer(str(adapter_dir))
-    model = load_base_model(base, dtype=dtype, device_map={"": "cpu"})
+    if dequantize:
+        q = meta.get("quantization") or {}
+        qkw = {"quant_type": q.get("quant_type", "nf4"), "double_quant": q.get("double_quant", True)}
+        model = load_base_model(base, dtype=dtype, quantize="4bit", quant_kwargs=qkw, device_map={"": "cpu"})
+        model = model.dequantize()
+    else:
+        model = load_base_model(base, dtype=dtype, device_map={"": "cpu"})
     model = _attach_adapter(model, adapter_dir, tokenizer, base)
     merged = model.merge_and_unload()
     output = Path(output)

@@ -60,6 +60,11 @@ def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> Path:
                                trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer)
     args = _training_args(cfg, run_dir, eval_ds is not None, dist_kwargs)
+    # Seed before the adapter weights are created: the Trainer seeds only when it is built, so
+    # without this a run's LoRA init depended on what ran earlier in the same process.
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     model = _setup_model(cfg, tokenizer)
     trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks)
     _print_summary(cfg, trainer, model, data_stats)
@@ -704,6 +709,7 @@ def _export(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
                 "best_checkpoint": state.best_model_checkpoint,
                 "best_eval_loss": state.best_metric,
                 "loss_on": cfg.data.loss_on,
+                "quantization": cfg.quantization.model_dump() if cfg.adapter == "qlora" else None,
                 "max_length": cfg.max_length,
             }, indent=2))
     except OSError as exc:

@@ -86,11 +86,13 @@ def test_eval_of_merged_model_equals_base_plus_adapter(trained_run, chat_data, t
 
 
 def test_merge_of_a_qlora_adapter(tiny_model, chat_data, tmp_path):
-    """An adapter trained on an NF4 base, merged into the full-precision base.
+    """An adapter trained on an NF4 base, merged into the dequantized NF4 base (the default for
+    QLoRA adapters) and, on request, into the original full-precision base.
 
-    merged = W + BA exactly (to float32 rounding) and 4-bit + adapter = NF4(W) + BA, so merged vs
-    4-bit + adapter may differ by the NF4 error of W itself; the bound is stated relative to the
-    measured base-only NF4 error (full vs 4-bit base logits, same input).
+    dequantized merge = dequant(NF4(W)) + BA, which is what 4-bit base + adapter computes, so the two
+    agree to kernel rounding: the bound is 10% of the measured base-only NF4 error (full vs 4-bit base
+    logits). Merging into the original W instead (dequantize=False) gives W + BA exactly, i.e. full
+    base + adapter to 1e-4, and differs from the trained 4-bit model by about the NF4 error.
     """
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
@@ -107,6 +109,8 @@ def test_merge_of_a_qlora_adapter(tiny_model, chat_data, tmp_path):
     ]))
     adapter = run / "adapter"
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / "merged", dtype="float32")).eval()
+    merged_fp = AutoModelForCausalLM.from_pretrained(
+        merge_adapter(adapter, tmp_path / "merged_fp", dtype="float32", dequantize=False)).eval()
     q4_tuned, tok = load_for_inference(adapter, quantize="4bit")
     assert _n_linear4bit(q4_tuned) == 14
     full_tuned, _ = load_for_inference(adapter)
@@ -119,14 +123,13 @@ def test_merge_of_a_qlora_adapter(tiny_model, chat_data, tmp_path):
     assert 1e-3 < nf4_err < 0.5, nf4_err  # measured ~0.07: quantization happened and is sane
 
     m = _logits(merged, ids)
-    adapter_shift = (m - base_full).abs().max().item()
+    adapter_shift = (m - base_q4).abs().max().item()
     assert adapter_shift > 1e-2, adapter_shift  # training moved the model; else the checks below are empty
-    # merged == full-precision base + adapter, to float32 rounding.
-    assert (m - _logits(full_tuned, ids)).abs().max().item() < 1e-4
-    # merged vs 4-bit base + adapter: the NF4 error of the base, carried through the adapter's changed
-    # activations. Measured here: gap 0.134 = 2.0x the base-only error (0.067); bound 3x.
+    # Default (dequantized) merge reproduces the model that was trained: 4-bit base + adapter.
     gap = (m - _logits(q4_tuned, ids)).abs().max().item()
-    assert gap <= 3 * nf4_err, (gap, nf4_err)
+    assert gap <= 0.1 * nf4_err, (gap, nf4_err)  # measured 0.003 vs NF4 error 0.067
+    # dequantize=False: original full-precision base + adapter, to float32 rounding.
+    assert (_logits(merged_fp, ids) - _logits(full_tuned, ids)).abs().max().item() < 1e-4
     print(f"NF4 base-only max |dlogit| {nf4_err:.4f}; merged vs 4-bit+adapter {gap:.4f}; "
           f"adapter shift {adapter_shift:.4f}")
 

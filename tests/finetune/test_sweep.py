@@ -1,0 +1,310 @@
+"""`finetune sweep`: config checks, trials that fail or prune, resume after kill -9, shared workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write_base(tmp_path: Path, tiny_model: Path, chat_data: dict, **training) -> Path:
+    train = {"max_steps": 8, "batch_size": 8, "learning_rate": 5e-3, "eval_steps": 4, "logging_steps": 4,
+             "report_to": ["none"], **training}
+    base = {"model": str(tiny_model), "output_dir": "unused", "max_length": 128, "seed": 0,
+            "data": {"train": str(chat_data["train"]), "eval": str(chat_data["eval"])},
+            "training": train, "lora": {"r": 8}}
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def _write_sweep(tmp_path: Path, base: Path, **kw) -> Path:
+    sweep = {"base": str(base), "output_dir": str(tmp_path / "out"), "study_name": "t",
+             "search_space": {"training.learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+                              "lora.r": {"type": "categorical", "choices": [4, 8]}},
+             "n_trials": 3, "pruner": "none", **kw}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _load(storage: str, name: str = "t"):
+    import optuna
+
+    from finetune.sweep import _make_storage
+
+    return optuna.load_study(study_name=name, storage=_make_storage(storage))
+
+
+def _budget(study) -> list:
+    from finetune.sweep import _counts_toward_budget
+
+    return [t for t in study.get_trials() if _counts_toward_budget(t)]
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+def test_every_problem_of_a_sweep_config_is_reported(tmp_path, tiny_model, chat_data):
+    from finetune.sweep import load_sweep_config
+
+    base = _write_base(tmp_path, tiny_model, chat_data)
+    path = _write_sweep(tmp_path, base, samplr="tpe", search_space={
+        "training.learning_rate": {"type": "loguniform", "low": 0, "high": 1e-2},
+        "lora.r": {"type": "categorical"},
+        "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.1, "choices": [0.1]},
+    })
+    with pytest.raises(ConfigError) as err:
+        load_sweep_config(path)
+    keys = [k for k, _ in err.value.problems]
+    assert "samplr" in keys
+    assert any(k.startswith("search_space.training.learning_rate") for k in keys)
+    assert any(k.startswith("search_space.lora.r") for k in keys)
+    assert any(k.startswith("search_space.lora.dropout") for k in keys)
+
+    # Once the schema passes, each searched value is checked against the training schema.
+    path = _write_sweep(tmp_path, base, objective="extrinsic.bleu", search_space={
+        "lora.rank": {"type": "int", "low": 4, "high": 8},
+        "lora.dropout": {"type": "uniform", "low": 0.5, "high": 1.5},
+    })
+    with pytest.raises(ConfigError) as err:
+        load_sweep_config(path)
+    msgs = dict(err.value.problems)
+    assert "unknown key" in msgs["search_space.lora.rank"]
+    assert "lora.dropout" in msgs["search_space.lora.dropout"]
+    objective = [m for k, m in err.value.problems if k == "objective"]
+    assert any("eval.data" in m for m in objective) and any("eval.metrics" in m for m in objective)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs/sweep").glob("*.yaml")))
+def test_shipped_sweep_configs_parse(name):
+    """Schema, sampler/pruner options and the base file; their data and models live elsewhere."""
+    from finetune.sweep import SweepConfig, _make_pruner, _make_sampler
+
+    path = REPO / "configs/sweep" / name
+    assert path.read_text().startswith("# "), "a config opens with its launch command"
+    sweep = SweepConfig.model_validate(yaml.safe_load(path.read_text()))
+    assert (path.parent / sweep.base).resolve().is_file()
+    assert _make_sampler(sweep) is not None and _make_pruner(sweep) is not None
+
+
+def test_model_choice_sets_model_and_target_modules_together(tmp_path, tiny_model, chat_data):
+    import optuna
+
+    from finetune.sweep import _suggest, load_sweep_config, trial_config
+
+    base = _write_base(tmp_path, tiny_model, chat_data)
+    path = _write_sweep(tmp_path, base, search_space={"model": {"type": "categorical", "choices": [
+        {"name": "tiny-attn", "model": str(tiny_model), "lora.target_modules": ["q_proj", "v_proj"]},
+        {"name": "tiny-all", "model": str(tiny_model), "lora.target_modules": "all-linear"},
+    ]}}, enqueue_base=False)
+    sweep = load_sweep_config(path)
+    keys = _suggest(optuna.trial.FixedTrial({"model": "tiny-attn"}), sweep)
+    cfg = trial_config(sweep, keys, tmp_path / "run")
+    assert cfg.model == str(tiny_model) and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.output_dir == str(tmp_path / "run")
+
+
+def test_nan_loss_stops_the_run():
+    from transformers import TrainerControl, TrainerState
+
+    from finetune.sweep import TrialMonitor
+
+    mon = TrialMonitor(trial=None, eval_every_examples=None)
+    cb = mon._as_callback()
+    control = cb.on_log(None, TrainerState(global_step=7), TrainerControl(), logs={"loss": float("nan")})
+    assert control.should_training_stop and "step 7" in mon.diverged
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_baseline_failure_pruning_and_results(tmp_path, tiny_model, chat_data):
+    """A trial that raises is FAIL with its error and the sweep goes on; results are written."""
+    from finetune.sweep import load_sweep_config, run_sweep
+
+    base = _write_base(tmp_path, tiny_model, chat_data, max_steps=12)
+    path = _write_sweep(tmp_path, base, n_trials=4, sampler="grid", pruner="median",
+                        pruner_options={"n_startup_trials": 1}, search_space={
+                            "training.learning_rate": {"type": "categorical", "choices": [5e-3, 1e-4]},
+                            "lora.target_modules": {"type": "categorical",
+                                                    "choices": ["all-linear", ["no_such_module"]]}})
+    base_cfg = yaml.safe_load(base.read_text())
+    base_cfg["lora"]["target_modules"] = "all-linear"
+    base.write_text(yaml.safe_dump(base_cfg))
+    sweep = load_sweep_config(path)
+    summary = run_sweep(sweep)
+
+    study = _load(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 4  # the whole grid, the baseline being one of its points
+    baseline = next(t for t in trials if t.user_attrs.get("baseline"))
+    assert baseline.state.name == "COMPLETE"
+    assert baseline.params == {"training.learning_rate": 5e-3, "lora.target_modules": "all-linear"}
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 2 and all(t.params["lora.target_modules"] != "all-linear" for t in failed)
+    assert all("error" in t.user_attrs for t in failed)
+    for t in trials:
+        run_dir = tmp_path / "out" / "trials" / f"trial-{t.number:04d}"
+        assert (run_dir / "config.yaml").is_file()
+        assert load_config(run_dir / "config.yaml").output_dir == str(run_dir)
+    out = tmp_path / "out"
+    csv_text = (out / "trials.csv").read_text()
+    assert csv_text.count("\n") == 5 and "fail" in csv_text
+    assert summary["baseline_trial"] == baseline.number
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # no grid point run twice
+    best = load_config(out / "best_config.yaml")
+    assert not Path(best.output_dir).exists()
+    assert best.training.learning_rate == pytest.approx(study.best_trial.params["training.learning_rate"])
+    assert (out / "optimization_history.png").stat().st_size > 1000
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    for t in pruned:
+        assert t.user_attrs["pruned_at_step"] < 12
+
+
+@pytest.mark.slow
+def test_objective_from_finetune_eval_scores(tmp_path, tiny_model, chat_data):
+    """objective: extrinsic.exact_match scores each tuned adapter on eval.data (maximized)."""
+    from finetune.sweep import load_sweep_config, run_sweep
+
+    base = _write_base(tmp_path, tiny_model, chat_data)
+    raw = yaml.safe_load(base.read_text())
+    raw["eval"] = {"data": str(chat_data["eval"]), "max_new_tokens": 6, "metrics": ["exact_match", "f1"]}
+    base.write_text(yaml.safe_dump(raw))
+    sweep = load_sweep_config(_write_sweep(tmp_path, base, n_trials=2, objective="extrinsic.f1"))
+    assert sweep.resolved_direction == "maximize"
+    summary = run_sweep(sweep)
+    assert summary["states"] == {"complete": 2}
+    for n in (0, 1):
+        scores = yaml.safe_load((tmp_path / "out" / "trials" / f"trial-{n:04d}" / "sweep_scores.json").read_text())
+        assert scores["extrinsic"]["n"] == 24
+    study = _load(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert [t.value for t in study.trials] == [
+        yaml.safe_load((tmp_path / "out" / "trials" / f"trial-{n:04d}" / "sweep_scores.json").read_text())
+        ["extrinsic"]["f1"] for n in (0, 1)]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_with_finished_trials(tmp_path, tiny_model, chat_data):
+    """kill -9 after >= 2 finished trials; the same command again finishes the study, keeping them."""
+    base = _write_base(tmp_path, tiny_model, chat_data, max_steps=24, eval_steps=8)
+    n_trials = 7
+    path = _write_sweep(tmp_path, base, n_trials=n_trials)
+    storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    cmd = [sys.executable, "-m", "finetune.sweep", str(path)]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    finished_before: dict[int, float] = {}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if not (tmp_path / "out" / "study.db").exists():
+            continue
+        try:
+            done = [t for t in _load(storage).get_trials() if t.state.name == "COMPLETE"]
+        except Exception:  # study not created yet
+            continue
+        if len(done) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            break
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    before = {t.number: t for t in _load(storage).get_trials()}
+    finished_before = {n: t.value for n, t in before.items() if t.state.name == "COMPLETE"}
+    running_before = [n for n, t in before.items() if t.state.name == "RUNNING"]
+    assert 2 <= len(finished_before) < n_trials
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = {t.number: t for t in _load(storage).get_trials()}
+    for n, value in finished_before.items():
+        assert after[n].state.name == "COMPLETE" and after[n].value == value  # kept, not re-run
+    counted = _budget(_load(storage))
+    assert len(counted) == n_trials and all(t.state.name == "COMPLETE" for t in counted)
+    # The re-run samples new params: it does not replay the first run's random draws.
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == n_trials
+    # The trial the kill interrupted: failed (not counted), its params queued again.
+    for n in running_before:
+        assert after[n].state.name == "FAIL" and "error" not in after[n].user_attrs
+        retry = [t for t in after.values() if t.user_attrs.get("retry_of") == n]
+        assert len(retry) == 1 and retry[0].params == after[n].params
+    second_pids = {t.user_attrs["pid"] for t in counted if t.number not in finished_before}
+    assert len(second_pids) == 1 and len([t for t in counted if t.number not in finished_before]) == \
+        n_trials - len(finished_before)
+
+
+def _check_shared(storage: str, out: Path, n_trials: int) -> None:
+    trials = _budget(_load(storage))
+    numbers = [t.number for t in trials]
+    assert len(trials) == n_trials and len(set(numbers)) == n_trials
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    dirs = {t.user_attrs["run_dir"] for t in trials}
+    assert len(dirs) == n_trials and all(Path(d).is_dir() for d in dirs)
+    assert sorted(p.name for p in (out / "trials").iterdir()) == sorted(Path(d).name for d in dirs)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers ran trials
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == n_trials  # not the same draws twice
+
+
+def _run_two_workers(tmp_path: Path, tiny_model, chat_data, storage: str, n_trials: int = 4) -> None:
+    # Trials long enough (a few seconds) that the second worker is up before the first one is done.
+    base = _write_base(tmp_path, tiny_model, chat_data, max_steps=24, eval_steps=8)
+    path = _write_sweep(tmp_path, base, n_trials=n_trials)
+    res = subprocess.run([sys.executable, "-m", "finetune.sweep", str(path), "--storage", storage,
+                          "--workers", "2"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _check_shared(storage, tmp_path / "out", n_trials)
+    assert (tmp_path / "out" / "trials.csv").read_text().count("\n") == n_trials + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["journal", "sqlite"])
+def test_two_workers_share_a_file_study(tmp_path, tiny_model, chat_data, backend):
+    storage = (f"journal://{tmp_path / 'journal' / 'study.log'}" if backend == "journal"
+               else f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    _run_two_workers(tmp_path, tiny_model, chat_data, storage)
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on a unix socket in a temp dir (skipped without the binaries)."""
+    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary")
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) if Path("/usr/lib/postgresql").is_dir() else []
+    initdb = str(bins[-1]) if bins else shutil.which("initdb")
+    if not initdb:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    # The server refuses to run as root; the Debian package's `postgres` user runs it then.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user and not shutil.which("runuser"):
+        pytest.skip("running as root without runuser")
+    d = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
+    if as_user:
+        shutil.chown(d, "postgres")
+    data, log = d / "data", d / "server.log"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(log), "-w", "-o",
+                    f"-k {d} -c listen_addresses='' -c fsync=off", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@/postgres?host={d}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgresql_study(tmp_path, tiny_model, chat_data, postgres_url):
+    _run_two_workers(tmp_path, tiny_model, chat_data, postgres_url)
