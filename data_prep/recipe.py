@@ -15,7 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_prep.readers.text import DEFAULT_SPEAKERS
+from data_prep.steps.filters import ChatThresholds, GopherThresholds
 from data_prep.steps.redact import PII_TYPES
+
+_GOPHER = GopherThresholds()
+_CHAT = ChatThresholds()
 
 Format = Literal["auto", "html", "text", "transcript", "csv", "tsv", "xlsx", "json", "jsonl"]
 
@@ -75,24 +79,24 @@ class QualityConfig(_Strict):
 
     enabled: bool = True
     context_action: Literal["warn", "reject"] = "warn"
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    min_alpha_words_ratio: float = 0.6
-    min_stop_words: int = 2
-    max_duplicate_line_fraction: float = 0.3
-    max_top_2gram_char_fraction: float = 0.2
-    max_dup_5gram_char_fraction: float = 0.15
+    min_words: int = _GOPHER.min_words
+    max_words: int = _GOPHER.max_words
+    min_mean_word_length: float = _GOPHER.min_mean_word_length
+    max_mean_word_length: float = _GOPHER.max_mean_word_length
+    max_symbol_word_ratio: float = _GOPHER.max_symbol_word_ratio
+    max_bullet_lines_ratio: float = _GOPHER.max_bullet_lines_ratio
+    max_ellipsis_lines_ratio: float = _GOPHER.max_ellipsis_lines_ratio
+    min_alpha_words_ratio: float = _GOPHER.min_alpha_words_ratio
+    min_stop_words: int = _GOPHER.min_stop_words
+    max_duplicate_line_fraction: float = _GOPHER.max_duplicate_line_fraction
+    max_top_2gram_char_fraction: float = _GOPHER.max_top_2gram_char_fraction
+    max_dup_5gram_char_fraction: float = _GOPHER.max_dup_5gram_char_fraction
 
 
 class ChatFilterConfig(_Strict):
-    min_user_chars: int = 1
-    min_assistant_chars: int = 1
-    max_message_words: int = 8192
+    min_user_chars: int = _CHAT.min_user_chars
+    min_assistant_chars: int = _CHAT.min_assistant_chars
+    max_message_words: int = _CHAT.max_message_words
 
 
 class DedupConfig(_Strict):

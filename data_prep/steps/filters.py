@@ -19,6 +19,7 @@ _STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"}
 
 @dataclass
 class GopherThresholds:
+    # The defaults live here only; recipe.py's QualityConfig reads them.
     min_words: int = 50
     max_words: int = 100_000
     min_mean_word_length: float = 3.0
@@ -26,7 +27,7 @@ class GopherThresholds:
     max_symbol_word_ratio: float = 0.1
     max_bullet_lines_ratio: float = 0.9
     max_ellipsis_lines_ratio: float = 0.3
-    min_alpha_words_ratio: float = 0.8
+    min_alpha_words_ratio: float = 0.6
     min_stop_words: int = 2
     max_duplicate_line_fraction: float = 0.3
     max_top_2gram_char_fraction: float = 0.2
