@@ -31,6 +31,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from transformers import Trainer, TrainerCallback
+
 from finetune.config import ConfigError, TrainConfig, dump_config
 from finetune.data import DataStats, pad_collate, tokenize_dataset
 from finetune.errors import CheckpointWriteError, Preempted, RunDirError
@@ -379,7 +381,7 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     trainer = KitTrainer(
         model=model,
         args=args,
-        train_dataset=train_ds.remove_columns([]),
+        train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collate,
         processing_class=tokenizer,
@@ -388,13 +390,7 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     return trainer
 
 
-def _trainer_base():
-    from transformers import Trainer
-
-    return Trainer
-
-
-class KitTrainer(_trainer_base()):
+class KitTrainer(Trainer):
     """`Trainer` with one change: a failed checkpoint write (full disk, quota, file-size limit)
     removes the partial checkpoint and raises one error naming the path; the previous COMPLETE
     checkpoint is untouched (rotation runs only after a successful save)."""
@@ -434,13 +430,7 @@ def make_collator(cfg: TrainConfig, tokenizer):
 # ----------------------------------------------------------------------------------------------
 # callbacks
 # ----------------------------------------------------------------------------------------------
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class MetricsLogger(_callback_base()):
+class MetricsLogger(TrainerCallback):
     """Append one JSON line per log event (rank 0): step, loss, eval_loss, lr, tokens/s."""
 
     def __init__(self, path: Path, resume: bool = False):
@@ -480,7 +470,7 @@ class MetricsLogger(_callback_base()):
             fh.write(json.dumps(rec) + "\n")
 
 
-class Preemption(_callback_base()):
+class Preemption(TrainerCallback):
     """SIGTERM / SIGUSR1 (what Slurm and Kubernetes send before a kill) -> save and stop.
 
     The handler only sets a flag; at the next step end every rank learns whether ANY rank was
@@ -546,7 +536,7 @@ class Preemption(_callback_base()):
         return control
 
 
-class CheckpointMarker(_callback_base()):
+class CheckpointMarker(TrainerCallback):
     """Write checkpoint-N/COMPLETE after every rank finished saving it; resume trusts only those."""
 
     def on_save(self, args, state, control, **kw):
@@ -560,7 +550,7 @@ class CheckpointMarker(_callback_base()):
                 atomic_write_text(ckpt / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
 
 
-class RankProbe(_callback_base()):
+class RankProbe(TrainerCallback):
     """Debug hook for the distributed tests; on only with FINETUNE_RANK_PROBE=1.
 
     Each rank writes rank_probe/rank-N.json in the run dir: pid, rank and world size as the process

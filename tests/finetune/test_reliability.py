@@ -29,6 +29,26 @@ def _config(tmp_path: Path, tiny_model, chat_data, **training) -> Path:
     return p
 
 
+def _limit_file_size_child(cfg: Path, event: str, condition: str) -> str:
+    """Python source for a child that runs `finetune train cfg` (as the CLI does: SIGXFSZ ignored,
+    errors mapped to exit codes) and sets RLIMIT_FSIZE to 4 KiB at `event` when `condition` holds."""
+    return f"""
+import resource, signal, sys
+from transformers import TrainerCallback
+from finetune.cli import main
+import finetune.train as T
+
+class LimitFileSize(TrainerCallback):
+    def {event}(self, args, state, control, **kw):
+        if {condition}:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+train = T.train
+T.train = lambda cfg: train(cfg, callbacks=[LimitFileSize()])
+sys.exit(main(["train", {str(cfg)!r}]))
+"""
+
+
 def _steps(run: Path) -> list[int]:
     return [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
             if ln.strip() and "loss" in json.loads(ln)]
@@ -81,25 +101,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_model, chat_d
     """A file-size limit (RLIMIT_FSIZE) set after the first checkpoint makes the second one fail."""
     cfg = _config(tmp_path, tiny_model, chat_data, max_steps=20, save_steps=5)
     run = tmp_path / "run"
-    child = f"""
-import resource, sys
-from transformers import TrainerCallback
-import finetune.train as T
-
-class LimitAfterFirstSave(TrainerCallback):
-    def on_save(self, args, state, control, **kw):
-        if state.global_step == 5:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))   # the disk is "full" from now on
-
-orig = T._setup_trainer
-def patched(*a, **k):
-    tr = orig(*a, **k)
-    tr.add_callback(LimitAfterFirstSave())
-    return tr
-T._setup_trainer = patched
-from finetune.cli import main
-sys.exit(main(["train", {str(cfg)!r}]))
-"""
+    child = _limit_file_size_child(cfg, "on_save", "state.global_step == 5")  # the disk is "full" from now on
     res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-3000:]
     assert "could not write checkpoint" in res.stderr and "checkpoint-10" in res.stderr, res.stderr[-3000:]
@@ -176,24 +178,7 @@ def test_trust_remote_code_when_asked_names_the_repository(tiny_model, caplog):
 def test_full_disk_during_adapter_export_is_one_clear_error(tiny_model, chat_data, tmp_path):
     cfg = _config(tmp_path, tiny_model, chat_data, max_steps=10, save_steps=5)
     run = tmp_path / "run"
-    child = f"""
-import resource, sys
-from transformers import TrainerCallback
-import finetune.train as T
-
-class LimitAtEnd(TrainerCallback):
-    def on_train_end(self, args, state, control, **kw):
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-
-orig = T._setup_trainer
-def patched(*a, **k):
-    tr = orig(*a, **k)
-    tr.add_callback(LimitAtEnd())
-    return tr
-T._setup_trainer = patched
-from finetune.cli import main
-sys.exit(main(["train", {str(cfg)!r}]))
-"""
+    child = _limit_file_size_child(cfg, "on_train_end", "True")
     res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-3000:]
     assert "could not write the adapter" in res.stderr and ".adapter.tmp" in res.stderr
