@@ -86,7 +86,13 @@ class TrainingConfig(_Section):
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
     )
     group_by_length: bool = Field(
-        False, description="Batch examples of similar length (less padding, a little less randomness)."
+        True,
+        description="Batch examples of similar length, then shuffle the batches (less padding; "
+        "lengths still mixed across steps). 2.2x the tokens/s of random batches at equal eval loss "
+        "in docs/benchmarks.md. false: a uniformly random batch order.",
+    )
+    group_window: int = Field(
+        64, ge=1, description="group_by_length: examples are sorted by length within windows of this many batches."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     report_to: list[str] = Field(

@@ -153,3 +153,61 @@ def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return collate
+
+
+class LengthGroupedShuffledSampler:
+    """Batches of similar length, in a random order of batches: little padding, lengths still mixed.
+
+    Per epoch: shuffle all examples; cut them into windows of `window` batches; sort each window
+    by length and cut it into batches; then shuffle the batches of the whole epoch together.
+
+    transformers' `LengthGroupedSampler` stops at the per-window sort, so every window runs from
+    its longest batch to its shortest and an epoch ends on short examples only. The batch-level
+    shuffle removes that within-epoch curriculum (see docs/benchmarks.md for the eval-loss cost of
+    the unshuffled version). The order is a function of (seed, epoch), so every data-parallel rank
+    computes the same list and a resumed run replays it; accelerate hands consecutive batches to
+    different ranks, so ranks in one step get batches of similar length and wait less at the
+    gradient all-reduce. The only partial batch (when len % batch_size != 0) comes last, so the
+    DataLoader's fixed-size batching stays aligned with ours.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, *, window: int = 64, seed: int = 0):
+        if batch_size < 1 or window < 1:
+            raise ValueError("batch_size and window must be >= 1")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.window = window
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        span = self.window * self.batch_size
+        full: list[list[int]] = []
+        partial: list[int] = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=self.lengths.__getitem__)
+            for b in range(0, len(chunk), self.batch_size):
+                batch = chunk[b:b + self.batch_size]
+                if len(batch) == self.batch_size:
+                    full.append(batch)
+                else:
+                    partial = batch
+        perm = torch.randperm(len(full), generator=g).tolist()
+        out = [full[i] for i in perm]
+        if partial:
+            out.append(partial)
+        return out
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch

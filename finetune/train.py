@@ -34,7 +34,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from finetune.config import ConfigError, TrainConfig, dump_config
-from finetune.data import DataStats, pad_collate, tokenize_dataset
+from finetune.data import DataStats, LengthGroupedShuffledSampler, pad_collate, tokenize_dataset
 from finetune.errors import CheckpointWriteError, Preempted, RunDirError
 from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
 from finetune.utils import atomic_write_text, is_main_process, rank0_print
@@ -269,7 +269,10 @@ def _setup_model(cfg: TrainConfig, tokenizer):
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
     )
     modules_to_save = list(cfg.lora.modules_to_save)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    emb = model.get_input_embeddings().weight
+    # Under ZeRO-3 the weight is a 0-element shard and its real shape is ds_shape: comparing with
+    # .shape resized every ZeRO-3 model to the tokenizer's length and trained embeddings in full.
+    if len(tokenizer) > getattr(emb, "ds_shape", emb.shape)[0]:
         # The ChatML fallback added tokens the base has never seen: they need trained embeddings.
         model.resize_token_embeddings(len(tokenizer))
         for name in ("embed_tokens", "lm_head"):
@@ -347,8 +350,7 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, dist_kwargs:
         bf16=bf16,
         fp16=fp16,
         activation_checkpointing=False,  # enabled on the model in _setup_model (PEFT needs it there)
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        length_column_name="length",
+        train_sampling_strategy="random",  # group_by_length: KitTrainer._get_train_sampler
         remove_unused_columns=False,
         dataloader_num_workers=t.num_workers,
         include_num_input_tokens_seen="non_padding",
@@ -386,14 +388,33 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
         data_collator=collate,
         processing_class=tokenizer,
         callbacks=callbacks,
+        group_by_length=t.group_by_length,
+        group_window=t.group_window,
     )
     return trainer
 
 
 class KitTrainer(Trainer):
-    """`Trainer` with one change: a failed checkpoint write (full disk, quota, file-size limit)
-    removes the partial checkpoint and raises one error naming the path; the previous COMPLETE
-    checkpoint is untouched (rotation runs only after a successful save)."""
+    """`Trainer` with two changes.
+
+    - Training batches come from `LengthGroupedShuffledSampler` when `training.group_by_length`
+      (the default): similar lengths within a batch, random order of batches.
+    - A failed checkpoint write (full disk, quota, file-size limit) removes the partial checkpoint
+      and raises one error naming the path; the previous COMPLETE checkpoint is untouched
+      (rotation runs only after a successful save).
+    """
+
+    def __init__(self, *args, group_by_length: bool = False, group_window: int = 64, **kwargs):
+        self.group_by_length = group_by_length
+        self.group_window = group_window
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_length and ds is not None and "length" in getattr(ds, "column_names", ()):
+            return LengthGroupedShuffledSampler(ds["length"], self._train_batch_size,
+                                                window=self.group_window, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     def _save_checkpoint(self, model, trial):
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
@@ -606,8 +627,9 @@ class RankProbe(TrainerCallback):
 # reporting and export
 # ----------------------------------------------------------------------------------------------
 def _print_summary(cfg: TrainConfig, trainer, model, data_stats: dict[str, DataStats]) -> None:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    numel = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3: shard is empty)
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     args = trainer.args
     world = args.world_size
     eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
