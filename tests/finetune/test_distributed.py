@@ -144,6 +144,10 @@ def _check_adapter(run: Path, tiny_model: Path, r: int = 8) -> dict:
     # 2 layers x 7 linear layers, each A (r, in) and B (out, r) in full: a ZeRO-3 save without
     # gathering gives empty (0-element) tensors.
     assert len(lora_b) == 14, sorted(lora_b)
+    # Nothing but LoRA matrices: no config here asks for modules_to_save. (ZeRO-3 once saw its
+    # embeddings as 0-row shards, "resized" them to the tokenizer and trained them in full.)
+    assert set(weights) == set(lora_a) | set(lora_b), sorted(set(weights) - set(lora_a) - set(lora_b))
+    assert not json.loads((adapter / "adapter_config.json").read_text()).get("modules_to_save")
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     base_shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
     for k, v in {**lora_a, **lora_b}.items():
