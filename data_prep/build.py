@@ -516,7 +516,7 @@ class Builder:
                 "near_duplicates": steps[-1].dropped.get("near_duplicate", 0) + steps[-1].kept_near,
                 "near_duplicates_kept_same_split": steps[-1].kept_near,
                 "clusters": len(clusters),
-                "largest_cluster": 1 + max((len(v) for v in clusters.values()), default=0) if clusters else 0,
+                "largest_cluster": 1 + max(clusters.values(), default=0) if clusters else 0,
             },
             "split": split_report,
             "leakage": leakage,
