@@ -258,6 +258,7 @@ class Setup:
     zero_stage: int = 0  # 0 = no DeepSpeed
     offload_optimizer: bool = False
     offload_param: bool = False
+    max_live_parameters: float = 1e9  # ZeRO-3 stage3_max_live_parameters (DeepSpeed's default 1e9)
     nodes: int = 1
     gpus_per_node: int = 1
     micro_batch: int = 1
@@ -308,19 +309,21 @@ def load_plan_config(path: str | Path, overrides: list[str] | None = None):
     return load_config(path, overrides, **extra)
 
 
-def _deepspeed_options(path: str | None) -> tuple[int, bool, bool]:
+def _deepspeed_options(path: str | None) -> tuple[int, bool, bool, float]:
     if not path:
-        return 0, False, False
+        return 0, False, False, 1e9
     z = json.loads(Path(path).read_text()).get("zero_optimization", {})
     dev = lambda k: str((z.get(k) or {}).get("device", "none")).lower() in ("cpu", "nvme")  # noqa: E731
-    return int(z.get("stage", 0)), dev("offload_optimizer"), dev("offload_param")
+    live = z.get("stage3_max_live_parameters", 1e9)
+    live = 1e9 if isinstance(live, str) else float(live)  # "auto" is not resolved by HF: DeepSpeed's 1e9
+    return int(z.get("stage", 0)), dev("offload_optimizer"), dev("offload_param"), live
 
 
 def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: str = "gpu",
                       device_memory: int = 80 * GiB, host_memory: int | None = None) -> Setup:
     """TrainConfig -> Setup. On a GPU, dtype/precision `auto` mean bf16 (an Ampere-or-newer GPU, as
     `finetune.modeling.resolve_dtype` picks); on CPU they mean fp32, as training there runs."""
-    stage, off_opt, off_par = _deepspeed_options(cfg.deepspeed)
+    stage, off_opt, off_par, max_live = _deepspeed_options(cfg.deepspeed)
     t = cfg.training
     if device == "cpu":
         wdtype = "float32" if cfg.dtype == "auto" else cfg.dtype
@@ -333,7 +336,7 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         modules_to_save=list(cfg.lora.modules_to_save), lora_dropout=cfg.lora.dropout,
         quant_bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant,
         weight_dtype=wdtype, precision=precision, zero_stage=stage, offload_optimizer=off_opt,
-        offload_param=off_par and stage == 3, nodes=nodes, gpus_per_node=gpus_per_node,
+        offload_param=off_par and stage == 3, max_live_parameters=max_live, nodes=nodes, gpus_per_node=gpus_per_node,
         micro_batch=t.batch_size, seq_len=cfg.max_length, grad_accum=t.grad_accum,
         gradient_checkpointing=t.gradient_checkpointing, attn=cfg.attn_implementation or "sdpa",
         device=device, device_memory=device_memory, host_memory=host_memory,
@@ -419,16 +422,21 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     A = _act_bytes(s2)
     per_layer = layer_activation_bytes(shape, s2, b)
     L = shape.num_hidden_layers
+    recompute = 0.0
     if s.gradient_checkpointing:
         # each layer keeps only its input; backward recomputes one layer at a time
-        layers = L * A * shape.hidden_size * tokens + per_layer * tokens
+        recompute = per_layer * tokens
+        layers = L * A * shape.hidden_size * tokens + recompute
     else:
         layers = L * per_layer * tokens
     # head: final norm + logits. logits (A), their fp32 copy for the loss, log_softmax output and its
     # gradient (fp32) are alive together at the start of backward: (A + 4 + 4) V per token, A=4 -> 12V.
     V = shape.vocab_size
     head = (4 * shape.hidden_size + 4) + V * (12 + (A if A != 4 else 0))
-    return {"layers": layers, "head": head * tokens}
+    # With checkpointing, the first layer is recomputed only once backward has passed the head, whose
+    # logits/log-softmax tensors are freed by then: the peak holds the larger of the two, not both
+    # (measured: LoRA + checkpointing was predicted +15% high without this).
+    return {"layers": layers, "head": head * tokens, "recompute_overlap": -min(recompute, head * tokens)}
 
 
 @dataclass
@@ -517,6 +525,17 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
                               f"{(nf4 - 0.5) * 8:.3f} bit/param ({'double quant' if s.double_quant else 'fp32 absmax'})"))
             place("weights: embeddings, lm_head, norms", rest, p_host,
                   f"{(P['total'] - P['linear_weights']) / 1e9:.2f}B x {other} B (not quantized)")
+            ckpt_b = _BYTES.get(shape.torch_dtype, 2)
+            # (ZeRO-3 copies every parameter into its partitions, which ends the views.)
+            if s.device == "cpu" and st != 3 and ckpt_b == (w16 if s.deepspeed else _BYTES[s.weight_dtype]):
+                # CPU only: transformers memory-maps the safetensors file; when the load dtype equals
+                # the file's, the embeddings/lm_head/norms stay views of that mapping, so the mapping
+                # lives on with every page quantization read: the pre-quantization linear weights,
+                # counted in RSS (clean page cache, reclaimable). On a GPU everything is copied to
+                # the device and the mapping goes. Measured: QLoRA was -18% without this line.
+                lines.append(Line("mapped checkpoint pages (CPU)", P["linear_weights"] * ckpt_b, 0.0,
+                                  f"CPU: the file's {P['linear_weights'] / 1e9:.2f}B linear weights x {ckpt_b} B "
+                                  "(page cache, reclaimable)"))
         else:
             place("weights (frozen)", P["total"] * w16 / p_div, p_host,
                   f"{P['total'] / 1e9:.2f}B params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
@@ -541,21 +560,49 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
                               f"{g16} B" + (f" / {N} (ZeRO-{st})" if g_div > 1 else "")))
             k_parts = "fp32 grad 4 + master 4 + m,v 8"
             K = 16
+        elif st < 3 and not half and not s.offload_optimizer:
+            # fp32 stages 1-2 (the CPU validation path): the reduced gradients land in a partition
+            # buffer allocated during backward and freed after the step (stage_1_and_2.py
+            # grads_in_partition, _release_ipg_buffers), so it is a "grads" line that reuses the
+            # activations backward frees; the master is still a clone (single_partition_of_fp32_groups).
+            lines.append(Line("grads (fp32 partition)", Pt * 4 / g_div, 0.0,
+                              "4 B" + (f" / {N} (ZeRO-{st})" if g_div > 1 else "") + ", during backward and step"))
+            K = 12
+            k_parts = "master clone 4 + m,v 8"
+        elif st == 3 and not half and not s.offload_optimizer:
+            # stage3.py _create_fp32_partitions: when the partitioned params already are fp32 on the
+            # optimizer's device, they ARE the master weights (no clone). Stages 1-2 always clone.
+            K = 12
+            k_parts = "fp32 grad partition 4 + m,v 8 (fp32 params are their own master)"
         else:
             K = 16  # fp32 grad partition 4 + master clone 4 + m,v 8; the params themselves are fp32
             k_parts = "fp32 grad partition 4 + master clone 4 + m,v 8"
         opt = Pt * K / N
         place("optimizer states", opt, s.offload_optimizer, f"{k_parts} = {K} B / {N} (ZeRO-{st})")
-        if st == 3 and s.adapter == "full":
-            # DeepSpeed's estimator: 4 bytes x the largest module's params for the gathered working set
-            lines.append(Line("zero-3 gathered params", 4 * P["largest_module"], 0.0,
-                              "4 B x largest module (DeepSpeed estimator's working set)"))
-        elif st == 3:
-            wb = 0.5 if s.adapter == "qlora" else w16
-            per_layer = param_counts(shape)["per_layer"] * wb
-            emb = P["embed_tokens"] * w16
-            lines.append(Line("zero-3 gathered params", 2 * max(per_layer, emb), 0.0,
-                              "2 x the largest gathered module (current + prefetched)"))
+        if st == 3:
+            if s.adapter == "full":
+                # DeepSpeed's estimator: 4 bytes x the largest module's params for the gathered working set
+                floor = 4 * P["largest_module"]
+                lines.append(Line("zero-3 gathered params", floor, 0.0,
+                                  "4 B x largest module (DeepSpeed estimator's working set)"))
+                gathered_b = w16
+            else:
+                wb = 0.5 if s.adapter == "qlora" else w16
+                per_layer = param_counts(shape)["per_layer"] * wb
+                emb = P["embed_tokens"] * w16
+                floor = 2 * max(per_layer, emb)
+                lines.append(Line("zero-3 gathered params", floor, 0.0,
+                                  "2 x the largest gathered module (current + prefetched)"))
+                gathered_b = (P["linear_weights"] * wb + (P["total"] - P["linear_weights"]) * w16) / P["total"]
+            # A gathered param stays resident while it will be reused (in backward) and fewer than
+            # stage3_max_live_parameters are live (partitioned_param_coordinator.py): with the default
+            # 1e9 a model under 1e9 params is whole on every rank during the step. Measured on CPU:
+            # the step's peak rose by activations + the whole fp32 model (docs/plan.md).
+            live = min(s.max_live_parameters, P["total"]) * gathered_b
+            if live > floor:
+                lines.append(Line("zero-3 live params", live - floor, 0.0,
+                                  f"min(stage3_max_live_parameters {s.max_live_parameters:.0e}, params) x "
+                                  f"{gathered_b:.2g} B, beyond the line above"))
     else:
         gb = _BYTES[s.weight_dtype] if s.adapter == "full" else 4
         lines.append(Line("grads", Pt * gb, 0.0, f"{gb} B per trainable param"))
@@ -595,6 +642,9 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     lines.append(Line("activations: decoder layers", act["layers"], 0.0,
                       f"{s.micro_batch} x {s.seq_len} tokens, {note_ckpt}"))
     lines.append(Line("activations: logits + loss", act["head"], 0.0, f"vocab {shape.vocab_size}, fp32 loss"))
+    if act["recompute_overlap"]:
+        lines.append(Line("overlap: recompute after the loss is freed", act["recompute_overlap"], 0.0,
+                          "checkpointing: the recomputed layer and the logits are not alive together"))
     lines += _overlap_and_buckets(shape, s, lines)
     dynamic = sum(x.device for x in lines)
     if s.device == "gpu":
@@ -614,7 +664,8 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
 def _quick(shape: ModelShape, s: Setup) -> Plan:
     lines, trainable = model_state_lines(shape, s)
     act = activation_bytes(shape, s)
-    lines += [Line("activations", act["layers"]), Line("activations: head", act["head"])]
+    lines += [Line("activations", act["layers"]), Line("activations: head", act["head"]),
+              Line("overlap: recompute", act["recompute_overlap"])]
     lines += _overlap_and_buckets(shape, s, lines)
     dyn = sum(x.device for x in lines)
     allow = (ALLOWANCE_GPU_FIXED if s.device == "gpu" else 0) + ALLOWANCE_FRACTION * dyn

@@ -179,21 +179,30 @@ def _resolve_deepspeed_config(cfg: TrainConfig) -> None:
 def _check_plan(cfg: TrainConfig) -> None:
     """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true.
 
-    GPU only: the plan predicts GPU memory; its CPU predictions are validated separately by
-    scripts/validate_plan.py (docs/plan.md)."""
+    On GPUs the budget is the device's memory; on CPU it is the memory available now (psutil)
+    shared by this node's processes, and the plan predicts RSS in CPU mode (fp32), the quantity
+    scripts/validate_plan.py checks against measurements (docs/plan.md). Runs before the model is
+    loaded: a run that cannot fit fails in a second, not after minutes of loading."""
     import torch
 
-    if not torch.cuda.is_available():
-        return
     from finetune.config import ConfigError
     from finetune.plan import plan_for_training, render_plan
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
-    mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if torch.cuda.is_available():
+        device = "gpu"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+        mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        import psutil
+
+        device = "cpu"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        mem = int(psutil.virtual_memory().available / max(1, per_node))
     try:
-        plan = plan_for_training(cfg, world_size=world, gpus_per_node=per_node, device_memory=mem)
-    except (FileNotFoundError, ValueError) as exc:
+        plan = plan_for_training(cfg, world_size=world, gpus_per_node=per_node, device=device,
+                                 device_memory=mem)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
         logger.warning("no memory plan for %s: %s", cfg.model, exc)
         return
     rank0_print(render_plan(plan))

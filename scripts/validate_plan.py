@@ -46,6 +46,9 @@ CASES = [
     ("qlora", "qlora", 0, 1, 512, False),
     ("full ZeRO-2", "full", 2, 2, 256, False),
     ("full ZeRO-3", "full", 3, 2, 256, False),
+    ("lora ZeRO-2", "lora", 2, 2, 256, False),
+    ("lora ZeRO-3", "lora", 3, 2, 256, False),
+    ("qlora ZeRO-2", "qlora", 2, 2, 256, False),
 ]
 BATCH = 2
 REUSE = False

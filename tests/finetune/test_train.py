@@ -10,6 +10,7 @@ from finetune.data import DataError
 from finetune.errors import RunDirError
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tiny_model, chat_data, out: Path, *over: str):
@@ -102,3 +103,32 @@ def test_empty_dataset_is_a_clear_error(tiny_model, chat_data, tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match="holds no examples"):
         train(_cfg(tiny_model, chat_data, tmp_path / "r3", f"data.train={empty}", "training.max_steps=1"))
+
+
+def test_a_run_predicted_not_to_fit_is_refused_before_loading_and_force_overrides(tiny_model, chat_data, tmp_path,
+                                                                                    capsys):
+    """`finetune train` plans from config.json alone: full fine-tuning of a 70B model cannot fit in
+    this machine's RAM, so it stops with the table, before any weight is read (there are none)."""
+    import shutil
+
+    from finetune.config import ConfigError
+    from finetune.train import train
+
+    big = tmp_path / "llama70b"
+    big.mkdir()
+    shutil.copy(REPO / "configs" / "models" / "llama-3.1-70b.json", big / "config.json")
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, big / f.name)
+    cfg = load_config(None, [f"model={big}", "adapter=full", f"data.train={chat_data['train']}",
+                             f"output_dir={tmp_path / 'run'}", "training.report_to=[none]"])
+    with pytest.raises(ConfigError, match="force"):
+        train(cfg)
+    out = capsys.readouterr().out
+    assert "verdict   DOES NOT FIT" in out and "70.55B params" in out and "process (CPU RSS)" in out, out[-2000:]
+    assert not (tmp_path / "run" / "adapter").exists()
+    # force=true passes the check; the run then fails where it would: there are no weights to load
+    forced = cfg.model_copy(update={"force": True, "overwrite": True})
+    with pytest.raises(Exception) as exc:
+        train(forced)
+    assert not isinstance(exc.value, ConfigError), exc.value
