@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import time
+from array import array
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -454,17 +455,22 @@ class Builder:
         assignment = assign_splits(
             sizes, self.r.split.val_fraction, self.r.split.test_fraction, self.r.split.seed
         )
-        split_of_id: dict[str, str] = {}
-        test_ids: list[str] = []
-        lengths: dict[str, list[int]] = defaultdict(list)
+        # Per kept record only compact arrays: its split as one byte at its dedup index number, and
+        # token lengths as 32-bit ints (what grows with the corpus besides the dedup index).
+        split_code = bytearray(self.dedup.size)
+        codes = {s: i + 1 for i, s in enumerate(SPLITS)}
+        test_nums = array("q")
+        lengths: dict[str, array] = defaultdict(lambda: array("I"))
         with open(self.spool.tmp, encoding="utf-8") as fh:
             for line in fh:
                 rec_id, group, messages, source, locator = json.loads(line)
                 split = assignment[self.groups.find(group)]
                 if self.r.dedup.near:
-                    split_of_id[rec_id] = split
-                    if split == "test":
-                        test_ids.append(rec_id)
+                    n = self.dedup.number(rec_id)
+                    if n is not None:
+                        split_code[n] = codes[split]
+                        if split == "test":
+                            test_nums.append(n)
                 obj: dict[str, Any] = {"messages": messages}
                 if self.r.provenance:
                     obj["meta"] = {"source": source, "locator": locator}
@@ -473,9 +479,11 @@ class Builder:
         # leakage check: independent of how the split was made, look for near-duplicate pairs
         # with one side in test and the other in train
         pairs = []
-        for rec_id in test_ids:
+        for n in test_nums:
+            rec_id = self.dedup.id_of(n)
             for other in self.dedup.neighbours(rec_id):
-                if split_of_id.get(other) == "train":
+                m = self.dedup.number(other)
+                if m is not None and split_code[m] == codes["train"]:
                     pairs.append([rec_id, other])
         leakage = {"near_dup_pairs_test_train": len(pairs), "pairs": pairs[:20]}
         groups_per_split = Counter(assignment.values())

@@ -190,6 +190,17 @@ class Deduplicator:
             self._lsh.insert(hashes, n)
         return None
 
+    @property
+    def size(self) -> int:
+        """Kept records in the near-dup index (their numbers are 0..size-1)."""
+        return len(self._ids)
+
+    def number(self, rec_id: str) -> int | None:
+        return self._num.get(rec_id)
+
+    def id_of(self, number: int) -> str:
+        return self._ids[number]
+
     def neighbours(self, rec_id: str) -> list[str]:
         """Kept records near-similar to a kept record (used by the leakage check)."""
         n = self._num.get(rec_id)
