@@ -1,0 +1,59 @@
+"""The benchmark scripts run end to end at toy size (their figures come from full-size runs on demand;
+see docs/benchmarks.md). What is checked here is that they measure what they claim to."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--smoke", "--work", str(tmp_path / "w"),
+                           "--json", str(out), *extra], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tmp_path):
+    res, stdout = _run("bench_train.py", tmp_path, "--threads", "1")
+    trl, kit = res["trl"], res["kit"]
+    assert res["ceiling_gflops"]["fp32"] > 0 and res["ceiling_gflops"]["bf16"] > 0
+    # same data, epochs and batch size: the same number of optimizer steps
+    assert trl["steps"] == kit["steps"] == math.ceil(96 / 8)
+    # both train the answer tokens only (TRL also trains the newline after <|im_end|>)
+    assert 0 < kit["trained_tokens_per_epoch"] <= trl["trained_tokens_per_epoch"] <= 1.2 * kit["trained_tokens_per_epoch"]
+    for arm in (trl, kit):
+        assert arm["tokens_per_s"] > arm["trained_tokens_per_s"] > 0
+        assert 0 < arm["mfu_fp32"] < 1
+        assert 0 < arm["eval_loss"] < math.log(320) + 1  # below a uniform guess over the vocabulary, +1
+        assert arm["peak_rss_mb"] > 100
+    assert "kit vs trl:" in stdout and "MFU fp32" in stdout
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke(tmp_path):
+    res, stdout = _run("bench_memory.py", tmp_path)
+    full, lora, qlora = (res[m]["model_state"] for m in ("full", "lora", "qlora"))
+    # full fine-tuning: every weight trains, with a gradient and two AdamW moments of its size
+    assert full["frozen weights"] == 0 and full["grads"] == full["trainable"]
+    assert full["optimizer"] >= 2 * full["trainable"]
+    # LoRA: frozen fp32 base plus small adapters; QLoRA: packed 4-bit weights and their quant state
+    from finetune.plan import ModelShape, lora_trainable_params, param_counts, resolve_model_config
+
+    shape = ModelShape.from_config(*resolve_model_config(str(tmp_path / "w" / "model")))
+    assert lora["trainable"] == qlora["trainable"] == 4 * lora_trainable_params(shape, 16, "all-linear")
+    assert lora["frozen weights"] == 4 * param_counts(shape)["total"] and lora["quant state"] == 0
+    assert qlora["quant state"] > 0 and qlora["frozen weights"] < lora["frozen weights"]
+    assert full["total"] > lora["total"] > qlora["total"]
+    for m in ("full", "lora", "qlora"):
+        assert res[m]["peak"] > 0 and res[m]["plan_peak"] > 0 and 0 < res[m]["peak_anon"] <= res[m]["peak"] * 1.1
+    assert "QLoRA model state / LoRA model state" in stdout
