@@ -1,6 +1,6 @@
 """Check `finetune plan`'s CPU-mode prediction against real training runs on this machine.
 
-    python scripts/validate_plan.py            # ~6-8 min on 2 cores; rewrites the table in docs/plan.md
+    python scripts/validate_plan.py            # ~10 min on 2 cores; rewrites the table in docs/plan.md
 
 Every case runs the real code path, `finetune train` (single process: `python -m finetune train`-
 equivalent; 2 processes: `accelerate launch --config_file configs/accelerate/deepspeed_zero{2,3}.yaml
