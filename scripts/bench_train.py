@@ -242,12 +242,14 @@ def run_kit(spec: dict, out: Path, variant: str) -> dict:
             "adapter_dir": str(out / "run" / "adapter")}
 
 
-def child(spec_path: str, arm: str) -> None:
+def child(spec_path: str, arm: str, seed: str) -> None:
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    out = Path(spec["work"]) / arm
+    same = int(seed) == spec["seed"] and spec.get("seeds", 1) == 1
+    spec["seed"] = int(seed)  # data order, LoRA init and dropout; the data and the base model stay
+    out = Path(spec["work"]) / (arm if same else f"{arm}-seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
     res = (run_trl if arm.startswith("trl") else run_kit)(spec, out, arm)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -290,7 +292,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="toy size for CI: 96 examples, 1 layer, hidden 64")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--_child", nargs=2, metavar=("SPEC", "ARM"), help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train every arm with seeds seed..seed+N-1 (same data and model) and report mean ± sd")
+    ap.add_argument("--_child", nargs=3, metavar=("SPEC", "ARM", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         child(*args._child)
@@ -310,7 +314,8 @@ def main() -> int:
     spec = prepare(work, args)
     spec.update(work=str(work), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 scheduler=args.scheduler, warmup=args.warmup, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout, max_length=args.max_length, seed=args.seed, threads=args.threads)
+                lora_dropout=args.lora_dropout, max_length=args.max_length, seed=args.seed, threads=args.threads,
+                seeds=args.seeds)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     lens, _ = token_lengths(spec["model"], spec["train"])
@@ -322,38 +327,65 @@ def main() -> int:
           f"params, N_lora={counts['N_lora'] / 1e6:.3f}M; {args.threads} threads")
     print(f"matmul ceiling (2048^3, best of 2 s): fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s")
 
-    results = {}
-    for arm in arms:
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-        print(f"[{arm}] training ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--_child", str(spec_path), arm], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-            print(f"[{arm}] failed with exit code {proc.returncode}", file=sys.stderr)
-            return 1
-        res = json.loads((work / arm / "result.json").read_text())
-        res.update(score(spec, res["adapter_dir"], work / arm / "eval"))
-        tokens = args.epochs * sum(res["lengths"])
-        t = res["train_s"]
-        res["tokens_per_s"] = tokens / t
-        res["trained_tokens_per_s"] = args.epochs * res["trained_tokens_per_epoch"] / t
-        res["gflops"] = train_flops(res.pop("lengths"), counts, args.epochs) / t / 1e9
-        res["mfu_fp32"] = res["gflops"] / ceiling["fp32"]
-        results[arm] = res
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for k in range(args.seeds):
+        seed = args.seed + k
+        for arm in arms:
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+            tag = arm if args.seeds == 1 else f"{arm}-seed{seed}"
+            print(f"[{tag}] training ...", flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--_child", str(spec_path), arm, str(seed)], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                print(f"[{tag}] failed with exit code {proc.returncode}", file=sys.stderr)
+                return 1
+            out = work / tag
+            res = json.loads((out / "result.json").read_text())
+            res.update(score(spec, res["adapter_dir"], out / "eval"))
+            tokens = args.epochs * sum(res["lengths"])
+            t = res["train_s"]
+            res["seed"] = seed
+            res["tokens_per_s"] = tokens / t
+            res["trained_tokens_per_s"] = args.epochs * res["trained_tokens_per_epoch"] / t
+            res["gflops"] = train_flops(res.pop("lengths"), counts, args.epochs) / t / 1e9
+            res["mfu_fp32"] = res["gflops"] / ceiling["fp32"]
+            runs[arm].append(res)
 
-    head = f"{'arm':<12}{'train s':>9}{'steps':>7}{'tok/s':>9}{'trained tok/s':>15}{'peak RSS MB':>13}" \
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    def sd(xs):
+        return (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+    results: dict = {}
+    for arm, rs in runs.items():
+        agg = {key: mean([r[key] for r in rs]) for key in rs[0] if isinstance(rs[0][key], (int, float))
+               and not isinstance(rs[0][key], bool)}
+        agg["steps"] = rs[0]["steps"]
+        agg["eval_loss_sd"] = sd([r["eval_loss"] for r in rs])
+        agg["tokens_per_s_sd"] = sd([r["tokens_per_s"] for r in rs])
+        agg["runs"] = rs
+        results[arm] = agg
+
+    head = f"{'arm':<12}{'seed':>5}{'train s':>9}{'steps':>7}{'tok/s':>9}{'trained tok/s':>15}{'peak RSS MB':>13}" \
            f"{'eval loss':>11}{'EM':>7}{'GFLOP/s':>9}{'MFU fp32':>10}"
     print("\n" + head)
-    for arm, r in results.items():
-        print(f"{arm:<12}{r['train_s']:>9.1f}{r['steps']:>7}{r['tokens_per_s']:>9.0f}"
-              f"{r['trained_tokens_per_s']:>15.0f}{r['peak_rss_mb']:>13.0f}{r['eval_loss']:>11.4f}"
-              f"{r['exact_match']:>7.3f}{r['gflops']:>9.1f}{r['mfu_fp32']:>10.1%}")
+    for arm, agg in results.items():
+        for r in agg["runs"]:
+            print(f"{arm:<12}{r['seed']:>5}{r['train_s']:>9.1f}{r['steps']:>7}{r['tokens_per_s']:>9.0f}"
+                  f"{r['trained_tokens_per_s']:>15.0f}{r['peak_rss_mb']:>13.0f}{r['eval_loss']:>11.4f}"
+                  f"{r['exact_match']:>7.3f}{r['gflops']:>9.1f}{r['mfu_fp32']:>10.1%}")
+    if args.seeds > 1:
+        print(f"\n{'arm':<12}{'tok/s mean ± sd':>22}{'eval loss mean ± sd':>26}{'MFU fp32':>10}   ({args.seeds} seeds)")
+        for arm, agg in results.items():
+            print(f"{arm:<12}{agg['tokens_per_s']:>12.0f} ± {agg['tokens_per_s_sd']:<7.0f}"
+                  f"{agg['eval_loss']:>15.4f} ± {agg['eval_loss_sd']:<8.4f}{agg['mfu_fp32']:>10.1%}")
     if "trl" in results and "kit" in results:
         b, k = results["trl"], results["kit"]
         speed = k["tokens_per_s"] / b["tokens_per_s"]
         dloss = k["eval_loss"] / b["eval_loss"] - 1
-        print(f"\nkit vs trl: {speed:.2f}x tokens/s, eval loss {dloss:+.2%} "
+        print(f"\nkit vs trl{' (means)' if args.seeds > 1 else ''}: {speed:.2f}x tokens/s, eval loss {dloss:+.2%} "
               f"(target: >= 2x, <= +2%) -> {'MET' if speed >= 2 and dloss <= 0.02 else 'NOT MET'}")
         results["summary"] = {"speedup": speed, "eval_loss_rel": dloss}
     results["ceiling_gflops"] = ceiling
