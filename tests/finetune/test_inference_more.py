@@ -126,8 +126,17 @@ def test_merge_of_a_qlora_adapter(tiny_model, chat_data, tmp_path):
     adapter_shift = (m - base_q4).abs().max().item()
     assert adapter_shift > 1e-2, adapter_shift  # training moved the model; else the checks below are empty
     # Default (dequantized) merge reproduces the model that was trained: 4-bit base + adapter.
+    # Exactly, on bitsandbytes' generic fp32 dequantize path (measured 3e-7 to 5e-7):
+    q4_generic, _ = load_for_inference(adapter, quantize="4bit")
+    for mod in q4_generic.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False
+    assert (m - _logits(q4_generic, ids)).abs().max().item() < 1e-5
+    # bitsandbytes' AVX512-BF16 CPU kernel (what eval mode uses where the layer sizes allow it)
+    # rounds through bf16; that gap depends on the activations, so on the adapter: measured 0.003
+    # and 0.016 for two adapters differing only in batch order, vs the NF4 error 0.067.
     gap = (m - _logits(q4_tuned, ids)).abs().max().item()
-    assert gap <= 0.1 * nf4_err, (gap, nf4_err)  # measured 0.003 vs NF4 error 0.067
+    assert gap <= 0.5 * nf4_err, (gap, nf4_err)
     # dequantize=False: original full-precision base + adapter, to float32 rounding.
     assert (_logits(merged_fp, ids) - _logits(full_tuned, ids)).abs().max().item() < 1e-4
     print(f"NF4 base-only max |dlogit| {nf4_err:.4f}; merged vs 4-bit+adapter {gap:.4f}; "
