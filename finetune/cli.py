@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-examples", type=int)
     p.add_argument("--loss-on", choices=["assistant", "last_assistant", "all"], default="assistant")
+    p.add_argument("--max-length", type=int, help="truncate each example to this many tokens for the loss "
+                   "metrics (default: no limit; use the training run's max_length to score what it trained on)")
     p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantized")
     p.add_argument("--run-dir", help="training run directory, for the loss curve in the report")
     p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks")

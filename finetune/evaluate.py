@@ -293,7 +293,7 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
     if not records:
         raise ValueError(f"{data} holds no example with an assistant turn to evaluate")
     report: dict[str, Any] = {"models": {}, "meta": {
-        "data": data_info, "metrics": metrics, "loss_on": loss_on, "quantize": quantize,
+        "data": data_info, "metrics": metrics, "loss_on": loss_on, "quantize": quantize, "max_length": max_length,
         "world_size": dist.get_world_size() if dist else 1}}
     predictions: dict[str, list] = {}
     t0 = time.perf_counter()
@@ -385,5 +385,6 @@ def eval_command(args) -> int:
         run_dir=args.run_dir,
         lm_eval_tasks=[t for t in (args.lm_eval_tasks or "").split(",") if t] or None,
         lm_eval_include=args.lm_eval_include,
+        max_length=args.max_length,
     )
     return 0

@@ -75,3 +75,29 @@ def test_bad_eval_input_is_counted_not_fatal(tiny_model, chat_data, tmp_path):
     assert report["models"]["base"]["intrinsic"]["n_invalid"] == 1
     preds = [json.loads(ln) for ln in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and any("error" in p["scores"] for p in preds)
+
+
+def test_eval_command_max_length_truncates_the_scored_examples(tiny_model, chat_data, tmp_path):
+    """`finetune eval --max-length N` scores each example truncated to N tokens (fewer scored tokens),
+    and the report records the limit."""
+    import json as _json
+
+    from finetune.cli import main
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["eval", "--model", str(tiny_model), "--data", str(chat_data["eval"]), "--output", str(out),
+                     "--metrics", "exact_match", "--max-new-tokens", "2", *extra]) == 0
+        return _json.loads((out / "report.json").read_text())
+
+    from finetune.chat_template import encode_chat
+    from finetune.data import read_chat_jsonl
+    from finetune.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    lengths = sorted(len(encode_chat(tok, r["messages"], max_length=None).input_ids)
+                     for r in read_chat_jsonl(chat_data["eval"]))
+    limit = lengths[len(lengths) // 2]  # the longer half loses its tail (its last answer)
+    full, cut = run("full"), run("cut", "--max-length", str(limit))
+    assert cut["meta"]["max_length"] == limit and full["meta"]["max_length"] is None
+    assert 0 < cut["models"]["base"]["intrinsic"]["tokens"] < full["models"]["base"]["intrinsic"]["tokens"]
