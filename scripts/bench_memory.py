@@ -31,19 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+from validate_plan import _status, build_data, build_model  # noqa: E402
 
 
 def model_state_bytes(model, optimizer) -> dict[str, int]:
@@ -128,29 +123,10 @@ def child(cfg_path: str, result_path: str) -> int:
 
 
 def build(work: Path, args) -> tuple[Path, Path]:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from finetune.tiny import _DEFAULT_CORPUS, build_tokenizer
-
-    model = work / "model"
-    if not (model / "config.json").is_file():
-        tok = build_tokenizer(_DEFAULT_CORPUS, vocab_size=512)
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 7 // 2,
-                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                          num_key_value_heads=max(1, args.heads // 4), max_position_embeddings=2048,
-                          tie_word_embeddings=False, bos_token_id=None,
-                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(model)
-        tok.save_pretrained(model)
-    data = work / "train.jsonl"
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog price kettle costs lamp chair desk".split()
-    rows = [{"messages": [{"role": "user", "content": "Say something."},
-                          {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(3 * args.length))}]}
-            for _ in range(16)]  # longer than max_length: every row is exactly max_length tokens
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = build_model(work / "model", vocab=args.vocab, hidden=args.hidden, intermediate=args.hidden * 7 // 2,
+                        layers=args.layers, heads=args.heads, kv_heads=max(1, args.heads // 4), max_positions=2048)
+    # 16 rows longer than max_length: every row is exactly max_length tokens
+    data = build_data(work / "train.jsonl", rows=16, words=3 * args.length, overwrite=True)
     return model, data
 
 

@@ -101,7 +101,9 @@ def child(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------
 # parent: builds the model and data, launches, compares
 # ----------------------------------------------------------------------------------------------
-def build_model(path: Path) -> Path:
+def build_model(path: Path, *, vocab: int = 32000, hidden: int = 768, intermediate: int = 2048,
+                layers: int = 12, heads: int = 12, kv_heads: int = 4, max_positions: int = 1024) -> Path:
+    """A random-init Llama of the given shape with the small local tokenizer (its ids fit any vocab)."""
     if (path / "config.json").is_file():
         return path
     import torch
@@ -111,8 +113,8 @@ def build_model(path: Path) -> Path:
 
     tok = build_tokenizer(_DEFAULT_CORPUS, vocab_size=512)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                       tie_word_embeddings=False, bos_token_id=None,
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -120,18 +122,19 @@ def build_model(path: Path) -> Path:
     return path
 
 
-def build_data(path: Path) -> Path:
-    if path.is_file():
+def build_data(path: Path, *, rows: int = 64, words: int = 900, overwrite: bool = False) -> Path:
+    """Chats whose reply is longer than max_length, so every row is truncated to exactly max_length."""
+    if path.is_file() and not overwrite:
         return path
     rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog price kettle costs lamp chair desk".split()
-    rows = []
-    for _ in range(64):
-        reply = " ".join(rng.choice(words) for _ in range(900))  # > 512 tokens: every row is truncated
-        rows.append({"messages": [{"role": "user", "content": "Say something."},
-                                  {"role": "assistant", "content": reply}]})
+    vocab = "the quick brown fox jumps over lazy dog price kettle costs lamp chair desk".split()
+    out = []
+    for _ in range(rows):
+        reply = " ".join(rng.choice(vocab) for _ in range(words))  # > 512 tokens: every row is truncated
+        out.append({"messages": [{"role": "user", "content": "Say something."},
+                                 {"role": "assistant", "content": reply}]})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
     return path
 
 
