@@ -117,20 +117,15 @@ def matmul_ceiling(dtype_name: str, seconds: float = 2.0, n: int = 2048) -> floa
 
 
 def model_counts(model_dir: str, lora_r: int) -> dict:
-    """N (matmul parameters: every Linear incl. lm_head, not the embedding lookup), N_lora, L, d."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """N (matmul parameters: every Linear incl. lm_head, not the embedding lookup), N_lora, L, d,
+    from config.json through finetune.plan's counts (tested equal to the transformers model's)."""
+    from finetune.plan import ModelShape, lora_trainable_params, param_counts, resolve_model_config
 
-    cfg = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    n = n_lora = 0
-    for _name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            n += mod.in_features * mod.out_features
-            if _name != "lm_head":  # the kit's and PEFT's "all-linear" skip the output layer
-                n_lora += lora_r * (mod.in_features + mod.out_features)
-    return {"N": n, "N_lora": n_lora, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+    shape = ModelShape.from_config(*resolve_model_config(model_dir))
+    p = param_counts(shape)
+    n = p["linear_weights"] + shape.vocab_size * shape.hidden_size  # the head is a matmul even when tied
+    return {"N": n, "N_lora": lora_trainable_params(shape, lora_r, "all-linear"),
+            "layers": shape.num_hidden_layers, "hidden": shape.hidden_size}
 
 
 def train_flops(lengths: list[int], c: dict, epochs: float) -> float:
@@ -154,9 +149,10 @@ def timer_callback():
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
-        t0 = t1 = 0.0
-        steps = 0
-        losses: list = []
+        def __init__(self):
+            self.t0 = self.t1 = 0.0
+            self.steps = 0
+            self.losses: list[float] = []
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
