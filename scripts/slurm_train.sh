@@ -7,8 +7,10 @@
 # The shell forwards SIGTERM to the job step; the launcher (torchrun under accelerate) passes it to
 # every rank, which saves a checkpoint at the next step and exits with 75. The job then re-queues
 # itself and the next start resumes (resume=true) from the newest COMPLETE checkpoint.
-# torchrun gives ranks 30 s after forwarding a signal before it kills them, so a checkpoint that
-# takes longer to write than that (very large full fine-tunes) loses the work since the last save.
+# torchrun kills the ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after forwarding the signal
+# (default 30 s, shorter than a large model's step plus its save); it is set below from the
+# config's training.preemption_grace_s (default 120 s) plus a margin. Keep --signal's lead time
+# (120 s below) above that, or Slurm kills the job first.
 #SBATCH --job-name=finetune
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
@@ -25,12 +27,29 @@ GPUS_PER_NODE="${GPUS_PER_NODE##*:}"   # "a100:8" -> "8"
 NNODES="${SLURM_NNODES:-1}"
 MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
 MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-# A dead rank must end the job in bounded time instead of hanging every other rank.
+# A dead rank must end the job in bounded time instead of hanging every other rank; the collective
+# timeout itself is the config's training.ddp_timeout_s (NCCL reads no timeout variable).
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-export NCCL_TIMEOUT="${NCCL_TIMEOUT:-1800}"
+
+# From the config (with the same overrides): the pre-emption grace period, and whether the run
+# directory holds a COMPLETE checkpoint to resume from. A requeued job whose first start died
+# before its first checkpoint starts again instead of failing on resume=true.
+read -r GRACE HAS_CHECKPOINT < <(python - "$CONFIG" "$@" <<'PY'
+import sys
+from pathlib import Path
+
+from finetune.config import load_config
+from finetune.train import latest_complete_checkpoint
+
+cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("resume=")])
+ckpt = latest_complete_checkpoint(Path(cfg.output_dir) / "checkpoints")
+print(int(cfg.training.preemption_grace_s), 1 if ckpt else 0)
+PY
+)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$(( GRACE + 30 ))}"
 
 EXTRA=()
-if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then
+if [[ "${HAS_CHECKPOINT}" == 1 ]]; then
   EXTRA+=("resume=true")
 fi
 
