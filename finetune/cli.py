@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-on", choices=["assistant", "last_assistant", "all"], default="assistant")
     p.add_argument("--max-length", type=int, help="truncate each example to this many tokens for the loss "
                    "metrics (default: no limit; use the training run's max_length to score what it trained on)")
-    p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantized")
+    p.add_argument("--quantize", choices=["auto", "none", "4bit", "8bit"], default="auto",
+                   help="how to load the base: auto = as the adapter was trained (4-bit for QLoRA), "
+                   "none = full precision (default: auto)")
     p.add_argument("--run-dir", help="training run directory, for the loss curve in the report")
     p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks")
     p.add_argument("--lm-eval-include", help="directory of extra lm-eval task YAMLs")
@@ -80,11 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model", help="override the base model recorded in the adapter")
+    p.add_argument("--quantize", choices=["auto", "none", "4bit", "8bit"], default="auto",
+                   help="how to load the base: auto = as the adapter was trained (4-bit for QLoRA), "
+                   "none = full precision (default: auto)")
 
     p = sub.add_parser("chat", help=COMMANDS["chat"], description=COMMANDS["chat"])
     p.add_argument("--adapter", required=True)
     p.add_argument("--model", help="override the base model recorded in the adapter")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--quantize", choices=["auto", "none", "4bit", "8bit"], default="auto",
+                   help="how to load the base: auto = as the adapter was trained (4-bit for QLoRA), "
+                   "none = full precision (default: auto)")
     p.add_argument("--max-new-tokens", type=int, default=256)
 
     p = sub.add_parser("merge", help=COMMANDS["merge"], description=COMMANDS["merge"])
@@ -161,6 +169,12 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         if args.force:
             args.overrides.append("force=true")
         cfg = load_config(args.config, args.overrides)
+        from kitcore.runtime import single_process_gpu
+
+        if single_process_gpu():  # before torch is imported: CUDA reads it once, at initialisation
+            logging.getLogger("finetune").info(
+                "one process without a launcher: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); "
+                "use `accelerate launch` for data parallel")
         from finetune.train import train
 
         train(cfg)

@@ -76,36 +76,25 @@ def _dist():
 
 def _init_distributed_if_launched() -> bool:
     """Under torchrun/accelerate launch, join the process group; True when this call created it.
+    kitcore.runtime picks the backend (NCCL on GPUs, gloo without) and checks the world size: a
+    rank that silently scores alone would report its shard as the whole set."""
+    from kitcore import runtime
 
-    With no GPU the state is made with `cpu=True, backend="gloo"` (accelerate then says MULTI_CPU;
-    a plain `PartialState(backend="gloo")` starts the group too but labels the run not distributed).
-    A rank that silently scores alone looks like success (STACK.md), so the group's world size is
-    checked against WORLD_SIZE.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _, _, world, _ = runtime.launch_env()
     if world <= 1 or _dist() is not None:
         return False
-    import torch
-    from accelerate import PartialState
-
-    if torch.cuda.is_available():
-        PartialState()
-    else:
-        PartialState(cpu=True, backend="gloo")
-    dist = _dist()
-    got = dist.get_world_size() if dist else 1
-    if got != world:
-        raise RuntimeError(f"WORLD_SIZE={world} but the process group has {got} process(es); "
-                           "refusing to score a shard and report it as the whole set")
+    runtime.start()
     return True
 
 
 def _end_distributed() -> None:
     """All ranks are past their last collective: tear the group down (left to exit, gloo can abort)."""
+    from kitcore import runtime
+
     dist = _dist()
     if dist is not None:
         dist.barrier()
-        dist.destroy_process_group()
+    runtime.end()
 
 
 def _shard(items: list, rank: int, world: int) -> list:
@@ -115,6 +104,78 @@ def _shard(items: list, rank: int, world: int) -> list:
 # ----------------------------------------------------------------------------------------------
 # intrinsic
 # ----------------------------------------------------------------------------------------------
+# Positions scored per LM-head chunk: at most this many bytes of fp32 logits exist at once
+# (256 MiB: 512 positions at a 128k vocabulary), whatever the batch size and sequence length.
+LOGITS_CHUNK_BYTES = 256 << 20
+
+
+def _lm_parts(model):
+    """(decoder, head, scale) of a causal LM or a PEFT model around one: the network up to the
+    final hidden states, the output projection, and the logit post-processing some architectures
+    apply in forward (Gemma-2 soft-capping, Cohere and Granite scaling). None when the model does
+    not split this way; its full logits are used then."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(base, "get_decoder", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or head is None or decoder is base:
+        return None
+    cfg = getattr(base, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    mul = getattr(cfg, "logit_scale", None)
+    div = getattr(cfg, "logits_scaling", None)
+
+    def scale(logits):
+        if mul:
+            logits = logits * mul
+        if div:
+            logits = logits / div
+        if cap:
+            logits = cap * (logits / cap).tanh()
+        return logits
+
+    return decoder, head, scale
+
+
+def scored_token_sums(model, input_ids, attention_mask, labels, *, chunk_bytes: int = LOGITS_CHUNK_BYTES):
+    """(sum of NLL, number of argmax hits) over the positions whose label is not IGNORE_INDEX, on
+    the model's device.
+
+    The LM head runs only at scored positions, a chunk at a time, in fp32: no [batch, seq, vocab]
+    tensor is built, and nothing leaves the device. Position t predicts token t+1.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    target = labels[:, 1:]
+    scored = target != IGNORE_INDEX  # [B, T-1]
+    parts = _lm_parts(model)
+    acc = torch.float32 if input_ids.device.type == "mps" else torch.float64
+    nll = torch.zeros((), dtype=acc, device=input_ids.device)
+    hits = torch.zeros((), dtype=acc, device=input_ids.device)
+    if parts is None:
+        # use_cache=False: with a cache in play, transformers may take another attention path.
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        rows = [logits[:, :-1][scored]]  # [N, V], still in the model's dtype
+        targets = target[scored]
+    else:
+        decoder, head, scale = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        h = hidden[:, :-1][scored]  # [N, H]: hidden states of the scored positions only
+        targets = target[scored]
+        vocab = head.weight.shape[0] if hasattr(head, "weight") else model.config.vocab_size
+        step = max(1, chunk_bytes // (4 * vocab))
+        rows = (h[i:i + step] for i in range(0, h.shape[0], step))
+    start = 0
+    for chunk in rows:
+        logits = chunk.float() if parts is None else scale(head(chunk).float())  # [n, V] fp32
+        t = targets[start:start + logits.shape[0]]
+        start += logits.shape[0]
+        nll += F.cross_entropy(logits, t, reduction="sum").to(acc)
+        hits += (logits.argmax(-1) == t).sum().to(acc)
+    return nll, hits
+
+
 def intrinsic_scores(
     model,
     tokenizer,
@@ -124,9 +185,12 @@ def intrinsic_scores(
     batch_size: int = 8,
     max_length: int | None = None,
 ) -> dict[str, float]:
-    """Token-weighted NLL, perplexity, bits per byte and token accuracy (exact sums, all ranks)."""
+    """Token-weighted NLL, perplexity, bits per byte and token accuracy (exact sums, all ranks).
+
+    Sums stay on the model's device and are all-reduced there (NCCL reduces device tensors only)."""
     import torch
-    import torch.nn.functional as F
+
+    from finetune.data import pad_collate
 
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
@@ -140,41 +204,27 @@ def intrinsic_scores(
         if enc.n_trained:
             encoded.append(enc)
     device = next(model.parameters()).device
-    nll = torch.zeros((), dtype=torch.float64)
-    stats = torch.zeros(4, dtype=torch.float64)  # tokens, correct, bytes, invalid
-    stats[3] = invalid
+    # nll, scored tokens, argmax hits, bytes, invalid examples
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    sums = torch.zeros(5, dtype=acc, device=device)
+    sums[3] = float(sum(e.trained_bytes for e in encoded))
+    sums[4] = float(invalid)
     was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id
+    collate = pad_collate(tokenizer.pad_token_id)
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        longest = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), longest), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-        for i, e in enumerate(chunk):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[i, : len(e.labels)] = torch.tensor(e.labels)
-            mask[i, : len(e.input_ids)] = 1
-            stats[2] += e.trained_bytes
+        batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded[start:start + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            # use_cache=False: a cache changes the attention path (see shared/STACK.md on packing).
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logits = logits[:, :-1].float().cpu()  # [B, T-1, V]: position t predicts token t+1
-        target = labels[:, 1:]
-        tok_nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-        scored = target != IGNORE_INDEX
-        nll += tok_nll[scored].double().sum()
-        stats[0] += scored.sum()
-        stats[1] += (logits.argmax(-1)[scored] == target[scored]).sum()
+            nll, hits = scored_token_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        sums[0] += nll
+        sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        sums[2] += hits
     if was_training:
         model.train()
     if dist:
-        total = torch.cat([nll.view(1), stats])
-        dist.all_reduce(total)
-        nll, stats = total[0], total[1:]
-    tokens, correct, nbytes, invalid_total = (float(x) for x in stats)
-    s = float(nll)
+        dist.all_reduce(sums)
+    s, tokens, correct, nbytes, invalid_total = (float(x) for x in sums.cpu())
     return {
         "nll": s / tokens if tokens else math.nan,
         "perplexity": math.exp(s / tokens) if tokens else math.nan,
@@ -251,7 +301,7 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     max_examples: int | None = None,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     run_dir: str | Path | None = None,
     lm_eval_tasks: list[str] | None = None,
     lm_eval_include: str | None = None,
@@ -260,9 +310,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score the base model and (when given) base + adapter on `data`; write the report.
 
-    Under torchrun/`accelerate launch` each rank scores a shard and rank 0 writes the files.
-    `distributed=False` joins no process group (rank 0 alone, after training has torn it down).
+    Under torchrun/`accelerate launch` each rank scores a shard on its own GPU and rank 0 writes
+    the files; in one process the model goes to the accelerator when there is one.
+    `quantize`: "auto" loads an adapter's base as it was trained (4-bit for QLoRA), None or
+    "none" in full precision, "4bit"/"8bit" as asked.
+    `distributed=False` joins no process group.
     """
+    if quantize == "none":
+        quantize = None
     from finetune.metrics import DEFAULT_METRICS, load_metric
 
     if model is None and adapter is None:
@@ -304,7 +359,12 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
 
         base_name = model or read_adapter_info(adapter).get("base_model_name_or_path")
         peft_model, tok = load_for_inference(adapter, base_model=model, quantize=quantize)
-        report["meta"].update(base_model=base_name, adapter=str(adapter))
+        if quantize == "auto":
+            from finetune.inference import adapter_quantization
+
+            report["meta"]["quantize"] = adapter_quantization(read_adapter_info(adapter))[0]
+        report["meta"].update(base_model=base_name, adapter=str(adapter),
+                              device=str(next(peft_model.parameters()).device))
         rank0_print(f"Evaluating on {len(records)} examples of {data}")
         # The base is the same weights with the adapter switched off: one load, no second copy.
         with peft_model.disable_adapter():
@@ -313,10 +373,14 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
         report["models"]["tuned"], predictions["tuned"] = _score_model(peft_model, tok, records,
                                                                        label="tuned", **kw)
     else:
+        from finetune.inference import _device_map
+
+        quantize = None if quantize == "auto" else quantize
+        report["meta"]["quantize"] = quantize
         tok = load_tokenizer(model)
-        base = load_base_model(model, quantize=quantize)
+        base = load_base_model(model, quantize=quantize, device_map=_device_map(None, quantize))
         base.eval()
-        report["meta"].update(base_model=model)
+        report["meta"].update(base_model=model, device=str(next(base.parameters()).device))
         rank0_print(f"Evaluating on {len(records)} examples of {data}")
         report["models"]["base"], predictions["base"] = _score_model(base, tok, records, label="base ", **kw)
     if lm_eval_tasks:
@@ -351,10 +415,17 @@ def _write_outputs(output: Path, report: dict, predictions: dict[str, list], run
     rank0_print("report: " + ", ".join(str(p) for p in paths.values()))
 
 
-def evaluate_run(run_dir: str | Path, cfg) -> dict[str, Any]:
-    """The post-training evaluation a config asks for (`eval.after_train: true`)."""
+def evaluate_run(run_dir: str | Path, cfg, *, subprocess: bool = False) -> dict[str, Any]:
+    """The post-training evaluation a config asks for (`eval.after_train: true`), on the run's own
+    base precision and quantization (read from the adapter's finetune.json).
+
+    `subprocess=True` (what `finetune train` uses after a distributed or DeepSpeed run) runs
+    `finetune eval` in a fresh Python process with the launcher's variables removed: no process
+    group, no DeepSpeed config left registered in transformers, no accelerate state, and all of the
+    node's GPUs free for it ("auto" placement). The training process has already freed its model.
+    """
     run_dir = Path(run_dir)
-    return evaluate(
+    kw = dict(
         data=cfg.eval.data,
         output=run_dir / "eval",
         adapter=run_dir / "adapter" if cfg.adapter != "full" else None,
@@ -366,8 +437,37 @@ def evaluate_run(run_dir: str | Path, cfg) -> dict[str, Any]:
         max_examples=cfg.eval.max_examples,
         run_dir=run_dir,
         max_length=cfg.max_length,
-        distributed=False,  # rank 0 alone, once training has torn the process group down
     )
+    if not subprocess:
+        return evaluate(**kw, distributed=False)
+    import subprocess as sp
+    import sys
+
+    cmd = [sys.executable, "-m", "finetune", "eval", "--data", str(kw["data"]), "--output", str(kw["output"]),
+           "--metrics", ",".join(kw["metrics"]), "--loss-on", kw["loss_on"],
+           "--max-new-tokens", str(kw["max_new_tokens"]), "--batch-size", str(kw["batch_size"]),
+           "--run-dir", str(run_dir), "--max-length", str(kw["max_length"])]
+    if kw["adapter"] is not None:
+        cmd += ["--adapter", str(kw["adapter"])]
+    if kw["model"] is not None:
+        cmd += ["--model", kw["model"]]
+    if kw["max_examples"]:
+        cmd += ["--max-examples", str(kw["max_examples"])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_ENV_PREFIXES) and k not in _LAUNCH_ENV}
+    rank0_print("post-training eval in a fresh process: " + " ".join(cmd))
+    res = sp.run(cmd, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"the post-training eval failed (exit {res.returncode}); the adapter is saved. "
+                           f"Re-run it with: {' '.join(cmd)}")
+    return json.loads((run_dir / "eval" / "report.json").read_text())
+
+
+# What torchrun / accelerate launch / DeepSpeed put in a rank's environment: a child process that
+# inherited them would try to join the training job's (gone) process group.
+_LAUNCH_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+               "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}
+_LAUNCH_ENV_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "TORCH_ELASTIC_")
 
 
 def eval_command(args) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 from finetune.chat_template import end_of_turn_token, render_prompt
 from finetune.errors import AdapterError
-from finetune.modeling import load_base_model, load_tokenizer
+from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +145,66 @@ def _attach_adapter(model, adapter_dir: str | Path, tokenizer, base: str):
         raise
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_adapter_tokenizer(adapter_dir: str | Path, base: str, *, trust_remote_code: bool = False):
+    """The tokenizer and chat template an adapter is used with, and where they came from.
+
+    `finetune train` saves both into the adapter directory. An adapter saved by plain PEFT
+    (`save_pretrained`, as most adapters on the Hub are) holds only adapter_config.json and the
+    weights: then the base model's tokenizer and chat template are used, and the log says so.
+    """
+    adapter_dir = Path(adapter_dir)
+    if any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES):
+        return load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code), f"adapter directory {adapter_dir}"
+    from transformers import AutoTokenizer
+
+    had_template = bool(getattr(AutoTokenizer.from_pretrained(model_ref(base), trust_remote_code=trust_remote_code),
+                                "chat_template", None))
+    tok = load_tokenizer(base, trust_remote_code=trust_remote_code)
+    source = (f"base model {base} (the adapter directory has no tokenizer files)" if had_template else
+              f"base model {base}'s tokenizer with the kit's ChatML template (neither the adapter nor the base "
+              "has a chat template)")
+    logger.warning("tokenizer and chat template: %s", source)
+    return tok, source
+
+
+def adapter_quantization(info: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """How the adapter's base was quantized in training ("4bit" | "8bit" | None, bitsandbytes
+    settings), from the finetune.json that `finetune train` saves next to the adapter."""
+    meta = info.get("finetune") or {}
+    if meta.get("adapter") != "qlora":
+        return None, {}
+    q = meta.get("quantization") or {}
+    if int(q.get("bits", 4)) == 8:
+        return "8bit", {}
+    qkw: dict[str, Any] = {"quant_type": q.get("quant_type", "nf4"), "double_quant": q.get("double_quant", True)}
+    compute = q.get("compute_dtype", "auto")
+    if compute == "auto":
+        compute = meta.get("dtype", "auto")
+    qkw["compute_dtype"] = resolve_dtype(compute)
+    return "4bit", qkw
+
+
+def _device_map(device: str | None, quantize: str | None):
+    """Where an inference model's weights go: `device` when given, else this process's place from
+    kitcore.runtime (its GPU in a distributed job, "auto" over the visible GPUs in one process)."""
+    from kitcore.runtime import current, inference_device_map
+
+    if device is not None:
+        return {"": device}
+    dm = inference_device_map(current())
+    if dm is None and quantize:
+        return {"": "cpu"}  # bitsandbytes quantizes as it places: it needs a device either way
+    return dm
+
+
 def load_for_inference(
     adapter_dir: str | Path,
     *,
     base_model: str | None = None,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
@@ -157,7 +212,12 @@ def load_for_inference(
     """Return ``(model, tokenizer)`` ready for ``generate``: base + adapter, eval mode.
 
     The base model is read from the adapter's config unless ``base_model`` is given; the tokenizer
-    and chat template are the ones saved with the adapter. ``quantize`` is None, "4bit" or "8bit".
+    and chat template are the ones saved with the adapter (the base model's when the adapter
+    directory has none). ``quantize``: "auto" (default: as the adapter was trained, i.e. 4-bit
+    with the run's NF4/double-quant settings for a QLoRA adapter, which is what evaluation scored),
+    None or "none" (full precision), "4bit", "8bit".
+    ``device``: None puts the model on the accelerator when there is one (this rank's GPU under a
+    distributed launch), else the CPU; or name one ("cuda:1", "cpu").
     """
     info = read_adapter_info(adapter_dir)
     base = base_model or info.get("base_model_name_or_path")
@@ -168,11 +228,17 @@ def load_for_inference(
             f"the adapter's base model {base} is not on this machine; pass base_model= (or --model) "
             "with its directory or hub id"
         )
-    tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
-    model = load_base_model(base, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
+    qkw: dict[str, Any] = {}
+    if quantize == "none":
+        quantize = None
+    if quantize == "auto":
+        quantize, qkw = adapter_quantization(info)
+    if dtype == "auto":
+        dtype = (info.get("finetune") or {}).get("dtype", "auto")
+    tokenizer, _ = load_adapter_tokenizer(adapter_dir, base, trust_remote_code=trust_remote_code)
+    model = load_base_model(base, dtype=dtype, quantize=quantize, quant_kwargs=qkw or None,
+                            trust_remote_code=trust_remote_code, device_map=_device_map(device, quantize))
     model = _attach_adapter(model, adapter_dir, tokenizer, base)
-    if device and not quantize:
-        model.to(device)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -228,9 +294,9 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "
                   base_model: str | None = None, dequantize: bool | None = None) -> Path:
     """Fold the adapter into its base weights and save a standalone model directory, on CPU.
 
-    An adapter trained on a 4-bit base (QLoRA; `dequantize=None` reads that from the adapter's
-    finetune.json) is merged into the DEQUANTIZED NF4 base: the base is loaded in 4-bit exactly as
-    in training, dequantized to `dtype`, and the LoRA update added. The adapter was learned against
+    An adapter trained on a quantized base (QLoRA, 4-bit or 8-bit; `dequantize=None` reads that
+    from the adapter's finetune.json) is merged into the DEQUANTIZED base: the base is loaded
+    quantized exactly as in training, dequantized to `dtype`, and the LoRA update added. The adapter was learned against
     those dequantized weights, so the merged model reproduces 4-bit base + adapter (to float
     rounding), not the original full-precision weights + adapter, which differ by the NF4 error.
     `dequantize=False` merges into the original full-precision base instead.
@@ -240,11 +306,14 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "
     meta = info.get("finetune", {})
     if dequantize is None:
         dequantize = meta.get("adapter") == "qlora"
-    tokenizer = load_tokenizer(str(adapter_dir))
+    tokenizer, _ = load_adapter_tokenizer(adapter_dir, base)
     if dequantize:
-        q = meta.get("quantization") or {}
-        qkw = {"quant_type": q.get("quant_type", "nf4"), "double_quant": q.get("double_quant", True)}
-        model = load_base_model(base, dtype=dtype, quantize="4bit", quant_kwargs=qkw, device_map={"": "cpu"})
+        # The base exactly as training saw it (4-bit NF4/FP4 or 8-bit, with the run's settings),
+        # then dequantized: transformers' dequantize() covers both bitsandbytes formats.
+        quantize, qkw = adapter_quantization(info)
+        qkw.pop("compute_dtype", None)
+        model = load_base_model(base, dtype=dtype, quantize=quantize or "4bit", quant_kwargs=qkw or None,
+                                device_map={"": "cpu"})
         model = model.dequantize()
     else:
         model = load_base_model(base, dtype=dtype, device_map={"": "cpu"})
@@ -288,7 +357,7 @@ def generate_command(args) -> int:
     from finetune.utils import atomic_write_text
 
     items = _read_prompts(Path(args.input))
-    model, tok = load_for_inference(args.adapter, base_model=args.model)
+    model, tok = load_for_inference(args.adapter, base_model=args.model, quantize=args.quantize)
     replies = generate_replies(model, tok, [m for _, m in items], max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, progress=True)
     lines = [json.dumps({**obj, "reply": r}, ensure_ascii=False) for (obj, _), r in zip(items, replies)]
@@ -300,7 +369,7 @@ def generate_command(args) -> int:
 def chat_command(args) -> int:
     from transformers import TextStreamer
 
-    model, tok = load_for_inference(args.adapter, base_model=args.model)
+    model, tok = load_for_inference(args.adapter, base_model=args.model, quantize=args.quantize)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)

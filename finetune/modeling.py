@@ -7,7 +7,6 @@ here and a 70B model on a cluster take the same path. bitsandbytes is imported o
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,6 @@ def load_base_model(
     attn_implementation: str | None = None,
 ):
     """A causal LM from a directory or hub id; weights from safetensors when present."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
@@ -96,11 +94,12 @@ def load_base_model(
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if device_map is None and not is_deepspeed_zero3_enabled():
-            # Under ZeRO-3 DeepSpeed places the weights; a device_map would conflict with it.
-            if torch.cuda.is_available():
-                device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
-            else:
-                device_map = {"": "cpu"}
+            # bitsandbytes quantizes as the weights are placed, so they must land on this rank's
+            # device. Under ZeRO-3 transformers refuses a device_map and puts the whole 4-bit model
+            # on the current device itself (it does not load quantized models under zero.Init).
+            from kitcore.runtime import current
+
+            device_map = {"": current().device}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:

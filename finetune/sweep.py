@@ -813,6 +813,13 @@ def run_worker(sweep: SweepConfig, storage_url: str | None = None) -> int:
         else:
             logger.info("trial %d: %s = %.5g", trial.number, sweep.objective, value)
             _tell(study, trial, t0, values=value)
+        finally:
+            # Trials run back to back in this process: the next one starts with the device empty
+            # (train() already freed its own model; this covers the objective's scoring model and
+            # a trial that failed half way).
+            from kitcore.runtime import release_accelerator_memory
+
+            release_accelerator_memory()
     return ran
 
 
@@ -975,13 +982,30 @@ def run_sweep(sweep: SweepConfig, storage_url: str | None = None, workers: int =
     return summary
 
 
+def _worker_gpus(workers: int) -> list[str | None]:
+    """One GPU per local worker, round-robin over the GPUs this process may use; else every
+    worker would train on cuda:0."""
+    from kitcore.runtime import worker_gpus
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [g.strip() for g in visible.split(",") if g.strip()]
+    else:
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return worker_gpus(workers, ids)
+
+
 def _spawn_workers(sweep_path: Path, storage_url: str, workers: int) -> None:
     """N local worker processes; each gets an equal share of the cores (torch would take them all)."""
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // workers)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     cmd = [sys.executable, "-m", "finetune.sweep", str(sweep_path), "--storage", storage_url, "--no-report"]
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+    procs = []
+    for gpu in _worker_gpus(workers):
+        procs.append(subprocess.Popen(cmd, env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}))
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

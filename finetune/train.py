@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,24 +52,52 @@ PREEMPTED_EXIT_CODE = 75
 # ----------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> Path:
     """Train as configured; returns the run directory. `callbacks`: extra `TrainerCallback`s
-    (e.g. a sweep's pruning callback)."""
+    (e.g. a sweep's pruning callback). The caller's `cfg` is not modified, and environment
+    variables that the libraries set during the run (accelerate's ACCELERATE_USE_DEEPSPEED, ...)
+    are restored afterwards, so a second run in the same process (a sweep trial) starts clean."""
+    cfg = cfg.model_copy(deep=True)
+    with _scoped_environ():
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks) -> Path:
+    from kitcore import runtime
+
     run_dir = Path(cfg.output_dir)
-    dist_kwargs = _setup_distributed(cfg)
-    resume_from = _setup_run_dir(cfg, run_dir)
-    _check_plan(cfg)
+    _resolve_deepspeed_config(cfg)
+    rt = _setup_distributed(cfg)
+    _check_quantized_storage(cfg, rt)
+    resume_from = _setup_run_dir(cfg, run_dir, rt)
+    _check_plan(cfg, rt)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer)
-    args = _training_args(cfg, run_dir, eval_ds is not None, dist_kwargs)
+    stopped_at = _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
+    # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
+    runtime.release_accelerator_memory()
+    _cleanup_distributed()
+    if stopped_at is not None:
+        raise Preempted(stopped_at)
+    if cfg.eval.after_train and cfg.eval.data and rt.is_main:
+        from finetune.evaluate import evaluate_run
+
+        evaluate_run(run_dir, cfg, subprocess=rt.distributed or bool(cfg.deepspeed))
+    return run_dir
+
+
+def _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks) -> int | None:
+    """Build the model and the Trainer, train, export. Returns the step a pre-emption stopped at
+    (None when training finished). Everything heavy lives in this frame and is freed on return."""
+    args = _training_args(cfg, run_dir, eval_ds is not None, rt)
     # Seed before the adapter weights are created: the Trainer seeds only when it is built, so
     # without this a run's LoRA init depended on what ran earlier in the same process.
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = _setup_model(cfg, tokenizer)
+    model = _setup_model(cfg, tokenizer, rt)
     trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks)
     _print_summary(cfg, trainer, model, data_stats)
-    _write_run_info(cfg, run_dir, trainer, data_stats)
+    _write_run_info(cfg, run_dir, trainer, data_stats, rt)
 
     preempt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Preemption))
     preempt.install()
@@ -80,67 +107,57 @@ def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> Path:
         preempt.uninstall()
     if preempt.stopped:
         trainer.accelerator.wait_for_everyone()
-        _cleanup_distributed()
         rank0_print(f"Pre-empted ({preempt.signal_name}): checkpoint saved at step "
                     f"{trainer.state.global_step}; re-run the same command with resume=true to continue.")
-        raise Preempted(trainer.state.global_step)
-
+        return trainer.state.global_step
     _export(cfg, run_dir, trainer, tokenizer)
     trainer.accelerator.wait_for_everyone()
-    _cleanup_distributed()
-    if cfg.eval.after_train and cfg.eval.data and is_main_process():
-        from finetune.evaluate import evaluate_run
-
-        evaluate_run(run_dir, cfg)
-    return run_dir
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
 # setup
 # ----------------------------------------------------------------------------------------------
-def _setup_distributed(cfg: TrainConfig) -> dict[str, Any]:
-    """Pick the DeepSpeed JSON and the process-group backend before the Trainer does.
+class _scoped_environ:
+    """Undo, on exit, every change made to os.environ inside the block (added, changed, removed)."""
 
-    With no CUDA, accelerate picks no backend and every rank silently trains alone (see
-    shared/STACK.md), so we create the state ourselves with gloo:
-      - DeepSpeed: `PartialState(backend="gloo")` runs `deepspeed.init_distributed(gloo)`;
-      - plain DDP: `PartialState(cpu=True, backend="gloo")` gives MULTI_CPU. Without `cpu=True` the
-        process group exists but the state says `DistributedType.NO`: data is sharded, yet the model
-        is never wrapped in DDP, so each rank trains its own copy and rank 0's is saved.
-    Returns extra TrainingArguments.
-    """
-    import torch
+    def __enter__(self):
+        self._before = dict(os.environ)
+        return self
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    kwargs: dict[str, Any] = {"ddp_timeout": cfg.training.ddp_timeout_s}
-    _resolve_deepspeed_config(cfg)
-    use_deepspeed = bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    if use_deepspeed:
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    if world > 1 and not torch.cuda.is_available():
-        from accelerate import PartialState
+    def __exit__(self, *exc):
+        for key in set(os.environ) - set(self._before):
+            del os.environ[key]
+        for key, value in self._before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        return False
 
-        state = PartialState(cpu=not use_deepspeed, backend="gloo",
-                             timeout=timedelta(seconds=cfg.training.ddp_timeout_s))
-        if state.num_processes != world:
-            raise RuntimeError(f"WORLD_SIZE={world} but the process group has {state.num_processes} "
-                               f"process(es) ({state.distributed_type}); refusing to train alone")
-        kwargs.update(ddp_backend="gloo", accelerator_config={"use_configured_state": True})
-    elif world == 1 and not torch.cuda.is_available():
-        kwargs["use_cpu"] = True
-    return kwargs
+
+def _setup_distributed(cfg: TrainConfig):
+    """Create the process group the Trainer will use (kitcore.runtime decides the backend: NCCL on
+    GPUs, gloo without). Returns the Runtime."""
+    from kitcore import runtime
+
+    _, _, world, _ = runtime.launch_env()
+    if world > 1:
+        return runtime.start(deepspeed=_uses_deepspeed(cfg), timeout_s=cfg.training.ddp_timeout_s)
+    return runtime.current()
+
+
+def _uses_deepspeed(cfg: TrainConfig) -> bool:
+    """A DeepSpeed JSON in the config, or `accelerate launch` with a DeepSpeed yaml (which may hold
+    its DeepSpeed settings inline instead of in a file)."""
+    return bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def _cleanup_distributed() -> None:
     """Tear the process group down once every rank has saved: the post-training eval runs on rank 0
-    alone, and with the group still up it sharded its data and waited for ranks that had exited
-    (gloo: "Connection closed by peer"). Left to interpreter exit, a ZeRO-3 rank also once aborted
-    ("terminate called without an active exception") after a finished run.
-    """
-    import torch.distributed as dist
+    alone (in a clean subprocess after a distributed or DeepSpeed run), and with the group still up
+    it sharded its data and waited for ranks that had exited (gloo: "Connection closed by peer")."""
+    from kitcore import runtime
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    runtime.end()
 
 
 def _resolve_deepspeed_config(cfg: TrainConfig) -> None:
@@ -176,7 +193,7 @@ def _resolve_deepspeed_config(cfg: TrainConfig) -> None:
         )])
 
 
-def _check_plan(cfg: TrainConfig) -> None:
+def _check_plan(cfg: TrainConfig, rt) -> None:
     """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true.
 
     On GPUs the budget is the device's memory; on CPU it is the memory available now (psutil)
@@ -188,20 +205,17 @@ def _check_plan(cfg: TrainConfig) -> None:
     from finetune.config import ConfigError
     from finetune.plan import plan_for_training, render_plan
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
+    if rt.device.startswith("cuda"):
         device = "gpu"
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
-        mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        mem = torch.cuda.get_device_properties(torch.device(rt.device)).total_memory
     else:
         import psutil
 
         device = "cpu"
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        mem = int(psutil.virtual_memory().available / max(1, per_node))
+        mem = int(psutil.virtual_memory().available / max(1, rt.local_world_size))
     try:
-        plan = plan_for_training(cfg, world_size=world, gpus_per_node=per_node, device=device,
-                                 device_memory=mem)
+        plan = plan_for_training(cfg, world_size=rt.world_size, gpus_per_node=rt.local_world_size,
+                                 device=device, device_memory=mem)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         logger.warning("no memory plan for %s: %s", cfg.model, exc)
         return
@@ -219,7 +233,7 @@ def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _setup_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
+def _setup_run_dir(cfg: TrainConfig, run_dir: Path, rt) -> Path | None:
     ckpt_dir = run_dir / "checkpoints"
     has_run = run_dir.is_dir() and any(
         (run_dir / n).exists() for n in ("run.json", "checkpoints", "adapter", "model")
@@ -230,6 +244,7 @@ def _setup_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
             raise RunDirError(
                 f"resume=true but {ckpt_dir} holds no complete checkpoint; start without resume=true"
             )
+        _check_resume_setup(run_dir, _parallel_setup(cfg, rt))
         rank0_print(f"Resuming from {ckpt}")
         return ckpt
     if has_run and not cfg.overwrite:
@@ -237,7 +252,7 @@ def _setup_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
             f"{run_dir} already holds a run. Pass resume=true to continue it, overwrite=true to "
             "replace it, or choose another output_dir."
         )
-    if has_run and cfg.overwrite and is_main_process():
+    if has_run and cfg.overwrite and rt.is_main:
         for n in ("checkpoints", "adapter", "model", "metrics.jsonl", "run.json", "tensorboard"):
             p = run_dir / n
             if p.is_dir():
@@ -245,6 +260,78 @@ def _setup_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
             elif p.exists():
                 p.unlink()
     return None
+
+
+def _zero_stage(cfg: TrainConfig) -> int:
+    """The ZeRO stage of this run: 0 without DeepSpeed."""
+    if cfg.deepspeed:
+        stage = json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+        return int(stage) if str(stage).isdigit() else 0
+    if _uses_deepspeed(cfg):  # accelerate launch with inline DeepSpeed settings
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+    return 0
+
+
+def _parallel_setup(cfg: TrainConfig, rt) -> dict[str, int]:
+    """What a checkpoint's optimizer state and data position depend on (recorded in run.json)."""
+    bf16, fp16 = _autocast(cfg, rt)
+    return {"world_size": rt.world_size, "zero_stage": _zero_stage(cfg),
+            "batch_size": cfg.training.batch_size, "grad_accum": cfg.training.grad_accum,
+            "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32"}
+
+
+def _describe_setup(s: dict[str, int]) -> str:
+    zero = f"ZeRO-{s['zero_stage']}" if s.get("zero_stage") else "no ZeRO"
+    zero += f", {s['precision']}" if s.get("precision") else ""
+    return (f"world size {s['world_size']}, {zero}, batch {s['batch_size']} per device x {s['grad_accum']} "
+            f"accum x {s['world_size']} ranks = {s['batch_size'] * s['grad_accum'] * s['world_size']} per step")
+
+
+def _check_resume_setup(run_dir: Path, now: dict[str, int]) -> None:
+    """Refuse, before anything loads, a resume that cannot continue the run it resumes.
+
+    - A different ZeRO stage, or a different world size under ZeRO: the optimizer state is
+      partitioned per data-parallel rank, and DeepSpeed would fail deep in its loader or load the
+      wrong shards. (DeepSpeed's universal checkpoints, converted offline with its
+      `ds_to_universal` tool, are the way to change either; the kit does not do that conversion.)
+    - Without ZeRO a different world size is sound when every step still sees the same examples:
+      same per-device batch and the same world size x grad_accum (e.g. 2 ranks x 1 -> 1 rank x 2).
+      The Trainer skips consumed data in micro-batches of the same sampler, so the run continues
+      with the batches it would have seen. Anything else changes the effective batch and the data
+      position silently, so it is an error that says which grad_accum would make it sound.
+    """
+    info_file = run_dir / "run.json"
+    if not info_file.is_file():
+        return
+    info = json.loads(info_file.read_text())
+    was = {**now, "world_size": info.get("world_size", now["world_size"]), **(info.get("parallel") or {})}
+    if was == now:
+        return
+    both = f"the checkpoints in {run_dir} were written with {_describe_setup(was)}; this launch has {_describe_setup(now)}"
+    if was["zero_stage"] != now["zero_stage"] and {was["zero_stage"], now["zero_stage"]} != {1, 2}:
+        # ZeRO-1 and ZeRO-2 write the same files and partition the optimizer alike; ZeRO-3 writes
+        # per-rank model states, and no ZeRO is a different format altogether.
+        raise RunDirError(f"cannot resume: {both}. Resume with the same DeepSpeed ZeRO stage "
+                          "(or convert the checkpoint with DeepSpeed's ds_to_universal tool and load it yourself).")
+    if now["zero_stage"] and was.get("precision") != now.get("precision"):
+        # DeepSpeed names its optimizer files by precision (bf16_zero_pp_rank_...): it would not
+        # find them, and fp16 and bf16 optimizer states are not interchangeable.
+        raise RunDirError(f"cannot resume: {both}, trained in {was.get('precision')}; this launch would train in "
+                          f"{now.get('precision')}. Set training.precision={was.get('precision')}.")
+    if was["world_size"] != now["world_size"] and now["zero_stage"]:
+        raise RunDirError(f"cannot resume: {both}. ZeRO-{now['zero_stage']} partitions the optimizer state per "
+                          f"rank: launch {was['world_size']} processes again (or convert the checkpoint with "
+                          "DeepSpeed's ds_to_universal tool).")
+    same_step = was["batch_size"] == now["batch_size"] and (
+        was["world_size"] * was["grad_accum"] == now["world_size"] * now["grad_accum"])
+    if not same_step:
+        fix = ""
+        ranks = was["world_size"] * was["grad_accum"]
+        if was["batch_size"] == now["batch_size"] and ranks % now["world_size"] == 0:
+            fix = f" Set training.grad_accum={ranks // now['world_size']} to continue with the same steps."
+        raise RunDirError(f"cannot resume: {both}; the steps would see other examples and the learning-rate "
+                          f"schedule another batch size.{fix}")
+    rank0_print(f"Resuming across setups: {both}. Each step sees the same examples, so the run continues.")
 
 
 def _setup_data(cfg: TrainConfig, tokenizer):
@@ -261,20 +348,94 @@ def _setup_data(cfg: TrainConfig, tokenizer):
     return train_ds, eval_ds, stats
 
 
-def _setup_model(cfg: TrainConfig, tokenizer):
+def _quantization(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
+    """("4bit" | "8bit" | None, bitsandbytes settings) for this run."""
     import torch
 
-    quantize = "4bit" if cfg.adapter == "qlora" and cfg.quantization.bits == 4 else (
-        "8bit" if cfg.adapter == "qlora" else None)
-    qkw = None
-    if quantize:
-        q = cfg.quantization
-        compute = resolve_dtype(cfg.dtype if q.compute_dtype == "auto" else q.compute_dtype)
-        storage = compute if q.storage_dtype == "auto" else getattr(torch, q.storage_dtype)
-        qkw = dict(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=compute,
-                   storage_dtype=storage)
+    if cfg.adapter != "qlora":
+        return None, None
+    q = cfg.quantization
+    if q.bits == 8:
+        return "8bit", {}
+    compute = resolve_dtype(cfg.dtype if q.compute_dtype == "auto" else q.compute_dtype)
+    storage = compute if q.storage_dtype == "auto" else getattr(torch, q.storage_dtype)
+    return "4bit", dict(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=compute,
+                        storage_dtype=storage)
+
+
+def _autocast(cfg: TrainConfig, rt) -> tuple[bool, bool]:
+    """(bf16, fp16) for the Trainer, and so for DeepSpeed's "auto" precision fields. The compute
+    dtype (resolve_dtype: bf16 on GPUs that have it, else fp32) decides, whatever dtype the weights
+    were loaded in (_weights_dtype)."""
+    import torch
+
+    compute = resolve_dtype(cfg.dtype) if cfg.training.precision == "auto" else None
+    bf16 = cfg.training.precision == "bf16" or (compute is torch.bfloat16 and rt.on_accelerator)
+    fp16 = cfg.training.precision == "fp16" or (compute is torch.float16 and rt.on_accelerator)
+    return bf16, fp16
+
+
+def _deepspeed_dtype(cfg: TrainConfig, rt):
+    """The dtype DeepSpeed casts the model's floating-point parameters to (None without DeepSpeed)."""
+    import torch
+
+    if not cfg.deepspeed:
+        return None
+    ds = json.loads(Path(cfg.deepspeed).read_text())
+    bf16, fp16 = _autocast(cfg, rt)
+
+    def enabled(section: str, auto: bool) -> bool:
+        v = (ds.get(section) or {}).get("enabled", False)
+        return auto if v == "auto" else bool(v)
+
+    if enabled("bf16", bf16) or enabled("bfloat16", bf16):
+        return torch.bfloat16
+    if enabled("fp16", fp16):
+        return torch.float16
+    return torch.float32
+
+
+def _check_quantized_storage(cfg: TrainConfig, rt) -> None:
+    """QLoRA under DeepSpeed: the packed 4-bit weights must be stored in DeepSpeed's dtype.
+
+    With fp16 or bf16 on, DeepSpeed casts every floating-point parameter of the model to that
+    dtype by value (`p.data = p.data.to(dtype)`; ZeRO-3 too, since a quantized model is not built
+    under zero.Init). 4-bit
+    weights packed into bf16 "storage" elements and then cast to fp16 are different bytes: the
+    model trains on garbage without any error. So the storage dtype must equal DeepSpeed's dtype
+    (`quantization.storage_dtype: auto` follows the compute dtype, which matches whenever
+    `training.precision` and `dtype` are left at auto). uint8 storage is left alone by the cast
+    but cannot be flattened with the other parameters into ZeRO-3's partitions.
+    """
+    import torch
+
+    quantize, qkw = _quantization(cfg)
+    ds_dtype = _deepspeed_dtype(cfg, rt)
+    if quantize != "4bit" or ds_dtype is None:
+        return
+    storage = qkw["storage_dtype"]
+    stage = _zero_stage(cfg)
+    if ds_dtype == torch.float32 and storage != torch.uint8:
+        return  # no fp16/bf16: DeepSpeed casts nothing, and ZeRO-3 partitions each dtype as it is
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    if storage == torch.uint8:
+        if stage == 3:
+            raise ConfigError("training config", [("quantization.storage_dtype", (
+                f"uint8 storage cannot be partitioned by ZeRO-3; set it to auto (or {name(ds_dtype)}, the dtype "
+                "DeepSpeed trains in)"))])
+        return
+    if storage != ds_dtype:
+        raise ConfigError("training config", [("quantization.storage_dtype", (
+            f"the 4-bit weights would be stored as {name(storage)} but DeepSpeed ({cfg.deepspeed}) casts every "
+            f"floating-point parameter to {name(ds_dtype)}, which corrupts the packed weights silently; set "
+            f"quantization.storage_dtype={name(ds_dtype)} (or make training.precision / the DeepSpeed JSON's "
+            f"bf16/fp16 match {name(storage)})"))])
+
+
+def _setup_model(cfg: TrainConfig, tokenizer, rt):
+    quantize, qkw = _quantization(cfg)
     model = load_base_model(
-        cfg.model, dtype=cfg.dtype, quantize=quantize, quant_kwargs=qkw,
+        cfg.model, dtype=_weights_dtype(cfg, rt), quantize=quantize, quant_kwargs=qkw,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
     )
     modules_to_save = list(cfg.lora.modules_to_save)
@@ -289,19 +450,24 @@ def _setup_model(cfg: TrainConfig, tokenizer):
                 modules_to_save.append(name)
         logger.warning("added chat tokens to the vocabulary; training embed_tokens and lm_head in full")
     model.config.use_cache = False
+    # Non-reentrant checkpointing: the reentrant kind (torch's fallback when no kwargs are passed,
+    # which prepare_model_for_kbit_training does) runs each layer's backward outside autograd's
+    # view, so DDP marks LoRA weights ready twice and the first backward fails.
+    ckpt_kwargs = {"use_reentrant": False}
     if cfg.adapter == "full":
         if cfg.training.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantize:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.training.gradient_checkpointing
+            model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
         )
     elif cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
     lcfg = LoraConfig(
         r=cfg.lora.r,
@@ -314,11 +480,29 @@ def _setup_model(cfg: TrainConfig, tokenizer):
     return get_peft_model(model, lcfg)
 
 
-def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, dist_kwargs: dict[str, Any]):
+def _weights_dtype(cfg: TrainConfig, rt) -> str:
+    """The dtype the base weights are loaded in.
+
+    Full fine-tuning on a GPU without DeepSpeed at `dtype: auto` loads fp32 weights and trains
+    with bf16 autocast: the optimizer then updates fp32 master weights. Loaded in bf16, AdamW would
+    update bf16 weights in place and lose every update below bf16's resolution (~0.4% of the
+    weight). DeepSpeed keeps fp32 master weights itself, and LoRA trains fp32 adapter weights
+    (PEFT upcasts them) over a frozen base, so those load the base in the compute dtype.
+    An explicit `dtype: bfloat16` keeps pure bf16 training, with a warning."""
+    if cfg.adapter == "full" and not _uses_deepspeed(cfg) and rt.on_accelerator:
+        if cfg.dtype == "auto":
+            return "float32"
+        if cfg.dtype in ("bfloat16", "float16"):
+            logger.warning("dtype=%s with full fine-tuning and no DeepSpeed trains without fp32 master weights "
+                           "(updates below %s resolution are lost); dtype=auto trains fp32 weights with "
+                           "autocast", cfg.dtype, cfg.dtype)
+    return cfg.dtype
+
+
+def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt):
     """TrainingArguments from the config. Built BEFORE the model: with a ZeRO-3 DeepSpeed config this
     registers it globally, so `from_pretrained` partitions weights as they load (zero.Init) instead
     of materialising the whole model on every rank."""
-    import torch
     from transformers import TrainingArguments
 
     t = cfg.training
@@ -328,9 +512,20 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, dist_kwargs:
     if has_eval and strategy == "steps":
         # The best checkpoint must be a saved one, so saves happen at eval steps.
         save_every = eval_every
-    dtype = resolve_dtype(cfg.dtype) if cfg.training.precision == "auto" else None
-    bf16 = cfg.training.precision == "bf16" or (dtype is torch.bfloat16 and torch.cuda.is_available())
-    fp16 = cfg.training.precision == "fp16"
+    bf16, fp16 = _autocast(cfg, rt)
+    dist_kwargs: dict[str, Any] = {"ddp_timeout": t.ddp_timeout_s}
+    if rt.distributed:
+        # Our process group (kitcore.runtime.start) is the one the Trainer must use.
+        dist_kwargs["accelerator_config"] = {"use_configured_state": True}
+        if rt.backend == "gloo":
+            dist_kwargs["ddp_backend"] = "gloo"
+        if cfg.adapter != "full":
+            # Every LoRA weight takes part in every forward. Left to the Trainer, a PeftModel gets
+            # find_unused_parameters=True, which with activation checkpointing fails the first
+            # backward ("Expected to mark a variable ready only once").
+            dist_kwargs["ddp_find_unused_parameters"] = False
+    elif not rt.on_accelerator:
+        dist_kwargs["use_cpu"] = True
     report_to = [r for r in t.report_to if r != "none"] or "none"
     if report_to != "none" and "tensorboard" in report_to:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
@@ -371,6 +566,13 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, dist_kwargs:
         save_only_model=False,
         **dist_kwargs,
     )
+    if args.n_gpu > 1:
+        # One process that sees several GPUs: the Trainer would wrap the model in nn.DataParallel
+        # and multiply the batch by the GPU count (`finetune train` pins itself to GPU 0; this is
+        # a library call in a process whose CUDA was already initialised).
+        raise ConfigError("training setup", [("CUDA_VISIBLE_DEVICES", (
+            f"this single process sees {args.n_gpu} GPUs; set CUDA_VISIBLE_DEVICES to one GPU before "
+            "starting Python, or use `accelerate launch` to train data parallel"))])
     return args
 
 
@@ -644,9 +846,7 @@ def _print_summary(cfg: TrainConfig, trainer, model, data_stats: dict[str, DataS
     eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     st = data_stats["train"]
     mean_tokens = st.tokens / max(st.kept, 1)
-    zero = "off"
-    if cfg.deepspeed:
-        zero = str(json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", "?"))
+    zero = str(_zero_stage(cfg) or "off")
     rank0_print(
         "\n".join([
             f"model            {cfg.model} ({cfg.adapter})",
@@ -679,7 +879,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def _write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats) -> None:
+def _write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, rt) -> None:
     if not is_main_process():
         return
     from importlib.metadata import PackageNotFoundError, version
@@ -698,6 +898,7 @@ def _write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats) -> Non
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
         "world_size": trainer.args.world_size,
+        "parallel": {**_parallel_setup(cfg, rt), "world_size": trainer.args.world_size},
         "seed": cfg.seed,
         "model": model_ref(cfg.model),
         "data": {k: {"path": str(Path(p).resolve()), "sha256": _sha256(p)}
@@ -731,6 +932,7 @@ def _export(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
                 "best_eval_loss": state.best_metric,
                 "loss_on": cfg.data.loss_on,
                 "quantization": cfg.quantization.model_dump() if cfg.adapter == "qlora" else None,
+                "dtype": cfg.dtype,
                 "max_length": cfg.max_length,
             }, indent=2))
     except OSError as exc:

@@ -113,7 +113,7 @@ def test_merge_of_a_qlora_adapter(tiny_model, chat_data, tmp_path):
         merge_adapter(adapter, tmp_path / "merged_fp", dtype="float32", dequantize=False)).eval()
     q4_tuned, tok = load_for_inference(adapter, quantize="4bit")
     assert _n_linear4bit(q4_tuned) == 14
-    full_tuned, _ = load_for_inference(adapter)
+    full_tuned, _ = load_for_inference(adapter, quantize=None)
     ids = tok([PROMPT], return_tensors="pt")["input_ids"]
 
     full_base = load_base_model(str(tiny_model), dtype="float32").eval()

@@ -1,0 +1,213 @@
+"""The device and the distributed state: decided here, once, for every command.
+
+Training, evaluation, inference, merge and the sweep all ask this module where to run and which
+rank they are, instead of reading RANK/WORLD_SIZE or calling `torch.cuda.is_available()` each in
+their own way. The process group itself is accelerate's `PartialState`; this module only chooses
+how to create it (gloo when there is no GPU: accelerate picks no backend then, and every rank would
+silently train alone) and reports what it became, as a small frozen `Runtime`.
+
+Nothing here imports torch at module import time, so a bad config still fails in well under a
+second.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+__all__ = ["Runtime", "launch_env", "decide_device", "start", "current", "end", "inference_device_map",
+           "release_accelerator_memory", "single_process_gpu", "worker_gpus"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: str  # "cuda:3", "cpu", "mps", ...
+    backend: str | None  # "nccl", "gloo", ... or None when not distributed
+    deepspeed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def on_accelerator(self) -> bool:
+        return not self.device.startswith("cpu")
+
+
+def launch_env(environ: dict[str, str] | None = None) -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) as a launcher (torchrun, accelerate launch,
+    deepspeed, Slurm via accelerate) announces them, before any process group exists."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    return rank, local_rank, world, local_world
+
+
+def decide_device(local_rank: int, *, cuda_devices: int, mps: bool = False) -> str:
+    """The device this process computes on: its own GPU (`cuda:LOCAL_RANK`) when there are GPUs,
+    else Apple's MPS, else the CPU. A local rank without a GPU of its own is a launch mistake (more
+    processes than visible GPUs), said at once rather than two ranks sharing one card."""
+    if cuda_devices > 0:
+        if local_rank >= cuda_devices:
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU: this process sees {cuda_devices} GPU(s) "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch at most "
+                f"{cuda_devices} process(es) per node"
+            )
+        return f"cuda:{local_rank}"
+    if mps:
+        return "mps"
+    return "cpu"
+
+
+def _local_device(local_rank: int) -> str:
+    import torch
+
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return decide_device(local_rank, cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                         mps=mps)
+
+
+def _from_state(state, deepspeed: bool) -> Runtime:
+    rank, local_rank, world, local_world = launch_env()
+    device = str(state.device)
+    if device == "cuda":  # accelerate's single-process default: the current device
+        import torch
+
+        device = f"cuda:{torch.cuda.current_device()}"
+    return Runtime(rank=state.process_index, local_rank=state.local_process_index,
+                   world_size=state.num_processes, local_world_size=local_world if state.num_processes > 1 else 1,
+                   device=device, backend=state.backend, deepspeed=deepspeed)
+
+
+def start(*, deepspeed: bool = False, timeout_s: float | None = None) -> Runtime:
+    """Join (or create) the process group of a launched job and return where this rank runs.
+
+    GPUs: accelerate's defaults (NCCL, `cuda:LOCAL_RANK`). No GPU: gloo, with `cpu=True` for plain
+    data parallel (accelerate then says MULTI_CPU and the Trainer wraps the model in DDP; without it
+    the group exists but each rank trains its own copy) and DeepSpeed's own init for DeepSpeed.
+    A world size that differs from what the launcher announced is an error: a rank that trains or
+    scores alone looks like success.
+    """
+    import torch
+    from accelerate import PartialState
+
+    _, _, world, _ = launch_env()
+    kwargs = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    if world > 1 and not torch.cuda.is_available():
+        kwargs["backend"] = "gloo"
+        cpu = not deepspeed
+    else:
+        cpu = False
+    # accelerate reads ACCELERATE_USE_DEEPSPEED to start the group through deepspeed.comm; it is
+    # set only for this call and restored, so it does not outlive the run (a sweep's next trial).
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        state = PartialState(cpu=cpu, **kwargs)
+    finally:
+        if deepspeed:
+            if previous is None:
+                os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+            else:
+                os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    if state.num_processes != world:
+        raise RuntimeError(f"WORLD_SIZE={world} but the process group has {state.num_processes} process(es) "
+                           f"({state.distributed_type}); refusing to run a rank alone")
+    return _from_state(state, deepspeed)
+
+
+def current() -> Runtime:
+    """Where this process runs, without creating a process group: the existing accelerate state
+    when there is one, else the launcher's environment and the local hardware."""
+    import torch.distributed as dist
+
+    rank, local_rank, world, local_world = launch_env()
+    if dist.is_available() and dist.is_initialized():
+        return Runtime(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                       local_world_size=local_world, device=_local_device(local_rank),
+                       backend=str(dist.get_backend()))
+    return Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, device=_local_device(0),
+                   backend=None)
+
+
+def end() -> None:
+    """Tear the process group down (every rank past its last collective). Left to interpreter
+    exit, gloo ranks have aborted ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def inference_device_map(runtime: Runtime):
+    """`device_map` for loading a model to run (not train): the whole model on this rank's GPU in a
+    distributed job (each rank scores its own shard); in a single process on GPUs, accelerate's
+    "auto" (one GPU when the model fits, spread over the visible GPUs when it does not); None on
+    CPU (weights stay where they are loaded)."""
+    if runtime.device.startswith("cuda"):
+        if runtime.distributed:
+            return {"": int(runtime.device.split(":")[1])}
+        return "auto"
+    if runtime.device == "mps":
+        return {"": "mps"}
+    return None
+
+
+def release_accelerator_memory() -> None:
+    """Give device memory back once a model is gone (before the post-train eval or the next sweep
+    trial loads another model in this process), and drop transformers' global reference to a
+    finished run's DeepSpeed config: while it is set, every later `from_pretrained` enters ZeRO-3's
+    `zero.Init` with that run's batch sizes and a process group that no longer exists."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def single_process_gpu(environ: dict[str, str] | None = None) -> str | None:
+    """Pin a training process started without a launcher to one GPU; returns what it set.
+
+    transformers' Trainer, alone on a node with 8 visible GPUs, multiplies the batch by 8 and wraps
+    the model in `nn.DataParallel` (and puts a 4-bit model's whole batch on GPU 0). Data parallel
+    is `accelerate launch`'s job, so a plain `finetune train` sees GPU 0 only. Must run before CUDA
+    is initialised (the CLI calls it before importing torch); an explicit CUDA_VISIBLE_DEVICES or
+    a launcher (LOCAL_RANK set) is left alone."""
+    env = os.environ if environ is None else environ
+    if "LOCAL_RANK" in env or "CUDA_VISIBLE_DEVICES" in env:
+        return None
+    env["CUDA_VISIBLE_DEVICES"] = "0"
+    return "0"
+
+
+def worker_gpus(workers: int, visible: list[str]) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of `workers` local processes sharing a node's GPUs
+    (`visible`: the ids this process may use): round-robin, one GPU each, so that N sweep workers
+    do not all train on cuda:0. None for every worker when there is no GPU."""
+    if not visible:
+        return [None] * workers
+    return [visible[i % len(visible)] for i in range(workers)]
