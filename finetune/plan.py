@@ -630,6 +630,34 @@ def _overlap_and_buckets(shape: ModelShape, s: Setup, lines: list[Line]) -> list
     return out
 
 
+def _qlora_zero3_load_peak(shape: ModelShape, s: Setup, trainable: int) -> float:
+    """Per-device bytes while a QLoRA model is loaded under ZeRO-3, before DeepSpeed partitions it.
+
+    transformers does not build quantized models under zero.Init: every rank quantizes and holds
+    the WHOLE 4-bit model on its own device, and peft's prepare_model_for_kbit_training upcasts the
+    embeddings, lm_head and norms to fp32 (the 16-bit original of the tensor being upcast is alive
+    meanwhile). Only deepspeed.initialize partitions it. For a 70B model that is ~44 GB per GPU
+    whatever the GPU count, which the steady-state lines (divided by N) do not show."""
+    if not (s.adapter == "qlora" and s.deepspeed and s.zero_stage == 3):
+        return 0.0
+    P = param_counts(shape)
+    w16 = 2 if s.device == "gpu" else 4
+    rest = P["embed_tokens"] + P["lm_head"] + P["other"]
+    return (P["linear_weights"] * nf4_bytes_per_param(s.double_quant) + rest * 4
+            + max(P["embed_tokens"], P["lm_head"]) * w16 + trainable * 4)
+
+
+def _load_peak(shape: ModelShape, s: Setup, trainable: int, lines: list[Line]) -> list[Line]:
+    """A line that lifts the total to the loading peak when loading needs more than the step."""
+    load = _qlora_zero3_load_peak(shape, s, trainable)
+    steady = sum(x.device for x in lines)
+    if load <= steady:
+        return []
+    return [Line("zero-3 QLoRA load peak", load - steady, 0.0,
+                 f"{load / GiB:.2f} GiB before partitioning: the whole 4-bit model on every rank, "
+                 "non-quantized weights upcast to fp32")]
+
+
 ALLOWANCE_GPU_FIXED = 1.0 * GiB
 ALLOWANCE_FRACTION = 0.05
 
@@ -646,6 +674,7 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
         lines.append(Line("overlap: recompute after the loss is freed", act["recompute_overlap"], 0.0,
                           "checkpointing: the recomputed layer and the logits are not alive together"))
     lines += _overlap_and_buckets(shape, s, lines)
+    lines += _load_peak(shape, s, trainable, lines)
     dynamic = sum(x.device for x in lines)
     if s.device == "gpu":
         allow = ALLOWANCE_GPU_FIXED + ALLOWANCE_FRACTION * dynamic
@@ -667,6 +696,7 @@ def _quick(shape: ModelShape, s: Setup) -> Plan:
     lines += [Line("activations", act["layers"]), Line("activations: head", act["head"]),
               Line("overlap: recompute", act["recompute_overlap"])]
     lines += _overlap_and_buckets(shape, s, lines)
+    lines += _load_peak(shape, s, trainable, lines)
     dyn = sum(x.device for x in lines)
     allow = (ALLOWANCE_GPU_FIXED if s.device == "gpu" else 0) + ALLOWANCE_FRACTION * dyn
     lines.append(Line("allowance", allow))

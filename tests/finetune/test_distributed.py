@@ -236,8 +236,9 @@ def test_qlora_under_zero2(tiny_model, chat_data, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_qlora_under_zero3(tiny_model, chat_data, tmp_path):
-    """QLoRA + ZeRO-3: 4-bit weights stored in the compute dtype (quantization.storage_dtype auto),
-    loaded under zero.Init because the training arguments exist before the model."""
+    """QLoRA + ZeRO-3: 4-bit weights stored in the compute dtype (quantization.storage_dtype auto,
+    which DeepSpeed's cast leaves intact). The quantized model is loaded whole on every rank (not
+    under zero.Init) and partitioned by deepspeed.initialize."""
     pytest.importorskip("bitsandbytes")
     config, run = _write_config(tmp_path, tiny_model, chat_data, adapter="qlora", lora={"r": 16},
                                 deepspeed="configs/deepspeed/zero3.json")

@@ -1,0 +1,46 @@
+"""What `finetune plan` says about the shipped real-model configs matches what they promise."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from finetune.plan import (
+    GiB,
+    ModelShape,
+    load_plan_config,
+    make_plan,
+    resolve_model_config,
+    setup_from_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _plan(name: str, gpus_per_node: int, memory_gib: float, **change):
+    cfg = load_plan_config(REPO / "configs" / "train" / name)
+    raw, src = resolve_model_config(cfg.model)
+    s = dataclasses.replace(setup_from_config(cfg, gpus_per_node=gpus_per_node), device_memory=memory_gib * GiB,
+                            **change)
+    return make_plan(ModelShape.from_config(raw, src), s)
+
+
+def test_the_8b_qlora_config_fits_the_24gb_gpu_its_header_names():
+    header = (REPO / "configs" / "train" / "llama3_8b_qlora.yaml").read_text().splitlines()[0]
+    assert "24 GB" in header
+    assert _plan("llama3_8b_qlora.yaml", 1, 24).fits
+
+
+def test_qlora_under_zero3_counts_the_whole_4bit_model_loaded_on_every_rank():
+    """Loading puts the whole quantized model on each rank before DeepSpeed partitions it, so more
+    GPUs do not lower the peak below ~44 GB for a 70B model; 40 GB cards cannot take it."""
+    plan8 = _plan("llama3_70b_qlora_zero3.yaml", 8, 80)
+    assert plan8.fits
+    peak = next(x for x in plan8.lines if x.name == "zero-3 QLoRA load peak")
+    assert "before partitioning" in peak.note
+    plan16 = _plan("llama3_70b_qlora_zero3.yaml", 16, 80)
+    assert plan16.device_total >= 43 * GiB and plan8.device_total >= 43 * GiB
+    assert not _plan("llama3_70b_qlora_zero3.yaml", 8, 40).fits
+    # Without ZeRO-3 partitioning there is no such line: LoRA under ZeRO-3 loads under zero.Init.
+    lora = _plan("llama3_70b_qlora_zero3.yaml", 8, 80, adapter="lora")
+    assert not any(x.name == "zero-3 QLoRA load peak" for x in lora.lines)
