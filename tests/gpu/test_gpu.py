@@ -1,0 +1,206 @@
+"""Checks that need CUDA: skipped on a machine without a GPU (all of CI here). On a GPU machine:
+
+    pytest -m gpu tests/gpu
+
+Each test is small (the tiny local model; a few minutes on one GPU in all). Tests that need two
+GPUs say so and skip with one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+REPO = Path(__file__).resolve().parents[2]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def _env(**extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd, **env):
+    res = subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))}\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+def _overrides(tiny_model, chat_data, out, *extra):
+    return [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={out}", "max_length=128",
+            "training.max_steps=6", "training.batch_size=4", "training.report_to=[none]", "lora.r=8", *extra]
+
+
+def _config(tmp_path, tiny_model, chat_data, *extra) -> tuple[Path, Path]:
+    import yaml
+
+    from finetune.config import parse_overrides
+
+    run = tmp_path / "run"
+    cfg = parse_overrides(_overrides(tiny_model, chat_data, run, *extra))
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, run
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory, tiny_model, chat_data):
+    """One LoRA run on the GPU through the CLI, without a launcher (CUDA_VISIBLE_DEVICES unset)."""
+    out = tmp_path_factory.mktemp("gpu") / "run"
+    env = _env()
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    res = subprocess.run([sys.executable, "-m", "finetune", "train", *_overrides(tiny_model, chat_data, out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
+    return out, res
+
+
+def test_the_device_decision_picks_this_ranks_gpu():
+    from kitcore.runtime import current, decide_device
+
+    assert current().device == "cuda:0"
+    n = torch.cuda.device_count()
+    assert decide_device(n - 1, cuda_devices=n) == f"cuda:{n - 1}"
+
+
+def test_a_single_training_process_uses_one_gpu_whatever_the_node_has(gpu_run):
+    """No nn.DataParallel, no batch multiplied by the GPU count (8-GPU nodes did both)."""
+    _, res = gpu_run
+    assert "device cuda:0" in res.stdout, res.stdout[-3000:]
+    assert "effective batch  4 = 4 per device x 1 accum x 1 ranks" in res.stdout, res.stdout[-3000:]
+
+
+def test_eval_inference_and_the_sweep_objective_run_on_the_gpu(gpu_run, chat_data, tmp_path):
+    from finetune import chat, evaluate, load_for_inference
+    from finetune.sweep import _worker_gpus
+
+    run, _ = gpu_run
+    model, tok = load_for_inference(run / "adapter")
+    assert next(model.parameters()).device.type == "cuda"
+    assert isinstance(chat(model, tok, [{"role": "user", "content": "How much is the red lamp?"}],
+                           max_new_tokens=4), str)
+    report = evaluate(data=chat_data["eval"], output=tmp_path / "eval", adapter=run / "adapter", max_examples=4,
+                      max_new_tokens=4, metrics=["exact_match"])
+    assert report["meta"]["device"].startswith("cuda"), report["meta"]
+    n = torch.cuda.device_count()
+    assert _worker_gpus(n) == [str(i) for i in range(n)]  # one GPU per sweep worker
+
+
+def test_merge_needs_no_gpu_and_matches_base_plus_adapter(gpu_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune import load_for_inference, merge_adapter
+
+    run, _ = gpu_run
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(run / "adapter", tmp_path / "m", dtype="float32"))
+    assert next(merged.parameters()).device.type == "cpu"
+    model, tok = load_for_inference(run / "adapter", device="cpu", dtype="float32")
+    ids = tok(["The oak desk costs $12."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (merged(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
+def test_qlora_trains_on_the_gpu_and_is_evaluated_in_4bit(tiny_model, chat_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    _run([sys.executable, "-m", "finetune", "train", *_overrides(tiny_model, chat_data, out, "adapter=qlora",
+          "eval.after_train=true", f"eval.data={chat_data['eval']}", "eval.max_examples=4", "eval.max_new_tokens=4",
+          "eval.metrics=[exact_match]")])
+    meta = json.loads((out / "eval" / "report.json").read_text())["meta"]
+    assert meta["quantize"] == "4bit" and meta["device"].startswith("cuda"), meta
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights_under_bf16_autocast(tiny_model, chat_data, tmp_path):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a bf16 GPU")
+    from transformers import TrainerCallback
+
+    from finetune.config import load_config
+    from finetune.train import train
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["dtype"] = next(model.parameters()).dtype
+            seen["bf16"] = args.bf16
+
+    train(load_config(None, _overrides(tiny_model, chat_data, tmp_path / "run", "adapter=full")), callbacks=[Probe()])
+    assert seen == {"dtype": torch.float32, "bf16": True}
+
+
+def test_chunked_scoring_on_the_gpu_equals_full_logits(tiny_model, chat_data):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.chat_template import encode_chat
+    from finetune.data import pad_collate, read_chat_jsonl
+    from finetune.evaluate import scored_token_sums
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [encode_chat(tok, r["messages"], max_length=128) for r in read_chat_jsonl(chat_data["eval"])[:6]]
+    b = {k: v.cuda() for k, v in pad_collate(tok.pad_token_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]).items()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).cuda().eval()
+    with torch.no_grad():
+        nll, _ = scored_token_sums(model, b["input_ids"], b["attention_mask"], b["labels"], chunk_bytes=4096)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+    t = b["labels"][:, 1:]
+    ref = F.cross_entropy(logits[t != -100], t[t != -100], reduction="sum")
+    assert nll.device.type == "cuda" and float(nll) == pytest.approx(float(ref), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# launched jobs
+# ----------------------------------------------------------------------------------------------
+def _launch(accel_config, nproc, *args):
+    return _run([str(ACCELERATE), "launch", "--config_file", f"configs/accelerate/{accel_config}",
+                 "--num_processes", str(nproc), *args])
+
+
+@two_gpus
+def test_ddp_qlora_with_gradient_checkpointing_on_two_gpus(tiny_model, chat_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    config, run = _config(tmp_path, tiny_model, chat_data, "adapter=qlora", "training.gradient_checkpointing=true")
+    res = _launch("ddp.yaml", 2, "-m", "finetune", "train", str(config))
+    assert "world size       2" in res.stdout and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_zero3_with_the_post_training_eval_on_gpus(tiny_model, chat_data, tmp_path):
+    pytest.importorskip("deepspeed")
+    nproc = min(2, torch.cuda.device_count())
+    config, run = _config(tmp_path, tiny_model, chat_data, "eval.after_train=true", f"eval.data={chat_data['eval']}",
+                          "eval.max_examples=4", "eval.max_new_tokens=4", "eval.metrics=[exact_match]")
+    _launch("deepspeed_zero3.yaml", nproc, "-m", "finetune", "train", str(config))
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["meta"]["device"].startswith("cuda") and report["models"]["tuned"]["extrinsic"]["n"] == 4
+
+
+@two_gpus
+def test_distributed_eval_reduces_on_the_gpus_under_nccl(gpu_run, chat_data, tmp_path):
+    """Every rank scores a shard; the sums are all-reduced as CUDA tensors (NCCL has no CPU path)."""
+    run, _ = gpu_run
+    _launch("ddp.yaml", 2, "-m", "finetune", "eval", "--adapter", str(run / "adapter"), "--data",
+            str(chat_data["eval"]), "--output", str(tmp_path / "eval"), "--max-new-tokens", "4", "--metrics",
+            "exact_match")
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["meta"]["world_size"] == 2 and report["meta"]["device"] == "cuda:0"
+    single = json.loads((run.parent / "single.json").read_text()) if (run.parent / "single.json").exists() else None
+    if single is None:
+        from finetune import evaluate
+
+        single = evaluate(data=chat_data["eval"], output=tmp_path / "eval1", adapter=run / "adapter",
+                          max_new_tokens=4, metrics=["exact_match"])
+    a, b = report["models"]["tuned"]["intrinsic"], single["models"]["tuned"]["intrinsic"]
+    assert a["tokens"] == b["tokens"] and a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-3)
