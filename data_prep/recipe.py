@@ -59,7 +59,9 @@ class ExtractionConfig(_Strict):
     fast: bool = True
     favor_precision: bool = True
     include_tables: bool = True
-    dl_requires_question: bool = Field(True, description="<dl> pairs count as Q/A only if <dt> ends with '?'")
+    dl_requires_question: bool = Field(
+        True, description="<dl> pairs count as Q/A only if <dt> is a question ('?', '？', '؟', ...)"
+    )
 
 
 class CleanConfig(_Strict):
