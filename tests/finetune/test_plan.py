@@ -20,6 +20,7 @@ from finetune.plan import (
     ModelShape,
     Setup,
     activation_bytes,
+    fmt_count,
     hub_id_to_key,
     layer_activation_bytes,
     load_plan_config,
@@ -28,6 +29,7 @@ from finetune.plan import (
     model_state_lines,
     param_counts,
     parse_size,
+    render_plan,
     resolve_model_config,
     setup_from_config,
 )
@@ -264,6 +266,22 @@ def test_parse_size():
     assert parse_size("24GB") == 24_000_000_000
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("n,text", [(999, "999"), (950_000, "950K"), (12_345, "12.3K"), (999_960, "1.00M"),
+                                    (2_500_000, "2.50M"), (124_700_000, "124.7M"), (8_030_261_248, "8.03B"),
+                                    (70_553_706_496, "70.55B")])
+def test_fmt_count(n, text):
+    assert fmt_count(n) == text
+
+
+def test_plan_of_a_model_under_5m_params_prints_its_size():
+    plan = make_plan(_shape(), Setup(adapter="lora", lora_r=8))
+    assert plan.params["total"] == 1_922_304 and plan.trainable == 72_704
+    out = render_plan(plan)
+    assert "(1.92M params, 2 layers" in out and "trainable 72.7K params" in out
+    assert "1.92M params x 2 B" in out and "72.7K x 4 B" in out
+    assert "0.00B" not in out and "0.0M" not in out
 
 
 # ----------------------------------------------------------------------------------------------
