@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kitcore import overrides
+from kitcore import overrides as kitcore_overrides
 
 __all__ = [
     "ConfigError",
@@ -195,15 +195,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["lora.r=16", "training.max_steps=20"]`` into a nested dict (kitcore.overrides' grammar,
     the one `data-prep run` reads too); every bad item is reported at once."""
     try:
-        return overrides.parse_overrides(items)
-    except overrides.OverrideError as exc:
+        return kitcore_overrides.parse_overrides(items)
+    except kitcore_overrides.OverrideError as exc:
         raise ConfigError("<command line>", exc.problems) from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     try:
-        return overrides.merge(base, extra)
-    except overrides.OverrideError as exc:
+        return kitcore_overrides.merge(base, extra)
+    except kitcore_overrides.OverrideError as exc:
         raise ConfigError("<command line>", exc.problems) from None
 
 
