@@ -22,7 +22,7 @@ class DataError(ValueError):
 
 
 def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list[dict[str, Any]]:
-    """Read chat JSONL strictly, naming file:line of every bad line (up to 20).
+    """Read chat JSONL strictly: any bad line stops training, and the error names it by file:line.
 
     The schema is kitcore.schema's, the one `data-prep validate` checks: a file that validates trains.
     """
