@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
@@ -101,7 +102,51 @@ def _row_key_variants(key: str) -> list[str]:
     out = [key, normalize_url(key)]
     if "://" not in key:
         out.append(os.path.basename(key))
-    return out
+    return out + _url_tree_keys(key)
+
+
+_PAGE_SUFFIXES = (".html", ".htm", ".xhtml", ".shtml")
+
+
+def _tree_key(path: str) -> str:
+    """`a/b.html`, `a/b/index.html`, `a/b/` and `a/b` are one page to a crawler: key `tree:a/b`."""
+    path = path.strip("/")
+    low = path.lower()
+    for suffix in _PAGE_SUFFIXES:
+        if low.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    if path == "index" or path.endswith("/index"):
+        path = path[: -len("index")].rstrip("/")
+    return f"tree:{path}" if path else ""
+
+
+def _url_tree_keys(url: str) -> list[str]:
+    """Where a crawler saves the page at `url` under the scraped tree: below a `host/` directory
+    (`wget -m`) or at the path itself when the tree is rooted at the host."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return []
+    if not parts.scheme or not parts.netloc:
+        return []
+    host = parts.netloc.lower().removeprefix("www.")
+    keys = []
+    for path in dict.fromkeys((parts.path, unquote(parts.path))):
+        # wget saves `page?x=1` as the file `page?x=1` (or `page?x=1.html` with -E)
+        path = path.lstrip("/") + (f"?{parts.query}" if parts.query else "")
+        keys += [_tree_key(f"{host}/{path}"), _tree_key(path)]
+    return [k for k in dict.fromkeys(keys) if k]
+
+
+def _file_tree_keys(rel: str) -> list[str]:
+    """Tree keys of a file at `rel` under its source directory; a leading host directory is
+    compared as a URL host is (lowercase, no `www.`)."""
+    first, _, rest = rel.partition("/")
+    keys = [_tree_key(rel)]
+    if rest:
+        keys.append(_tree_key(f"{first.lower().removeprefix('www.')}/{rest}"))
+    return [k for k in dict.fromkeys(keys) if k]
 
 
 class ContextStore:
@@ -117,7 +162,9 @@ class ContextStore:
 
     def page_keys(self, path: str, root: str, urls: list[str]) -> list[str]:
         rel = os.path.relpath(path, root) if root else path
-        keys = [path, rel.replace(os.sep, "/"), os.path.basename(path), Path(path).stem, *urls]
+        rel = rel.replace(os.sep, "/")
+        # a page without a canonical link still joins a row's URL by where the crawler saved it
+        keys = [path, rel, os.path.basename(path), Path(path).stem, *urls, *_file_tree_keys(rel)]
         return [k for k in keys if k]
 
     def is_referenced(self, keys: list[str]) -> bool:

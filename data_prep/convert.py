@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_prep.record import Message
+from kitcore.schema import RENAMED_ROLES, ROLES
 
 DEFAULT_COLUMNS: dict[str, list[str]] = {
     "user": ["question", "prompt", "instruction", "input", "query"],
@@ -29,7 +30,8 @@ SHAREGPT_ROLES = {
     "model": "assistant",
     "system": "system",
 }
-CHAT_ROLES = ("system", "user", "assistant")
+# The training schema's roles (kitcore.schema), so that a build never keeps what training refuses.
+CHAT_ROLES = ROLES
 
 
 class RowError(ValueError):
@@ -101,7 +103,8 @@ def _openai(row: dict[str, Any]) -> list[Message]:
             raise RowError(f"invalid_messages: message {i} is {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
-            raise RowError(f"invalid_messages: message {i} has role {role!r}")
+            fix = f"; rename it to {RENAMED_ROLES[role]!r}" if isinstance(role, str) and role in RENAMED_ROLES else ""
+            raise RowError(f"invalid_messages: message {i} has role {role!r}{fix}")
         if not isinstance(content, str):
             raise RowError(f"wrong_type: message {i} content is {type(content).__name__}")
         out.append({"role": role, "content": content})

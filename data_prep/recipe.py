@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from data_prep.readers.text import DEFAULT_SPEAKERS
 from data_prep.steps.filters import ChatThresholds, GopherThresholds
 from data_prep.steps.redact import PII_TYPES
+from kitcore import overrides as kitcore_overrides
 
 _GOPHER = GopherThresholds()
 _CHAT = ChatThresholds()
@@ -58,7 +59,9 @@ class ExtractionConfig(_Strict):
     fast: bool = True
     favor_precision: bool = True
     include_tables: bool = True
-    dl_requires_question: bool = Field(True, description="<dl> pairs count as Q/A only if <dt> ends with '?'")
+    dl_requires_question: bool = Field(
+        True, description="<dl> pairs count as Q/A only if <dt> is a question ('?', '？', '؟', ...)"
+    )
 
 
 class CleanConfig(_Strict):
@@ -176,28 +179,12 @@ def format_errors(err: ValidationError) -> list[str]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`a.b=value` sets data['a']['b']; the value is parsed as YAML (numbers, booleans, lists)."""
-    problems = []
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"{item}: override must look like key=value")
-            continue
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
-                node = node[int(p)]
-            else:
-                node = node.setdefault(p, {})
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(node, list) and parts[-1].isdigit():
-            node[int(parts[-1])] = value
-        else:
-            node[parts[-1]] = value
-    if problems:
-        raise RecipeError(problems)
-    return data
+    """`a.b=value` sets data['a']['b'] and `sources.0.path=...` an item of a list, in kitcore.overrides'
+    grammar (the one `finetune train` reads too); every bad item is reported at once."""
+    try:
+        return kitcore_overrides.merge(data, kitcore_overrides.parse_overrides(overrides))
+    except kitcore_overrides.OverrideError as err:
+        raise RecipeError([f"{key}: {msg}" for key, msg in err.problems]) from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:

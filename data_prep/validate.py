@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_prep.tokens import Lengths, distribution
+from kitcore.schema import MESSAGE_KEYS, ROLES, record_problems
 
-RECOGNIZED_KEYS = ("role", "content", "name", "function_call", "weight")
-RECOGNIZED_ROLES = ("system", "user", "assistant", "function")
+# One list with training's reader; the names stay for code that imports them.
+RECOGNIZED_KEYS = MESSAGE_KEYS
+RECOGNIZED_ROLES = ROLES
 
 
 @dataclass
@@ -47,34 +49,12 @@ class ValidationResult:
 
 
 def check_example(ex: Any) -> list[tuple[str, str]]:
-    """Format errors of one parsed line, as (error type, detail), in the cookbook's vocabulary."""
-    if not isinstance(ex, dict):
-        return [("data_type", f"line is a {type(ex).__name__}, not an object")]
-    messages = ex.get("messages")
-    if not messages:
-        return [("missing_messages_list", "no `messages` or it is empty")]
-    if not isinstance(messages, list):
-        return [("data_type", "`messages` is not a list")]
-    errors = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            errors.append(("data_type", f"message {i} is not an object"))
-            continue
-        if "role" not in m or "content" not in m:
-            errors.append(
-                ("message_missing_key", f"message {i} has no {'role' if 'role' not in m else 'content'}")
-            )
-        extra = [k for k in m if k not in RECOGNIZED_KEYS]
-        if extra:
-            errors.append(("message_unrecognized_key", f"message {i}: {', '.join(map(str, extra))}"))
-        if m.get("role") not in RECOGNIZED_ROLES and "role" in m:
-            errors.append(("unrecognized_role", f"message {i}: {m.get('role')!r}"))
-        content, function_call = m.get("content"), m.get("function_call")
-        if (not content and not function_call) or (content is not None and not isinstance(content, str)):
-            errors.append(("missing_content", f"message {i}: content is {type(content).__name__}"))
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-        errors.append(("example_missing_assistant_message", ""))
-    return errors
+    """Format errors of one parsed line, as (error type, detail), in the cookbook's vocabulary.
+
+    The schema training enforces (kitcore.schema), with the cookbook's checks of unknown keys and
+    empty content on top.
+    """
+    return [(p.kind, f"{p.detail}; {p.fix}" if p.fix else p.detail) for p in record_problems(ex, cookbook=True)]
 
 
 def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 16385) -> ValidationResult:

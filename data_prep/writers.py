@@ -1,18 +1,23 @@
-"""Atomic output files and the output-directory policy.
-
-A file appears under its final name only when complete: written to a temp file in the same
-directory, fsynced, then os.replace'd (atomic on POSIX). A crash leaves at most a `.tmp` file.
-"""
+"""Output files of a build (atomic, through kitcore.io) and the output-directory policy."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from kitcore.io import AtomicFile, atomic_write
+
+__all__ = [
+    "OUTPUT_FILES",
+    "AtomicFile",
+    "JsonlWriter",
+    "OutputDirError",
+    "atomic_write",
+    "check_output_dir",
+    "write_json",
+]
 
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "rejects.jsonl", "report.json")
 
@@ -30,52 +35,6 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputDirError(f"{path} is not empty; pass --overwrite to replace its data-prep outputs")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every filesystem; the rename still happened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class AtomicFile:
-    """Open a temp file next to `path`; `commit()` makes it `path`, `discard()` removes it."""
-
-    def __init__(self, path: str | os.PathLike, mode: str = "w") -> None:
-        self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.tmp = Path(tmp)
-        self.fh: IO[Any] = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
-
-    def write(self, s: Any) -> int:
-        return self.fh.write(s)
-
-    def commit(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
-
-    def discard(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[AtomicFile]:
-    f = AtomicFile(path, mode)
-    try:
-        yield f
-    except BaseException:
-        f.discard()
-        raise
-    f.commit()
 
 
 class JsonlWriter:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kitcore import overrides as kitcore_overrides
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
@@ -190,37 +192,19 @@ class TrainConfig(_Section):
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["lora.r=16", "training.max_steps=20"]`` into a nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError("<command line>", [(item, "an override must look like key=value")])
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        if isinstance(value, str):
-            # YAML 1.1 reads `1e-4` as a string; a number is what anyone typing it means.
-            try:
-                value = float(value) if any(c in value for c in ".eE") else int(value)
-            except ValueError:
-                pass
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError("<command line>", [(key, "conflicts with another override")])
-        node[parts[-1]] = value
-    return out
+    """Turn ``["lora.r=16", "training.max_steps=20"]`` into a nested dict (kitcore.overrides' grammar,
+    the one `data-prep run` reads too); every bad item is reported at once."""
+    try:
+        return kitcore_overrides.parse_overrides(items)
+    except kitcore_overrides.OverrideError as exc:
+        raise ConfigError("<command line>", exc.problems) from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
-        else:
-            merged[k] = v
-    return merged
+    try:
+        return kitcore_overrides.merge(base, extra)
+    except kitcore_overrides.OverrideError as exc:
+        raise ConfigError("<command line>", exc.problems) from None
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune.chat_template import ChatFormatError, LossOn, encode_chat
+from kitcore.schema import training_problem
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DataError", "read_chat_jsonl", "tokenize_dataset", "DataStats", "pad_collate"]
-
-VALID_ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
 class DataError(ValueError):
@@ -23,7 +22,10 @@ class DataError(ValueError):
 
 
 def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list[dict[str, Any]]:
-    """Read chat JSONL strictly: the first malformed line stops everything, naming file:line."""
+    """Read chat JSONL strictly: any bad line stops training, and the error names it by file:line.
+
+    The schema is kitcore.schema's, the one `data-prep validate` checks: a file that validates trains.
+    """
     path = Path(path)
     records = []
     problems: list[str] = []
@@ -36,29 +38,11 @@ def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list
             except json.JSONDecodeError as exc:
                 problems.append(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})")
                 continue
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                problems.append(f"{path}:{lineno}: expected an object with a non-empty `messages` list")
+            problem = training_problem(obj, require_assistant=require_assistant)
+            if problem:
+                problems.append(f"{path}:{lineno}: {problem}")
                 continue
-            bad = next(
-                (
-                    i
-                    for i, m in enumerate(msgs)
-                    if not isinstance(m, dict)
-                    or m.get("role") not in VALID_ROLES
-                    or not isinstance(m.get("content"), str)
-                ),
-                None,
-            )
-            if bad is not None:
-                problems.append(
-                    f"{path}:{lineno}: message {bad} needs a `role` in {sorted(VALID_ROLES)} "
-                    "and a string `content`"
-                )
-                continue
-            if require_assistant and not any(m["role"] == "assistant" for m in msgs):
-                problems.append(f"{path}:{lineno}: no assistant message, nothing to train on")
-                continue
+            msgs = obj["messages"]
             records.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
                             "line": lineno})
             if len(problems) >= 20:

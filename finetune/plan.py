@@ -47,6 +47,7 @@ __all__ = [
     "lora_trainable_params",
     "layer_activation_bytes",
     "parse_size",
+    "fmt_count",
     "plan_command",
     "add_plan_arguments",
     "plan_for_training",
@@ -94,6 +95,23 @@ def parse_size(text: str | int | float) -> int:
 
 def fmt_bytes(n: float) -> str:
     return f"{n / GiB:8.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:8.1f} MiB"
+
+
+# (scale, suffix, fewest decimals): B keeps the two decimals the plan always printed (8.03B, 70.55B)
+_COUNT_UNITS = ((1e3, "K", 0), (1e6, "M", 1), (1e9, "B", 2), (1e12, "T", 2))
+
+
+def fmt_count(n: float) -> str:
+    """A parameter count readable at any size, with at least 3 significant digits:
+    950K, 2.50M, 124.7M, 8.03B, 70.55B."""
+    if abs(n) < 1000:
+        return f"{n:.0f}"
+    for scale, suffix, fewest in _COUNT_UNITS:
+        number = f"{n / scale:.{max(fewest, 3 - len(str(int(abs(n) / scale))))}f}"
+        text = number + suffix
+        if abs(float(number)) < 1000:  # 999,960 is 1.00M, not 1000K
+            break
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +526,7 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
     if s.adapter == "full":
         trainable = P["total"]
         place("weights (trainable)", trainable * w16 / p_div, p_host,
-              f"{P['total'] / 1e9:.2f}B params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
+              f"{fmt_count(P['total'])} params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
     else:
         trainable = lora_trainable_params(shape, s.lora_r, s.lora_targets, s.modules_to_save)
         if s.adapter == "qlora":
@@ -519,12 +537,12 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
             q_b = P["linear_weights"] * 0.5 / p_div
             absmax = P["linear_weights"] * (nf4 - 0.5)  # quant_state is no parameter: ZeRO-3 keeps it whole
             rest = (P["embed_tokens"] + P["lm_head"] + P["other"]) * other / p_div
-            place("weights: linear layers NF4", q_b, p_host, f"{P['linear_weights'] / 1e9:.2f}B x 0.5 B"
+            place("weights: linear layers NF4", q_b, p_host, f"{fmt_count(P['linear_weights'])} x 0.5 B"
                   + (f" / {N}" if st == 3 else ""))
             lines.append(Line("weights: NF4 absmax", absmax, 0.0,
                               f"{(nf4 - 0.5) * 8:.3f} bit/param ({'double quant' if s.double_quant else 'fp32 absmax'})"))
             place("weights: embeddings, lm_head, norms", rest, p_host,
-                  f"{(P['total'] - P['linear_weights']) / 1e9:.2f}B x {other} B (not quantized)")
+                  f"{fmt_count(P['total'] - P['linear_weights'])} x {other} B (not quantized)")
             ckpt_b = _BYTES.get(shape.torch_dtype, 2)
             # (ZeRO-3 copies every parameter into its partitions, which ends the views.)
             if s.device == "cpu" and st != 3 and ckpt_b == (w16 if s.deepspeed else _BYTES[s.weight_dtype]):
@@ -534,16 +552,16 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
                 # counted in RSS (clean page cache, reclaimable). On a GPU everything is copied to
                 # the device and the mapping goes. Measured: QLoRA was -18% without this line.
                 lines.append(Line("mapped checkpoint pages (CPU)", P["linear_weights"] * ckpt_b, 0.0,
-                                  f"CPU: the file's {P['linear_weights'] / 1e9:.2f}B linear weights x {ckpt_b} B "
+                                  f"CPU: the file's {fmt_count(P['linear_weights'])} linear weights x {ckpt_b} B "
                                   "(page cache, reclaimable)"))
         else:
             place("weights (frozen)", P["total"] * w16 / p_div, p_host,
-                  f"{P['total'] / 1e9:.2f}B params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
+                  f"{fmt_count(P['total'])} params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
         # modules_to_save: peft keeps the original and trains a copy
         copies = trainable - lora_trainable_params(shape, s.lora_r, s.lora_targets, [])
         lora_b = w16 if s.deepspeed else 4  # peft autocasts adapters to fp32 unless DeepSpeed recasts
         place("trainable params (adapters)", trainable * lora_b / p_div, p_host,
-              f"{trainable / 1e6:.1f}M x {lora_b} B" + (f" (incl. {copies / 1e6:.0f}M modules_to_save copies)"
+              f"{fmt_count(trainable)} x {lora_b} B" + (f" (incl. {fmt_count(copies)} modules_to_save copies)"
                                                          if copies else ""))
     Pt = trainable
     if s.deepspeed:
@@ -786,12 +804,12 @@ def render_plan(plan: Plan) -> str:
     off = " + offload " + "/".join(x for x, on in (("optimizer", s.offload_optimizer), ("params", s.offload_param))
                                    if on) if (s.offload_optimizer or s.offload_param) else ""
     head = [
-        f"model     {sh.source}  ({plan.params['total'] / 1e9:.2f}B params, {sh.num_hidden_layers} layers, "
+        f"model     {sh.source}  ({fmt_count(plan.params['total'])} params, {sh.num_hidden_layers} layers, "
         f"hidden {sh.hidden_size}, {sh.num_attention_heads}/{sh.num_key_value_heads} heads q/kv, vocab {sh.vocab_size})",
         f"run       {s.adapter}" + (f" r={s.lora_r}" if s.adapter != "full" else "")
         + f", {s.precision}, {zero}{off}, {s.nodes} node(s) x {s.gpus_per_node} = {s.world} rank(s), "
         f"micro-batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.gradient_checkpointing else 'off'}",
-        f"trainable {plan.trainable / 1e6:,.1f}M params ({100 * plan.trainable / plan.params['total']:.3f}%)",
+        f"trainable {fmt_count(plan.trainable)} params ({100 * plan.trainable / plan.params['total']:.3f}%)",
         "",
         f"{'per ' + dev:38s} {'device':>12s} {'host':>12s}   how",
     ]

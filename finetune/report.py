@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from kitcore.io import atomic_write_text, atomic_write_via
 
 __all__ = ["compare", "format_table", "higher_is_better", "write_report"]
 
@@ -185,18 +185,6 @@ def _is_count(key: str, value: Any) -> bool:
     return _is_number(value) and (key in _COUNT_KEYS or key.startswith("n_"))
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same directory, then os.replace: readers never see half a file."""
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename and hide the report from others.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _read_loss_points(path: Path) -> dict[str, list[tuple[float, float]]]:
     """Series "loss", "eval_loss", "learning_rate" as (step, value); malformed lines are logged."""
     series: dict[str, list[tuple[float, float]]] = {"loss": [], "eval_loss": [], "learning_rate": []}
@@ -241,7 +229,7 @@ def _plot_loss_curve(series: dict[str, list[tuple[float, float]]], path: Path) -
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax_lr.grid(alpha=0.3)
     (ax_lr or ax).set_xlabel("step")
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write_via(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def _plot_bars(models: dict[str, Any], path: Path) -> bool:
@@ -290,7 +278,7 @@ def _plot_bars(models: dict[str, Any], path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     # One legend above the panels: inside a panel it hides the value labels of the tallest bars.
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(names))
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write_via(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return True
 
 
@@ -323,8 +311,8 @@ def write_report(
     full = {**report, "comparison": rows}
     text = json.dumps(full, indent=2, ensure_ascii=False, default=str) + "\n"
     written["json"] = output_dir / "report.json"
-    _atomic_write(written["json"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(written["json"], text)
     markdown = _markdown(report, rows, charts)
     written["markdown"] = output_dir / "report.md"
-    _atomic_write(written["markdown"], lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    atomic_write_text(written["markdown"], markdown)
     return {**written, **charts}

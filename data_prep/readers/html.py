@@ -106,6 +106,27 @@ def _schema_qa(items: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+# Marks that end a question: ASCII; full-width (Chinese, Japanese, Korean) and its small form;
+# Arabic (also Persian, Urdu); Ethiopic; the interrobang and its kin. Spanish `¿...?` ends in `?`.
+_FINAL_QUESTION_MARKS = "?？﹖؟፧‽⁇⁈⁉"
+# Armenian marks the question on the stressed word, not at the end of the sentence.
+_ARMENIAN_QUESTION_MARK = "՞"
+# The Greek question mark U+037E is canonically a plain `;` (NFC turns one into the other, and
+# most Greek text is typed with `;`): `;` counts after Greek letters only, or `Note;` would ask.
+_GREEK = re.compile(r"[\u0370-\u03ff\u1f00-\u1fff]")
+
+
+def is_question(text: str) -> bool:
+    """Whether a `<dt>` reads as a question, in the scripts whose question marks are listed above."""
+    text = text.rstrip()
+    if not text:
+        return False
+    last = text[-1]
+    if last in _FINAL_QUESTION_MARKS or last == "\u037e" or _ARMENIAN_QUESTION_MARK in text:
+        return True
+    return last == ";" and bool(_GREEK.search(text))
+
+
 def structured_qa(tree, html: str, dl_requires_question: bool = True) -> list[tuple[str, str, str]]:
     """All Q/A pairs of a page, deduplicated on the question, in document order per kind."""
     pairs: list[tuple[str, str, str]] = []
@@ -136,7 +157,7 @@ def structured_qa(tree, html: str, dl_requires_question: bool = True) -> list[tu
                 q = _node_text(child)
             elif child.tag == "dd" and q:
                 a = _node_text(child)
-                if a and (q.endswith("?") or not dl_requires_question):
+                if a and (is_question(q) or not dl_requires_question):
                     pairs.append((q, a, "dl"))
                 q = None
     seen: set[str] = set()

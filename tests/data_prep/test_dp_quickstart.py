@@ -166,3 +166,48 @@ def test_shipped_quickstart_data(tmp_path: Path) -> None:
         user = ex["messages"][0]["content"]
         assert ex["messages"][0]["role"] == "user" and "\n\n" in user
         assert "cookies" not in user and "Privacy" not in user and "dataLayer" not in user
+
+
+def _bare_page(topic: str) -> str:
+    """A scraped page with no canonical link and no og:url: only its place in the tree names it."""
+    sentence = f"The {topic} is sold in our shop, it is made to last and ships within three working days. "
+    return f"<!DOCTYPE html><html><head><title>{topic}</title></head><body><main><article><h1>{topic}</h1><p>{sentence * 6}</p></article></main></body></html>"
+
+
+def test_url_rows_join_pages_by_their_path_in_the_scraped_tree(tmp_path: Path) -> None:
+    # `wget -m` keeps the host as the top directory; other crawls are rooted at the host itself
+    mirror, rooted = tmp_path / "mirror", tmp_path / "rooted"
+    pages = {
+        mirror / "www.shop.example.com" / "products" / "kettle" / "index.html": "kettle",  # path/ -> index.html
+        mirror / "www.shop.example.com" / "products" / "lamp.html": "lamp",  # wget -E suffix
+        mirror / "www.shop.example.com" / "products" / "mug": "mug",  # no suffix at all
+        mirror / "www.shop.example.com" / "products" / "café-grinder.html": "grinder",  # percent-decoded
+        rooted / "outdoor" / "tent" / "index.html": "tent",
+    }
+    for path, topic in pages.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_bare_page(topic), encoding="utf-8")
+    urls = {
+        "kettle": "https://shop.example.com/products/kettle/",
+        "lamp": "http://www.shop.example.com/products/lamp",
+        "mug": "https://SHOP.example.com/products/mug",
+        "grinder": "https://shop.example.com/products/caf%C3%A9-grinder",
+        "tent": "https://camping.example.org/outdoor/tent",
+        "missing": "https://shop.example.com/products/toaster/",
+    }
+    with open(tmp_path / "rows.csv", "w", encoding="utf-8") as fh:
+        fh.write("url,question,answer\n")
+        for topic, url in urls.items():
+            fh.write(f"{url},How fast does the {topic} ship?,Within three working days.\n")
+    out = tmp_path / "out"
+    report = build([mirror, rooted, tmp_path / "rows.csv"], out, seed=0, val_fraction=0.0, test_fraction=0.0)
+    assert report["inputs"]["context_pages"] == 5
+    context_of = {}
+    for ex in read_jsonl(out / "train.jsonl"):
+        context, question = ex["messages"][0]["content"].rsplit("\n\nHow fast does the ", 1)
+        context_of[question.split()[0]] = context
+    assert sorted(context_of) == ["grinder", "kettle", "lamp", "mug", "tent"]
+    for topic, context in context_of.items():  # each row got its own page, not just some page
+        assert context.startswith(f"{topic}\nThe {topic} is sold in our shop"), context[:80]
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert [r["reason"] for r in rejects] == [f"page_not_found: {urls['missing']}"]

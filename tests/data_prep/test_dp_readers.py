@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import openpyxl
+import pytest
 from dp_fixtures import read_jsonl
 
 from data_prep.build import build
 from data_prep.convert import ColumnMapping, RowError, convert_row
-from data_prep.readers.html import parse_page
+from data_prep.readers.html import is_question, parse_page
 from data_prep.readers.tables import read_csv
 from data_prep.readers.tables import read_jsonl as read_jsonl_rows
 from data_prep.readers.text import DEFAULT_SPEAKERS, looks_like_transcript, parse_transcript
@@ -99,6 +100,51 @@ def test_structured_qa_json_ld_microdata_details_dl(tmp_path: Path) -> None:
         ("What is the warranty?", "Two years.", "details"),
         ("Is it dishwasher safe?", "No, hand wash only.", "dl"),
     ]
+
+
+FAQ_PAGES = {
+    "en": ("Shipping", "How much is shipping?", "A flat 5 euros nationwide."),
+    "ja": ("配送について", "送料はいくらですか？", "全国一律500円です。"),
+    "zh": ("常见问题", "可以退货吗？", "可以，收货后30天内免费退货。"),
+}
+
+
+def test_dl_questions_with_full_width_question_marks_become_examples(tmp_path: Path) -> None:
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for lang, (title, q, a) in FAQ_PAGES.items():
+        (pages / f"faq-{lang}.html").write_text(
+            f'<html lang="{lang}"><head><meta charset="utf-8"><title>{title}</title></head><body>'
+            f"<dl><dt>{title}</dt><dd>{a[:4]}</dd><dt>{q}</dt><dd>{a}</dd></dl></body></html>",
+            encoding="utf-8",
+        )
+    out = tmp_path / "out"
+    report = build([pages], out, seed=0, val_fraction=0.0, test_fraction=0.0)
+    got = {ex["meta"]["source"].rsplit("-", 1)[1]: ex["messages"] for ex in read_jsonl(out / "train.jsonl")}
+    assert got == {
+        f"{lang}.html": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for lang, (_, q, a) in FAQ_PAGES.items()
+    }
+    assert report["counts"]["rejects"] == 0  # the <dt> that is no question is not a pair
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("هل الشحن مجاني؟", True),  # Arabic
+        ("Πόσο κοστίζει;", True),  # Greek, typed with a semicolon
+        ("Πόσο κοστίζει\u037e", True),  # Greek question mark
+        ("Ինչ արժե՞ առաքումը", True),  # Armenian: the mark sits on the stressed word
+        ("ዋጋው ስንት ነው፧", True),  # Ethiopic
+        ("배송비는 얼마인가요?", True),
+        ("Note;", False),  # a semicolon only asks in Greek
+        ("重量", False),
+        ("Weight", False),
+        ("", False),
+    ],
+)
+def test_is_question_across_scripts(text: str, expected: bool) -> None:
+    assert is_question(text) is expected
 
 
 def test_csv_with_bom_multiline_cells_and_bad_rows(tmp_path: Path) -> None:

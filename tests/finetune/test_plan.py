@@ -20,6 +20,7 @@ from finetune.plan import (
     ModelShape,
     Setup,
     activation_bytes,
+    fmt_count,
     hub_id_to_key,
     layer_activation_bytes,
     load_plan_config,
@@ -28,6 +29,7 @@ from finetune.plan import (
     model_state_lines,
     param_counts,
     parse_size,
+    render_plan,
     resolve_model_config,
     setup_from_config,
 )
@@ -73,17 +75,19 @@ def test_lora_trainable_equals_peft(targets, to_save):
     assert lora_trainable_params(_shape(), 8, targets, to_save) == trainable
 
 
+PUBLISHED = {  # parameter counts on the models' hub pages / safetensors metadata
+    "llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496, "mistral-7b-v0.3": 7_248_023_552,
+    "qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664, "qwen2.5-32b": 32_763_876_352,
+    "qwen2.5-72b": 72_706_203_648,
+}
+
+
 def test_bundled_model_configs_match_published_sizes():
-    published = {  # parameter counts on the models' hub pages / safetensors metadata
-        "llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496, "mistral-7b-v0.3": 7_248_023_552,
-        "qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664, "qwen2.5-32b": 32_763_876_352,
-        "qwen2.5-72b": 72_706_203_648,
-    }
     files = sorted((REPO / "configs" / "models").glob("*.json"))
-    assert {f.stem for f in files} == set(published)
+    assert {f.stem for f in files} == set(PUBLISHED)
     for f in files:
         shape = ModelShape.from_config(json.loads(f.read_text()), str(f))
-        assert param_counts(shape)["total"] == published[f.stem], f.stem
+        assert param_counts(shape)["total"] == PUBLISHED[f.stem], f.stem
 
 
 def test_hub_ids_resolve_to_bundled_configs(monkeypatch):
@@ -99,12 +103,34 @@ def test_hub_ids_resolve_to_bundled_configs(monkeypatch):
 
 
 def test_every_train_config_plans_without_its_data_files():
-    for path in sorted((REPO / "configs" / "train").glob("*.yaml")):
+    import yaml
+
+    from finetune.config import ConfigError, load_config
+
+    paths = sorted((REPO / "configs" / "train").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        recipe = yaml.safe_load(path.read_text())
+        # the data files the config names are not here, so `finetune train` refuses it ...
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert ("data.train", f"file not found: {recipe['data']['train']}") in exc.value.problems, path
+        # ... while the plan is made, for the model and the run that the config describes
         cfg = load_plan_config(path)
-        assert not (REPO / "data" / "my_task" / "train.jsonl").exists()
         raw, src = resolve_model_config(cfg.model)
-        plan = make_plan(ModelShape.from_config(raw, src), setup_from_config(cfg, gpus_per_node=8))
-        assert plan.device_total > 0 and plan.trainable > 0, path
+        shape = ModelShape.from_config(raw, src)
+        plan = make_plan(shape, setup_from_config(cfg, gpus_per_node=8), alternatives=False)
+        assert plan.params["total"] == PUBLISHED[hub_id_to_key(recipe["model"])], path
+        s = plan.setup
+        assert (s.adapter, s.lora_r, s.micro_batch, s.seq_len, s.gradient_checkpointing) == (
+            recipe["adapter"], recipe["lora"]["r"], recipe["training"]["batch_size"], recipe["max_length"],
+            recipe["training"]["gradient_checkpointing"]), path
+        ds = recipe.get("deepspeed")
+        assert s.zero_stage == (json.loads((REPO / ds).read_text())["zero_optimization"]["stage"] if ds else 0)
+        expected = (plan.params["total"] if s.adapter == "full" else
+                    lora_trainable_params(shape, recipe["lora"]["r"], recipe["lora"]["target_modules"],
+                                          recipe["lora"].get("modules_to_save", [])))
+        assert plan.trainable == expected, path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +290,22 @@ def test_parse_size():
     assert parse_size("24GB") == 24_000_000_000
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("n,text", [(999, "999"), (950_000, "950K"), (12_345, "12.3K"), (999_960, "1.00M"),
+                                    (2_500_000, "2.50M"), (124_700_000, "124.7M"), (8_030_261_248, "8.03B"),
+                                    (70_553_706_496, "70.55B")])
+def test_fmt_count(n, text):
+    assert fmt_count(n) == text
+
+
+def test_plan_of_a_model_under_5m_params_prints_its_size():
+    plan = make_plan(_shape(), Setup(adapter="lora", lora_r=8))
+    assert plan.params["total"] == 1_922_304 and plan.trainable == 72_704
+    out = render_plan(plan)
+    assert "(1.92M params, 2 layers" in out and "trainable 72.7K params" in out
+    assert "1.92M params x 2 B" in out and "72.7K x 4 B" in out
+    assert "0.00B" not in out and "0.0M" not in out
 
 
 # ----------------------------------------------------------------------------------------------
