@@ -349,6 +349,10 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
     else:
         wdtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype
         precision = t.precision if t.precision != "auto" else ("bf16" if wdtype != "float32" else "fp32")
+        if cfg.adapter == "full" and cfg.dtype == "auto" and not cfg.deepspeed:
+            # finetune train loads fp32 master weights for full fine-tuning without DeepSpeed and
+            # trains under bf16 autocast (train._weights_dtype): 4 B weights, grads and m, v.
+            wdtype, precision = "float32", "bf16" if t.precision == "auto" else t.precision
     return Setup(
         adapter=cfg.adapter, lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules,
         modules_to_save=list(cfg.lora.modules_to_save), lora_dropout=cfg.lora.dropout,

@@ -87,7 +87,9 @@ def test_trainer_uses_it_by_default_and_not_when_off(tiny_model, chat_data, tmp_
                                  "training.report_to=[none]", *over])
         tok = load_tokenizer(cfg.model)
         train_ds, _, _ = _setup_data(cfg, tok)
-        args = _training_args(cfg, Path(cfg.output_dir), False, {})
+        from kitcore.runtime import current
+
+        args = _training_args(cfg, Path(cfg.output_dir), False, current())
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model)

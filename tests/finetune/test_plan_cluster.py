@@ -44,3 +44,13 @@ def test_qlora_under_zero3_counts_the_whole_4bit_model_loaded_on_every_rank():
     # Without ZeRO-3 partitioning there is no such line: LoRA under ZeRO-3 loads under zero.Init.
     lora = _plan("llama3_70b_qlora_zero3.yaml", 8, 80, adapter="lora")
     assert not any(x.name == "zero-3 QLoRA load peak" for x in lora.lines)
+
+
+def test_full_fine_tuning_without_deepspeed_is_planned_with_fp32_master_weights():
+    """finetune train loads fp32 weights for it (bf16 autocast); the plan counts 4 B per weight."""
+    from finetune.config import load_config
+
+    cfg = load_config(None, [f"model={REPO / 'configs' / 'models'}", f"data.train={REPO / 'pyproject.toml'}",
+                             "output_dir=/tmp/unused", "adapter=full"])  # no file is read by the plan setup
+    s = setup_from_config(cfg)
+    assert (s.weight_dtype, s.precision) == ("float32", "bf16")
