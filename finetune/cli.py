@@ -15,6 +15,7 @@ from finetune.plan import add_plan_arguments
 
 COMMANDS = {
     "train": "Fine-tune a model (LoRA, QLoRA or full) from a YAML config plus key=value overrides.",
+    "prepare": "Tokenize the training data into its on-disk cache ahead of the launch (worker processes).",
     "preview": "Show the tokens of the first examples and which ones are trained (loss masks).",
     "eval": "Evaluate a base model and/or an adapter: perplexity, bits/byte, task metrics, report.",
     "generate": "Generate replies for a JSONL file of prompts or chats with an adapter.",
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help=COMMANDS["plan"], description=COMMANDS["plan"])
     add_plan_arguments(p)
+
+    p = sub.add_parser("prepare", help=COMMANDS["prepare"], description=COMMANDS["prepare"])
+    _add_config_args(p)
+    p.add_argument("--num-proc", type=int, help="tokenizer worker processes (default: data.num_proc, else the "
+                   "cores available, bounded by memory)")
 
     p = sub.add_parser("preview", help=COMMANDS["preview"], description=COMMANDS["preview"])
     _add_config_args(p)
@@ -178,6 +184,11 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from finetune.train import train
 
         train(cfg)
+    elif cmd == "prepare":
+        cfg = load_config(args.config, args.overrides)
+        from finetune.prepare import prepare
+
+        prepare(cfg, num_proc=args.num_proc)
     elif cmd == "preview":
         cfg = load_config(args.config, args.overrides)
         from finetune.preview import preview

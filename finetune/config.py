@@ -50,6 +50,25 @@ class DataConfig(_Section):
     too_long: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with examples longer than `max_length`; both are counted."
     )
+    cache_dir: str | None = Field(
+        None, description="Where the tokenized data cache lives (default: `.finetune-cache/` next to the data "
+        "file, shared by every run and sweep trial on it; `<output_dir>/data-cache/` when that is not writable).",
+    )
+    cache_key: Literal["content", "stat"] = Field(
+        "content", description="How the cache recognises the data file: its SHA-256 (content), or its path, "
+        "size and mtime (stat: no read of a very large file at every start).",
+    )
+    cache_build: Literal["local_main", "main"] = Field(
+        "local_main", description="Who tokenizes under a launcher: local rank 0 of each node (right for "
+        "node-local and shared cache directories), or global rank 0 only (one build, for a shared one).",
+    )
+    cache_wait_s: float = Field(
+        7200, gt=0, description="How long the other ranks wait for the cache build before giving up.",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Tokenizer worker processes for a cache build (default: the cores this "
+        "process may use, at most one per 1.5 GiB of available memory).",
+    )
 
     @field_validator("train", "eval")
     @classmethod

@@ -155,10 +155,12 @@ class LengthGroupedShuffledSampler:
     DataLoader's fixed-size batching stays aligned with ours.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, *, window: int = 64, seed: int = 0):
+    def __init__(self, lengths, batch_size: int, *, window: int = 64, seed: int = 0):
+        import numpy as np
+
         if batch_size < 1 or window < 1:
             raise ValueError("batch_size and window must be >= 1")
-        self.lengths = list(lengths)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size = batch_size
         self.window = window
         self.seed = seed
@@ -171,25 +173,28 @@ class LengthGroupedShuffledSampler:
         return len(self.lengths)
 
     def batches(self) -> list[list[int]]:
+        import numpy as np
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        order = torch.randperm(len(self.lengths), generator=g).numpy()
         span = self.window * self.batch_size
-        full: list[list[int]] = []
-        partial: list[int] = []
+        full: list = []
+        partial = None
         for start in range(0, len(order), span):
-            chunk = sorted(order[start:start + span], key=self.lengths.__getitem__)
-            for b in range(0, len(chunk), self.batch_size):
-                batch = chunk[b:b + self.batch_size]
-                if len(batch) == self.batch_size:
-                    full.append(batch)
-                else:
-                    partial = batch
-        perm = torch.randperm(len(full), generator=g).tolist()
-        out = [full[i] for i in perm]
-        if partial:
-            out.append(partial)
+            chunk = order[start:start + span]
+            # A stable sort by length: the order `sorted(chunk, key=length)` gives, on arrays.
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            n_full = len(chunk) // self.batch_size
+            if n_full:
+                full.append(chunk[:n_full * self.batch_size].reshape(n_full, self.batch_size))
+            if len(chunk) % self.batch_size:
+                partial = chunk[n_full * self.batch_size:]
+        full_arr = np.concatenate(full) if full else np.zeros((0, self.batch_size), dtype=np.int64)
+        perm = torch.randperm(len(full_arr), generator=g).numpy()
+        out = full_arr[perm].tolist()
+        if partial is not None:
+            out.append(partial.tolist())
         return out
 
     def __iter__(self):

@@ -33,7 +33,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from finetune.config import ConfigError, TrainConfig, dump_config
-from finetune.data import DataStats, LengthGroupedShuffledSampler, pad_collate, tokenize_dataset
+from finetune.data import DataStats, LengthGroupedShuffledSampler, pad_collate
 from finetune.errors import CheckpointWriteError, Preempted, RunDirError
 from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
 from finetune.utils import atomic_write_text, is_main_process, rank0_print
@@ -71,7 +71,7 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     _check_plan(cfg, rt)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
-    train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer)
+    train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
     stopped_at = _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
     runtime.release_accelerator_memory()
@@ -334,18 +334,18 @@ def _check_resume_setup(run_dir: Path, now: dict[str, int]) -> None:
     rank0_print(f"Resuming across setups: {both}. Each step sees the same examples, so the run continues.")
 
 
-def _setup_data(cfg: TrainConfig, tokenizer):
-    from datasets import Dataset
+def _setup_data(cfg: TrainConfig, tokenizer, rt=None):
+    """The tokenized splits, memory-mapped from the data cache (finetune.data_cache): built once by
+    one process per node (or job), then read by every rank; nothing is held as Python objects."""
+    from finetune.data_cache import prepared_split
 
-    kw = dict(max_length=cfg.max_length, loss_on=cfg.data.loss_on, too_long=cfg.data.too_long)
-    train_rows, train_stats = tokenize_dataset(tokenizer, cfg.data.train, **kw)
+    train_ds, train_stats, _ = prepared_split(cfg, tokenizer, cfg.data.train, rt)
     stats = {"train": train_stats}
     eval_ds = None
     if cfg.data.eval:
-        eval_rows, stats["eval"] = tokenize_dataset(tokenizer, cfg.data.eval, **kw)
-        eval_ds = Dataset.from_list(eval_rows)
-    train_ds = Dataset.from_list([{**r, "length": len(r["input_ids"])} for r in train_rows])
-    return train_ds, eval_ds, stats
+        eval_ds, stats["eval"], _ = prepared_split(cfg, tokenizer, cfg.data.eval, rt)
+        eval_ds = eval_ds.select_columns(["input_ids", "labels"])
+    return train_ds.select_columns(["input_ids", "labels", "length"]), eval_ds, stats
 
 
 def _quantization(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
@@ -623,7 +623,9 @@ class KitTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         if self.group_by_length and ds is not None and "length" in getattr(ds, "column_names", ()):
-            return LengthGroupedShuffledSampler(ds["length"], self._train_batch_size,
+            # The length column straight from Arrow as one numpy array (no Python list per example).
+            lengths = ds.data.column("length").to_numpy()
+            return LengthGroupedShuffledSampler(lengths, self._train_batch_size,
                                                 window=self.group_window, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
