@@ -103,7 +103,9 @@ def assistant_spans(tokenizer: Any, messages: list[dict], loss_on: LossOn) -> tu
         idx = idx[-1:]
     for i in idx:
         prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1])
+        # The last message's "conversation so far" is the whole conversation: one render fewer
+        # for every example that ends on its assistant turn (nearly all of them).
+        upto = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
         if not text.startswith(upto) or not upto.startswith(prefix):
             raise ChatFormatError(
                 "the chat template does not render conversations prefix-consistently, so assistant "

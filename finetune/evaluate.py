@@ -194,26 +194,29 @@ def intrinsic_scores(
 
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    encoded, invalid = [], 0
-    for msgs in _shard(conversations, rank, world):
-        try:
-            enc = encode_chat(tokenizer, msgs, max_length=max_length, loss_on=loss_on)  # type: ignore[arg-type]
-        except (ChatFormatError, TypeError, KeyError):
-            invalid += 1
-            continue
-        if enc.n_trained:
-            encoded.append(enc)
     device = next(model.parameters()).device
     # nll, scored tokens, argmax hits, bytes, invalid examples
     acc = torch.float32 if device.type == "mps" else torch.float64
     sums = torch.zeros(5, dtype=acc, device=device)
-    sums[3] = float(sum(e.trained_bytes for e in encoded))
-    sums[4] = float(invalid)
     was_training = model.training
     model.eval()
     collate = pad_collate(tokenizer.pad_token_id)
-    for start in range(0, len(encoded), batch_size):
-        batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded[start:start + batch_size]])
+    mine = _shard(conversations, rank, world)
+    # Encoded a batch at a time: what is held is one batch of token ids and its hidden states.
+    for start in range(0, len(mine), batch_size):
+        encoded = []
+        for msgs in mine[start:start + batch_size]:
+            try:
+                enc = encode_chat(tokenizer, msgs, max_length=max_length, loss_on=loss_on)  # type: ignore[arg-type]
+            except (ChatFormatError, TypeError, KeyError):
+                sums[4] += 1
+                continue
+            if enc.n_trained:
+                encoded.append(enc)
+        if not encoded:
+            continue
+        sums[3] += float(sum(e.trained_bytes for e in encoded))
+        batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded])
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             nll, hits = scored_token_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

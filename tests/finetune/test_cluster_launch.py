@@ -102,3 +102,20 @@ def test_a_ddp_run_of_two_ranks_continues_on_one_with_the_same_batches(tiny_mode
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-3), (step, resumed, straight)
     assert json.loads((run / "run.json").read_text())["parallel"]["world_size"] == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_tokenize_once_and_share_the_cache(tiny_model, chat_data, tmp_path):
+    """Local rank 0 builds the data cache, rank 1 waits for it and memory-maps it; a second launch
+    on the same data builds nothing."""
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text(chat_data["train"].read_text())
+    config, run = _write_config(tmp_path, tiny_model, {"train": data}, training={"max_steps": 4})
+    res = _run_ok("ddp.yaml", config)
+    builds = [json.loads(ln) for ln in (data.parent / ".finetune-cache" / "builds.log").read_text().splitlines()]
+    assert len(builds) == 1 and builds[0]["rank"] == 0, builds
+    assert "world size       2" in res.stdout
+    _run_ok("ddp.yaml", config, "overwrite=true")
+    assert len((data.parent / ".finetune-cache" / "builds.log").read_text().splitlines()) == 1

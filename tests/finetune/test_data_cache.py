@@ -251,3 +251,45 @@ def test_finetune_prepare_builds_ahead_and_train_starts_warm(tiny_model, tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(log.read_text().splitlines()) == 2  # train tokenized nothing
     assert Path(tmp_path / "run" / "adapter").is_dir()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_skips_consumed_batches_by_index_and_sees_the_same_batches(tiny_model, tmp_path):
+    """A run of a 20,000-example epoch resumed at step 250: accelerate's SkipBatchSampler skips the
+    consumed batches by index over our sampler (no example is read to get there), the first step
+    comes at once, and steps 251-260 see the batches the uninterrupted run saw: the same losses.
+    (How the skip scales to 200k examples and late steps: scripts/bench_data_path.py.)"""
+    import time
+
+    from transformers import TrainerCallback
+
+    from finetune.train import train
+
+    data = write_jsonl(tmp_path / "d" / "train.jsonl", make_chat_examples(20_000, seed=12))
+
+    class Clock(TrainerCallback):
+        first_step_s = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.first_step_s is None:
+                self.first_step_s = time.perf_counter() - self.t0
+
+    over = ["training.max_steps=260", "training.save_steps=250", "training.batch_size=4", "training.logging_steps=1",
+            "training.learning_rate=1e-3", "lora.dropout=0", "lora.r=4", "training.save_total_limit=3"]
+    run = train(_cfg(tiny_model, data, tmp_path, *over))
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    (run / "checkpoints" / "checkpoint-260" / "COMPLETE").unlink()  # as if killed after step 250's save
+    clock = Clock()
+    t0 = time.perf_counter()
+    train(_cfg(tiny_model, data, tmp_path, *over, "resume=true"), callbacks=[clock])
+    resumed = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r}
+    print(f"resumed at step 250: first step {clock.first_step_s:.2f} s after the trainer started, "
+          f"whole resumed run {time.perf_counter() - t0:.1f} s")
+    assert clock.first_step_s < 5, clock.first_step_s
+    for step in range(251, 261):
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-4), step
