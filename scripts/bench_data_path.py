@@ -12,6 +12,9 @@ process, one after the other:
   kit_warm  the same command again (the cache is there)
   trl       plain TRL SFTTrainer on `datasets.load_dataset("json")` of the same file, its dataset
             cache emptied first (it tokenizes with datasets.map into Arrow)
+  resume    (after the arms) the cost of resuming 90% into the epoch: accelerate's SkipBatchSampler
+            over the kit's sampler, as the Trainer uses it, vs reading the skipped batches from the
+            memory-mapped cache (what a loader without an index-level skip pays)
 Time to first step: from the child's launch to the end of optimizer step 1 (a TrainerCallback
 writes the time), so imports, model load, data and the step itself all count. Peak RSS: the sum
 over the child and all its descendants (tokenizer workers too), sampled every 50 ms.
@@ -118,6 +121,34 @@ def run_arm(arm: str, spec: dict, work: Path) -> dict:
     return {"first_step_s": float(stamp.read_text()) - t0, "peak_rss_mb": peak / 2**20}
 
 
+def resume_skip(cache: Path, batch_size: int = 8) -> dict:
+    """Seconds to the first batch after skipping 90% of an epoch: by index vs by reading."""
+    import glob
+
+    from accelerate.data_loader import SkipBatchSampler
+    from datasets import Dataset, concatenate_datasets
+    from torch.utils.data import BatchSampler
+
+    from finetune.data import LengthGroupedShuffledSampler
+
+    shards = sorted(glob.glob(str(cache / "*" / "shard-*.arrow")))
+    ds = concatenate_datasets([Dataset.from_file(f) for f in shards])
+    lengths = ds.data.column("length").to_numpy()
+    n_batches = len(ds) // batch_size
+    skip = int(0.9 * n_batches)
+    t0 = time.perf_counter()
+    sampler = LengthGroupedShuffledSampler(lengths, batch_size, seed=0)
+    first = next(iter(SkipBatchSampler(BatchSampler(sampler, batch_size, drop_last=False), skip_batches=skip)))
+    _ = ds[first]
+    by_index = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    it = iter(BatchSampler(sampler, batch_size, drop_last=False))
+    for _ in range(skip):
+        _ = ds[next(it)]  # the rows a loader would fetch and throw away
+    by_reading = time.perf_counter() - t0
+    return {"examples": len(ds), "skipped_batches": skip, "by_index_s": by_index, "by_reading_s": by_reading}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="25000,200000", help="comma-separated example counts")
@@ -157,6 +188,12 @@ def main() -> int:
             results.append(r)
             print(f"{n:>8} examples ({r['jsonl_mb']:6.1f} MB)  {arm:9s}  first step {r['first_step_s']:7.1f} s  "
                   f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+    if "kit_warm" in arms or "kit_cold" in arms:
+        for n in sizes:
+            r = resume_skip(work / f"cache_{n}")
+            results.append({"arm": "resume", **r})
+            print(f"{n:>8} examples  resume at batch {r['skipped_batches']}: first batch after {r['by_index_s']:.2f} s "
+                  f"(skip by index) vs {r['by_reading_s']:.1f} s (reading the skipped batches)", flush=True)
     by = {(r["examples"], r["arm"]): r for r in results}
     print("\nratios")
     for n in sizes:

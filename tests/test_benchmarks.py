@@ -57,3 +57,17 @@ def test_bench_memory_smoke(tmp_path):
     for m in ("full", "lora", "qlora"):
         assert res[m]["peak"] > 0 and res[m]["plan_peak"] > 0 and 0 < res[m]["peak_anon"] <= res[m]["peak"] * 1.1
     assert "QLoRA model state / LoRA model state" in stdout
+
+
+@pytest.mark.slow
+def test_bench_data_path_smoke(tmp_path):
+    res, stdout = _run("bench_data_path.py", tmp_path)
+    arms = {(r["examples"], r["arm"]): r for r in res}
+    for n in (500, 2000):
+        for arm in ("kit_cold", "kit_warm", "trl"):
+            r = arms[(n, arm)]
+            assert 0 < r["first_step_s"] < 300 and r["peak_rss_mb"] > 100, r
+        builds = (tmp_path / "w" / f"cache_{n}" / "builds.log").read_text().splitlines()
+        assert len(builds) == 1  # the cold arm built the cache, the warm arm only read it
+        assert arms[(n, "resume")]["skipped_batches"] == int(0.9 * (n // 8))
+    assert "kit cold / TRL time to first step" in stdout and "warm peak RSS" in stdout
