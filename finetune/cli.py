@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from finetune.config import ConfigError, describe_schema, load_config
@@ -132,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if int(os.environ.get("RANK", "0")) != 0:
+    from kitcore.runtime import launch_env
+
+    if launch_env()[0] != 0:  # one rank talks; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     # bitsandbytes warns on every import that an optional CPU kernel package is absent; it is not
     # needed (QLoRA runs without it), so the warning only hides real messages.

@@ -405,7 +405,9 @@ def build_cache(spec: CacheSpec, tokenizer: Any, final: Path, key: str, key_inpu
                 "num_proc": workers,
                 "shards": [{"file": Path(r.file).name, "rows": r.rows, "bytes": Path(r.file).stat().st_size}
                            for r in results]}
-        meta["builder"] = {"host": socket.gethostname(), "pid": os.getpid(), "rank": int(os.environ.get("RANK", 0))}
+        from kitcore.runtime import launch_env
+
+        meta["builder"] = {"host": socket.gethostname(), "pid": os.getpid(), "rank": launch_env()[0]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / COMPLETE).write_text(key)
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 # Re-exported: train, evaluate, inference and sweep import it from here.
@@ -12,7 +11,10 @@ __all__ = ["atomic_write_text", "is_main_process", "rank0_print"]
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """Global rank 0 (what the launcher announced; see kitcore.runtime)."""
+    from kitcore.runtime import launch_env
+
+    return launch_env()[0] == 0
 
 
 def rank0_print(*args, file=None, **kwargs) -> None:

@@ -34,7 +34,7 @@ def jaccard(a: set, b: set) -> float:
 class BandIndex:
     """MinHash LSH buckets in two numpy arrays: band hash -> record number.
 
-    The bucket layout is datasketch's (b bands of r rows, chosen by its `_optimal_param` for the
+    The bucket layout is datasketch's (b bands of r rows, as its MinHashLSH chooses them for the
     threshold and weights); only the storage differs. datasketch's in-memory MinHashLSH keeps, per
     record and band, a bytes key and a Python set (5.5 KB per record measured with b = 14); here a
     record costs b x 12 bytes: 64-bit band hashes in one sorted array with their record numbers,
@@ -46,9 +46,12 @@ class BandIndex:
     TAIL = 16384
 
     def __init__(self, threshold: float, num_perm: int, weights: tuple[float, float], seed: int = 1):
-        from datasketch.lsh import _optimal_param
+        from datasketch import MinHashLSH
 
-        self.b, self.r = _optimal_param(threshold, num_perm, *weights)
+        # datasketch's public layout choice: an empty MinHashLSH exposes the b bands x r rows it
+        # picked for this threshold and weights (its own buckets are never filled).
+        layout = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=weights)
+        self.b, self.r = layout.b, layout.r
         rng = np.random.default_rng(seed)
         self._mult = rng.integers(1, 2**62, size=(self.b, self.r), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self._salt = rng.integers(0, 2**62, size=self.b, dtype=np.uint64)

@@ -103,3 +103,17 @@ def test_trainer_uses_it_by_default_and_not_when_off(tiny_model, chat_data, tmp_
     assert not isinstance(trainer._get_train_sampler(), LengthGroupedShuffledSampler)
     pad_random = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
     assert pad_grouped < 0.5 * pad_random, (pad_grouped, pad_random)
+
+
+def test_the_private_sampler_hook_has_the_signature_the_override_expects():
+    """transformers has no public hook for the train sampler; KitTrainer overrides the private one.
+    When transformers changes it, this fails (and importing finetune.train raises) rather than the
+    override silently never being called."""
+    import inspect
+
+    from transformers import Trainer
+
+    from finetune.train import KitTrainer
+
+    assert list(inspect.signature(Trainer._get_train_sampler).parameters) == ["self", "train_dataset"]
+    assert KitTrainer._get_train_sampler is not Trainer._get_train_sampler

@@ -109,7 +109,7 @@ def test_scoring_never_builds_batch_by_sequence_logits(tiny_model, chat_data):
 # precision and 4-bit storage
 # ----------------------------------------------------------------------------------------------
 def test_full_fine_tuning_on_gpu_keeps_fp32_master_weights(tiny_model, chat_data, tmp_path):
-    from finetune.train import _weights_dtype
+    from finetune.run_setup import weights_dtype as _weights_dtype
 
     full = _cfg(tiny_model, chat_data, tmp_path, "adapter=full")
     assert _weights_dtype(full, GPU) == "float32"  # fp32 weights, bf16 autocast
@@ -128,7 +128,7 @@ def _ds(tmp_path, stage, **precision):
 
 
 def test_4bit_storage_must_match_deepspeeds_dtype(tiny_model, chat_data, tmp_path):
-    from finetune.train import _check_quantized_storage
+    from finetune.run_setup import check_quantized_storage as _check_quantized_storage
 
     def check(ds, *over):
         _check_quantized_storage(_cfg(tiny_model, chat_data, tmp_path, "adapter=qlora", f"deepspeed={ds}", *over), CPU)
@@ -157,7 +157,7 @@ def _saved_setup(run: Path, **setup):
 
 
 def test_resume_setup_rules(tmp_path):
-    from finetune.train import _check_resume_setup
+    from finetune.run_dir import check_resume_setup as _check_resume_setup
 
     run = tmp_path / "run"
     def setup(world, stage, accum, precision="bf16"):

@@ -2,10 +2,10 @@
 
     accelerate launch --config_file configs/accelerate/<file> --num_processes 2 -m finetune train CONFIG ...
 
-Each run sets FINETUNE_RANK_PROBE=1, so every rank writes run/rank_probe/rank-N.json (pid, world
-size as its process group sees it, hashes of its first batches, a sum of its trainable weights; see
-`finetune.train.RankProbe`). A rank that silently trains alone looks like success from rank 0's
-files, so the tests check both ranks.
+with tests/finetune/rank_probe.py in place of `-m finetune` (the same CLI, plus a callback), so
+every rank writes run/rank_probe/rank-N.json (pid, world size as its process group sees it, hashes
+of its first batches, a sum of its trainable weights). A rank that silently trains alone looks
+like success from rank 0's files, so the tests check both ranks.
 
 The first DeepSpeed run on a machine JIT-builds DeepSpeed's shm comm op (~40 s, then cached in
 ~/.cache/torch_extensions); after that the whole file takes about 2 minutes on 2 cores.
@@ -29,6 +29,7 @@ import yaml
 from finetune.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
+RANK_PROBE = Path(__file__).with_name("rank_probe.py")  # `finetune train` plus a per-rank probe
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 TIMEOUT_S = 300
 MAX_STEPS = 8
@@ -72,8 +73,9 @@ def _launch(accelerate_config: str, train_config: Path, *overrides: str, env: di
     """Run the cluster command from the repository root (accelerate yamls name relative paths)."""
     cmd = [str(ACCELERATE), "launch", "--config_file", f"configs/accelerate/{accelerate_config}",
            "--num_processes", "2", "--main_process_port", str(_free_port()),
-           "-m", "finetune", "train", str(train_config), *overrides]
-    full_env = {**os.environ, "FINETUNE_RANK_PROBE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           str(RANK_PROBE), "train", str(train_config), *overrides]
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t0 = time.monotonic()
     # A new session, so a timeout kills the launcher and both ranks, not just the launcher.
@@ -280,7 +282,7 @@ def _cfg(tiny_model, chat_data, tmp_path, *over):
 
 
 def test_deepspeed_json_comes_from_the_launcher_when_unset(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.train import _resolve_deepspeed_config
+    from finetune.run_setup import resolve_deepspeed_config as _resolve_deepspeed_config
 
     _ds_env(monkeypatch, "configs/deepspeed/zero3.json")
     cfg = _cfg(tiny_model, chat_data, tmp_path)
@@ -289,7 +291,7 @@ def test_deepspeed_json_comes_from_the_launcher_when_unset(tiny_model, chat_data
 
 
 def test_deepspeed_key_and_launcher_must_agree(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.train import _resolve_deepspeed_config
+    from finetune.run_setup import resolve_deepspeed_config as _resolve_deepspeed_config
 
     _ds_env(monkeypatch, "configs/deepspeed/zero3.json")
     same = tmp_path / "copy_of_zero3.json"
@@ -304,7 +306,7 @@ def test_deepspeed_key_and_launcher_must_agree(tiny_model, chat_data, tmp_path, 
 
 
 def test_deepspeed_key_is_used_when_the_launcher_names_no_file(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.train import _resolve_deepspeed_config
+    from finetune.run_setup import resolve_deepspeed_config as _resolve_deepspeed_config
 
     _ds_env(monkeypatch, None)
     cfg = _cfg(tiny_model, chat_data, tmp_path, "deepspeed=configs/deepspeed/zero2.json")
