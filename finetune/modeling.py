@@ -107,7 +107,7 @@ def load_base_model(
     except Exception as exc:
         # transformers reads `.bin` checkpoints with torch.load(weights_only=True): a pickle that
         # carries code (not just tensors) fails there, and is never executed.
-        if "weights_only" in str(exc) or type(exc).__name__ == "UnpicklingError":
+        if _refused_pickle(exc):
             from finetune.errors import UnsafeCheckpointError
 
             bins = sorted(p.name for p in Path(model_ref(name)).glob("*.bin")) if Path(name).is_dir() else []
@@ -120,6 +120,19 @@ def load_base_model(
     if quantize:
         _keep_cpu_4bit_layers_unpacked_where_unsupported(model)
     return model
+
+
+def _refused_pickle(exc: BaseException) -> bool:
+    """torch.load(weights_only=True) refused a pickle: an UnpicklingError in the exception chain."""
+    import pickle
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, pickle.UnpicklingError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _keep_cpu_4bit_layers_unpacked_where_unsupported(model) -> None:
