@@ -103,6 +103,10 @@ class TrainingConfig(_Section):
         None, ge=1, description="Stop after N evaluations without eval-loss improvement."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    loss: Literal["chunked", "full"] = Field(
+        "chunked", description="chunked: the LM head runs only at trained positions, a chunk of fp32 logits "
+        "at a time (no [batch, seq, vocab] tensor; finetune.losses); full: the model's own loss over full logits.",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
     )

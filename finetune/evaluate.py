@@ -104,75 +104,34 @@ def _shard(items: list, rank: int, world: int) -> list:
 # ----------------------------------------------------------------------------------------------
 # intrinsic
 # ----------------------------------------------------------------------------------------------
-# Positions scored per LM-head chunk: at most this many bytes of fp32 logits exist at once
-# (256 MiB: 512 positions at a 128k vocabulary), whatever the batch size and sequence length.
-LOGITS_CHUNK_BYTES = 256 << 20
-
-
-def _lm_parts(model):
-    """(decoder, head, scale) of a causal LM or a PEFT model around one: the network up to the
-    final hidden states, the output projection, and the logit post-processing some architectures
-    apply in forward (Gemma-2 soft-capping, Cohere and Granite scaling). None when the model does
-    not split this way; its full logits are used then."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_decoder = getattr(base, "get_decoder", None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    decoder = get_decoder() if callable(get_decoder) else None
-    if decoder is None or head is None or decoder is base:
-        return None
-    cfg = getattr(base, "config", None)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    mul = getattr(cfg, "logit_scale", None)
-    div = getattr(cfg, "logits_scaling", None)
-
-    def scale(logits):
-        if mul:
-            logits = logits * mul
-        if div:
-            logits = logits / div
-        if cap:
-            logits = cap * (logits / cap).tanh()
-        return logits
-
-    return decoder, head, scale
-
-
-def scored_token_sums(model, input_ids, attention_mask, labels, *, chunk_bytes: int = LOGITS_CHUNK_BYTES):
+def scored_token_sums(model, input_ids, attention_mask, labels, *, chunk_bytes: int | None = None):
     """(sum of NLL, number of argmax hits) over the positions whose label is not IGNORE_INDEX, on
     the model's device.
 
-    The LM head runs only at scored positions, a chunk at a time, in fp32: no [batch, seq, vocab]
-    tensor is built, and nothing leaves the device. Position t predicts token t+1.
+    The LM head runs only at scored positions, a chunk at a time, in fp32 (finetune.losses, the same
+    code that computes the training loss): no [batch, seq, vocab] tensor is built, and nothing
+    leaves the device. Position t predicts token t+1.
     """
     import torch
     import torch.nn.functional as F
 
+    from finetune.losses import LOGITS_CHUNK_BYTES, chunked_nll, lm_parts
+
     target = labels[:, 1:]
     scored = target != IGNORE_INDEX  # [B, T-1]
-    parts = _lm_parts(model)
-    acc = torch.float32 if input_ids.device.type == "mps" else torch.float64
-    nll = torch.zeros((), dtype=acc, device=input_ids.device)
-    hits = torch.zeros((), dtype=acc, device=input_ids.device)
+    parts = lm_parts(model)
     if parts is None:
-        # use_cache=False: with a cache in play, transformers may take another attention path.
+        # A model that does not split into decoder + head: its logits, at scored positions only.
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        rows = [logits[:, :-1][scored]]  # [N, V], still in the model's dtype
-        targets = target[scored]
-    else:
-        decoder, head, scale = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        h = hidden[:, :-1][scored]  # [N, H]: hidden states of the scored positions only
-        targets = target[scored]
-        vocab = head.weight.shape[0] if hasattr(head, "weight") else model.config.vocab_size
-        step = max(1, chunk_bytes // (4 * vocab))
-        rows = (h[i:i + step] for i in range(0, h.shape[0], step))
-    start = 0
-    for chunk in rows:
-        logits = chunk.float() if parts is None else scale(head(chunk).float())  # [n, V] fp32
-        t = targets[start:start + logits.shape[0]]
-        start += logits.shape[0]
-        nll += F.cross_entropy(logits, t, reduction="sum").to(acc)
-        hits += (logits.argmax(-1) == t).sum().to(acc)
+        z, t = logits[:, :-1][scored].float(), target[scored]
+        return F.cross_entropy(z, t, reduction="sum"), (z.argmax(-1) == t).sum().float()
+    decoder, head, post = parts
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    with torch.no_grad():
+        nll, hits = chunked_nll(hidden[:, :-1][scored], head, target[scored],
+                                vocab=base.config.get_text_config().vocab_size, post=post,
+                                chunk_bytes=chunk_bytes or LOGITS_CHUNK_BYTES)
     return nll, hits
 
 

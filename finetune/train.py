@@ -211,6 +211,12 @@ def _setup_model(cfg: TrainConfig, tokenizer, rt):
         cfg.model, dtype=weights_dtype(cfg, rt), quantize=quantize, quant_kwargs=qkw,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
     )
+    if cfg.training.loss == "chunked":
+        from finetune.losses import install_chunked_loss
+
+        if not install_chunked_loss(model):
+            logger.warning("%s does not split into a decoder and an LM head: training.loss=chunked falls back to "
+                           "the model's own loss over full logits", cfg.model)
     modules_to_save = list(cfg.lora.modules_to_save)
     emb = model.get_input_embeddings().weight
     # Under ZeRO-3 the weight is a 0-element shard and its real shape is ds_shape: comparing with
@@ -310,6 +316,7 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt):
         activation_checkpointing=False,  # enabled on the model in _setup_model (PEFT needs it there)
         train_sampling_strategy="random",  # group_by_length: KitTrainer._get_train_sampler
         remove_unused_columns=False,
+        prediction_loss_only=True,  # eval during training needs eval_loss only (the chunked loss has no logits)
         dataloader_num_workers=t.num_workers,
         include_num_input_tokens_seen="non_padding",
         report_to=report_to,
