@@ -283,6 +283,7 @@ class Setup:
     seq_len: int = 2048
     grad_accum: int = 1
     gradient_checkpointing: bool = False
+    loss: str = "chunked"  # chunked | full (training.loss)
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     device: str = "gpu"  # gpu | cpu (cpu: the validation target, fp32, process RSS)
     device_memory: int = 80 * GiB
@@ -361,6 +362,7 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         offload_param=off_par and stage == 3, max_live_parameters=max_live, nodes=nodes, gpus_per_node=gpus_per_node,
         micro_batch=t.batch_size, seq_len=cfg.max_length, grad_accum=t.grad_accum,
         gradient_checkpointing=t.gradient_checkpointing, attn=cfg.attn_implementation or "sdpa",
+        loss=getattr(t, "loss", "chunked"),
         device=device, device_memory=device_memory, host_memory=host_memory,
     )
 
@@ -454,11 +456,20 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     # head: final norm + logits. logits (A), their fp32 copy for the loss, log_softmax output and its
     # gradient (fp32) are alive together at the start of backward: (A + 4 + 4) V per token, A=4 -> 12V.
     V = shape.vocab_size
-    head = (4 * shape.hidden_size + 4) + V * (12 + (A if A != 4 else 0))
+    if s.loss == "chunked":
+        # finetune.losses: the hidden states of the trained positions are gathered (at most every
+        # token: A*H per token), and one chunk of positions at a time has fp32 logits; in backward
+        # the recomputed logits, their log-softmax and two gradients are alive together (16 B x V).
+        from finetune.losses import LOGITS_CHUNK_BYTES
+
+        chunk = min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * V)))
+        head_total = ((4 + A) * shape.hidden_size + 4) * tokens + 16 * V * chunk
+    else:
+        head_total = ((4 * shape.hidden_size + 4) + V * (12 + (A if A != 4 else 0))) * tokens
     # With checkpointing, the first layer is recomputed only once backward has passed the head, whose
     # logits/log-softmax tensors are freed by then: the peak holds the larger of the two, not both
     # (measured: LoRA + checkpointing was predicted +15% high without this).
-    return {"layers": layers, "head": head * tokens, "recompute_overlap": -min(recompute, head * tokens)}
+    return {"layers": layers, "head": head_total, "recompute_overlap": -min(recompute, head_total)}
 
 
 @dataclass
@@ -691,7 +702,9 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     note_ckpt = "checkpointing on" if s.gradient_checkpointing else "no checkpointing"
     lines.append(Line("activations: decoder layers", act["layers"], 0.0,
                       f"{s.micro_batch} x {s.seq_len} tokens, {note_ckpt}"))
-    lines.append(Line("activations: logits + loss", act["head"], 0.0, f"vocab {shape.vocab_size}, fp32 loss"))
+    lines.append(Line("activations: logits + loss", act["head"], 0.0,
+                      f"vocab {shape.vocab_size}, " + ("chunked: one chunk of fp32 logits at a time" if s.loss == "chunked"
+                                                       else "full fp32 logits (training.loss=full)")))
     if act["recompute_overlap"]:
         lines.append(Line("overlap: recompute after the loss is freed", act["recompute_overlap"], 0.0,
                           "checkpointing: the recomputed layer and the logits are not alive together"))

@@ -21,6 +21,13 @@ same run. Extra arms (`--arms`) isolate where the difference comes from:
   trl_nockpt     TRL + gradient_checkpointing=False
   kit            finetune train defaults (length-grouped, batch-shuffled sampler; no checkpointing)
   kit_random     finetune train with training.group_by_length=false
+  kit_fulllogits finetune train with training.loss=full (the model's own loss over full logits)
+
+The large-vocabulary comparison (issue: step memory at real vocabularies) is the same script with
+the model's vocabulary set to Llama 3's, sequences up to 1,024 and batch 4, a few steps:
+
+    python scripts/bench_train.py --model-vocab 128256 --batch-size 4 --max-length 1024 --max-steps 6 \
+        --examples 400 --arms trl,kit,kit_fulllogits --work bench_output/train_vocab128k
 """
 from __future__ import annotations
 
@@ -80,6 +87,21 @@ def prepare(work: Path, args) -> dict:
     if not (model / "config.json").exists():
         build_tiny_model(model, [data / "train.jsonl"], vocab_size=args.vocab_size,
                          hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+    if args.model_vocab:
+        # A real model's vocabulary size (e.g. Llama 3's 128,256) on the small model: the LM head and
+        # the logits get their real size, which is what the large-vocabulary arm measures. The
+        # tokenizer stays small; the extra rows are never a target.
+        big = work / f"model_vocab{args.model_vocab}"
+        if not (big / "config.json").exists():
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            torch.manual_seed(args.seed)
+            m = AutoModelForCausalLM.from_pretrained(model)
+            m.resize_token_embeddings(args.model_vocab, mean_resizing=False)
+            m.save_pretrained(big)
+            AutoTokenizer.from_pretrained(model).save_pretrained(big)
+        model = big
     return {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl"), "model": str(model)}
 
 
@@ -183,6 +205,8 @@ def run_trl(spec: dict, out: Path, variant: str) -> dict:
         extra["train_sampling_strategy"] = "group_by_length"
     if variant == "trl_nockpt":
         extra["gradient_checkpointing"] = False
+    if spec.get("max_steps"):
+        extra["max_steps"] = spec["max_steps"]
     args = SFTConfig(
         output_dir=str(out / "trl_out"),
         num_train_epochs=spec["epochs"],
@@ -228,6 +252,10 @@ def run_kit(spec: dict, out: Path, variant: str) -> dict:
     ]
     if variant == "kit_random":
         overrides.append("training.group_by_length=false")
+    if variant == "kit_fulllogits":
+        overrides.append("training.loss=full")
+    if spec.get("max_steps"):
+        overrides.append(f"training.max_steps={spec['max_steps']}")
     cfg = load_config(None, overrides)
     rows, _ = tokenize_dataset(load_tokenizer(spec["model"]), spec["train"], max_length=cfg.max_length)
     timer = timer_callback()
@@ -281,7 +309,10 @@ def main() -> int:
     ap.add_argument("--lora-alpha", type=float, default=32)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--vocab-size", type=int, default=512)
+    ap.add_argument("--vocab-size", type=int, default=512, help="the tokenizer's (trained locally)")
+    ap.add_argument("--model-vocab", type=int, default=0,
+                    help="give the model this vocabulary size (e.g. 128256, Llama 3's): the large-vocabulary arm")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop both arms after this many steps (0: epochs)")
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -299,7 +330,7 @@ def main() -> int:
         args.examples, args.eval_examples, args.max_items = 96, 24, 6
         args.hidden_size, args.layers, args.vocab_size = 64, 1, 320
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ("trl", "trl_grouped", "trl_nockpt", "kit", "kit_random")]
+    bad = [a for a in arms if a not in ("trl", "trl_grouped", "trl_nockpt", "kit", "kit_random", "kit_fulllogits")]
     if bad:
         ap.error(f"--arms: unknown arm(s) {bad}")
 
@@ -311,7 +342,7 @@ def main() -> int:
     spec.update(work=str(work), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 scheduler=args.scheduler, warmup=args.warmup, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout, max_length=args.max_length, seed=args.seed, threads=args.threads,
-                seeds=args.seeds)
+                seeds=args.seeds, max_steps=args.max_steps)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     lens, _ = token_lengths(spec["model"], spec["train"])
@@ -339,12 +370,14 @@ def main() -> int:
             out = work / tag
             res = json.loads((out / "result.json").read_text())
             res.update(score(spec, res["adapter_dir"], out / "eval"))
-            tokens = args.epochs * sum(res["lengths"])
+            # With --max-steps only part of an epoch is seen: the tokens of that share (both arms alike).
+            share = min(1.0, res["steps"] * args.batch_size / len(res["lengths"])) if args.max_steps else args.epochs
+            tokens = share * sum(res["lengths"])
             t = res["train_s"]
             res["seed"] = seed
             res["tokens_per_s"] = tokens / t
-            res["trained_tokens_per_s"] = args.epochs * res["trained_tokens_per_epoch"] / t
-            res["gflops"] = train_flops(res.pop("lengths"), counts, args.epochs) / t / 1e9
+            res["trained_tokens_per_s"] = share * res["trained_tokens_per_epoch"] / t
+            res["gflops"] = train_flops(res.pop("lengths"), counts, share) / t / 1e9
             res["mfu_fp32"] = res["gflops"] / ceiling["fp32"]
             runs[arm].append(res)
 

@@ -54,3 +54,17 @@ def test_full_fine_tuning_without_deepspeed_is_planned_with_fp32_master_weights(
                              "output_dir=/tmp/unused", "adapter=full"])  # no file is read by the plan setup
     s = setup_from_config(cfg)
     assert (s.weight_dtype, s.precision) == ("float32", "bf16")
+
+
+def test_the_logits_line_follows_the_loss_implementation():
+    """Chunked: one chunk of logits whatever the batch; full: [batch, seq, vocab] fp32 logits."""
+    chunked = _plan("llama3_8b_qlora.yaml", 1, 24)
+    full = _plan("llama3_8b_qlora.yaml", 1, 24, loss="full")
+    line = {p: next(x for x in plan.lines if x.name == "activations: logits + loss")
+            for p, plan in (("chunked", chunked), ("full", full))}
+    assert "chunked" in line["chunked"].note and "training.loss=full" in line["full"].note
+    assert line["full"].device > 20 * line["chunked"].device  # 128k vocabulary, 4 x 4,096 tokens
+    assert chunked.fits and not full.fits
+    bigger = _plan("llama3_8b_qlora.yaml", 1, 24, micro_batch=8)
+    head8 = next(x for x in bigger.lines if x.name == "activations: logits + loss").device
+    assert head8 < 2.1 * line["chunked"].device  # grows with the gathered hidden states only
