@@ -1,6 +1,6 @@
 """`finetune sweep`: hyperparameter search on Optuna; one trial = one full `finetune train` run.
 
-    finetune sweep SWEEP.yaml [--storage URL] [--workers N]
+    finetune sweep SWEEP.yaml [key=value ...] [--storage URL] [--workers N]
 
     sweep YAML ─ base training config + search space ─► Optuna study (SQLite in output_dir by default;
     PostgreSQL or a journal file when workers on several nodes share it)
@@ -19,7 +19,7 @@ Search and pruning are Optuna's (samplers, pruners, storages, heartbeats, retrie
 plots); this package only maps a sweep YAML onto them and runs each trial through
 `finetune.train.train`. One file per part:
 
-    config.py   the sweep YAML: schema, checks against the base config
+    config.py   the sweep YAML: schema, `key=value` overrides, checks against the base config
     study.py    Optuna factories: sampler, pruner, storage (with its heartbeat), the study
     locking.py  the cross-worker lock that keeps N workers within `n_trials`
     trial.py    one trial: sampled params -> training config -> train() with the pruning callback

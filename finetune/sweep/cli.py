@@ -1,4 +1,4 @@
-"""`finetune sweep SWEEP.yaml` and `python -m finetune.sweep` (what `--workers N`
+"""`finetune sweep SWEEP.yaml [key=value ...]` and `python -m finetune.sweep` (what `--workers N`
 spawns): run the workers here, one per local process, then write the reports."""
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def run_sweep(sweep: SweepConfig, storage_url: str | None = None, workers: int = 1,
-              sweep_path: str | Path | None = None, report: bool = True) -> dict[str, Any]:
-    """Run the sweep here (`workers` processes sharing the study), then write the reports."""
+              sweep_path: str | Path | None = None, report: bool = True,
+              overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the sweep here (`workers` processes sharing the study), then write the reports.
+
+    With workers > 1 each worker loads `sweep_path` with the same `overrides` as `sweep`."""
     storage_url = storage_url or default_storage(sweep)
     Path(sweep.output_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -31,7 +34,7 @@ def run_sweep(sweep: SweepConfig, storage_url: str | None = None, workers: int =
         if sweep_path is None:
             raise ValueError("workers > 1 needs the sweep file's path (each worker loads it)")
         open_study(sweep, storage_url)  # created (and the baseline queued) once, before workers race
-        _spawn_workers(Path(sweep_path), storage_url, workers)
+        _spawn_workers(Path(sweep_path), storage_url, workers, overrides or [])
     else:
         run_worker(sweep, storage_url)
     study, _, _ = open_study(sweep, storage_url)
@@ -65,12 +68,13 @@ def _worker_gpus(workers: int) -> list[str | None]:
     return worker_gpus(workers, ids)
 
 
-def _spawn_workers(sweep_path: Path, storage_url: str, workers: int) -> None:
+def _spawn_workers(sweep_path: Path, storage_url: str, workers: int, overrides: list[str]) -> None:
     """N local worker processes; each gets an equal share of the cores (torch would take them all)."""
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // workers)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    cmd = [sys.executable, "-m", "finetune.sweep", str(sweep_path), "--storage", storage_url, "--no-report"]
+    cmd = [sys.executable, "-m", "finetune.sweep", str(sweep_path), *overrides, "--storage", storage_url,
+           "--no-report"]
     procs = []
     for gpu in _worker_gpus(workers):
         procs.append(subprocess.Popen(cmd, env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}))
@@ -89,6 +93,8 @@ def _spawn_workers(sweep_path: Path, storage_url: str, workers: int) -> None:
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("sweep_config", metavar="SWEEP.yaml", help="sweep config (see configs/sweep/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides of the sweep file's keys, e.g. n_trials=20 sampler_options.seed=1")
     parser.add_argument("--storage", help="Optuna storage shared by all workers: postgresql://user@host/db, "
                         "journal:///shared/path/study.log, sqlite:///path.db (default: sqlite:///OUTPUT/study.db)")
     parser.add_argument("--workers", type=int, default=1,
@@ -99,7 +105,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    sweep = load_sweep_config(args.sweep_config)
+    sweep = load_sweep_config(args.sweep_config, args.overrides)
     if args.workers < 1:
         raise ConfigError("--workers", [("--workers", "must be at least 1")])
     storage = args.storage or default_storage(sweep)
@@ -109,7 +115,7 @@ def sweep_command(args: argparse.Namespace) -> int:
             print(f"{name:22s} {path}")
         return 0
     summary = run_sweep(sweep, storage, workers=args.workers, sweep_path=args.sweep_config,
-                        report=not args.no_report)
+                        report=not args.no_report, overrides=args.overrides)
     if args.no_report:
         return 0
     print(f"\nSweep {sweep.study_name}: {summary['states']} in {summary['seconds']:.0f} s (storage {storage})")

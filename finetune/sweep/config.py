@@ -14,6 +14,7 @@ from finetune.config import (
     ConfigError,
     Section,
     TrainConfig,
+    apply_overrides,
     load_config,
     validation_problems,
 )
@@ -118,8 +119,11 @@ def _resolve_path(value: str, sweep_dir: Path) -> str:
     return str(sweep_dir / p)
 
 
-def load_sweep_config(path: str | Path) -> SweepConfig:
-    """Load and check a sweep YAML; every problem (sweep keys, base config, search values) at once."""
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Load and check a sweep YAML with `key=value` overrides of its keys (the grammar of `finetune
+    train`); every problem (sweep keys, base config, search values) at once. `base:` written in the
+    file is resolved before the overrides; a `base=` override is read from the current directory.
+    """
     p = Path(path)
     source = str(p)
     if not p.is_file():
@@ -133,6 +137,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         raise ConfigError(source, [("<root>", "a sweep config must be a mapping of keys to values")])
     if isinstance(raw.get("base"), str):
         raw["base"] = _resolve_path(raw["base"], p.parent)
+    raw = apply_overrides(raw, overrides or [])
     raw.setdefault("study_name", p.stem)
     try:
         sweep = SweepConfig.model_validate(raw)

@@ -117,6 +117,30 @@ def test_model_choice_sets_model_and_target_modules_together(tmp_path, tiny_mode
     assert cfg.output_dir == str(tmp_path / "run")
 
 
+def test_command_line_overrides_set_the_sweep_files_keys(tmp_path, tiny_model, chat_data):
+    from finetune.cli import build_parser
+    from finetune.sweep import load_sweep_config
+
+    base = _write_base(tmp_path, tiny_model, chat_data)
+    path = _write_sweep(tmp_path, base)
+    args = build_parser().parse_args(["sweep", str(path), "n_trials=5", "sampler=random",
+                                      "sampler_options.seed=3", "overrides=[lora.r=4]",
+                                      f"output_dir={tmp_path / 'other'}", "--workers", "2"])
+    assert args.workers == 2
+    sweep = load_sweep_config(args.sweep_config, args.overrides)
+    assert (sweep.n_trials, sweep.sampler, sweep.sampler_options) == (5, "random", {"seed": 3})
+    assert sweep.output_dir == str(tmp_path / "other") and sweep.overrides == ["lora.r=4"]
+    assert sweep.search_space["lora.r"].choices == [4, 8]  # the rest is the file's
+    assert load_sweep_config(path).n_trials == 3
+
+    with pytest.raises(ConfigError) as err:
+        load_sweep_config(path, ["n_trails=5", "n_trials=0"])
+    keys = dict(err.value.problems)
+    assert "unknown key" in keys["n_trails"] and "n_trials" in keys
+    with pytest.raises(ConfigError, match="key=value"):
+        load_sweep_config(path, ["n_trials"])
+
+
 def test_nan_loss_stops_the_run():
     from transformers import TrainerControl, TrainerState
 
@@ -267,6 +291,23 @@ def _run_two_workers(tmp_path: Path, tiny_model, chat_data, storage: str, n_tria
     assert res.returncode == 0, res.stderr[-3000:]
     _check_shared(storage, tmp_path / "out", n_trials)
     assert (tmp_path / "out" / "trials.csv").read_text().count("\n") == n_trials + 1
+
+
+@pytest.mark.slow
+def test_spawned_workers_get_the_command_line_overrides(tmp_path, tiny_model, chat_data):
+    """`--workers 2` with n_trials and output_dir overridden: both workers run the overridden sweep
+    (the file says 3 trials into out/)."""
+    base = _write_base(tmp_path, tiny_model, chat_data, max_steps=4, eval_steps=2)
+    path = _write_sweep(tmp_path, base, n_trials=3)
+    other = tmp_path / "other"
+    res = subprocess.run([sys.executable, "-m", "finetune.sweep", str(path), "n_trials=2", f"output_dir={other}",
+                          "--workers", "2"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = _budget(_load(f"sqlite:///{other / 'study.db'}"))
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(p.name for p in (other / "trials").iterdir()) == ["trial-0000", "trial-0001"]
+    assert not (tmp_path / "out").exists()
+    assert (other / "trials.csv").read_text().count("\n") == 3
 
 
 @pytest.mark.slow
