@@ -163,7 +163,7 @@ def test_sweep_baseline_failure_pruning_and_results(tmp_path, tiny_model, chat_d
     base = _write_base(tmp_path, tiny_model, chat_data, max_steps=12)
     path = _write_sweep(tmp_path, base, n_trials=4, sampler="grid", pruner="median",
                         pruner_options={"n_startup_trials": 1}, search_space={
-                            "training.learning_rate": {"type": "categorical", "choices": [5e-3, 1e-4]},
+                            "training.learning_rate": {"type": "categorical", "choices": [1e-4, 5e-3]},
                             "lora.target_modules": {"type": "categorical",
                                                     "choices": ["all-linear", ["no_such_module"]]}})
     base_cfg = yaml.safe_load(base.read_text())
@@ -194,7 +194,13 @@ def test_sweep_baseline_failure_pruning_and_results(tmp_path, tiny_model, chat_d
     assert not Path(best.output_dir).exists()
     assert best.training.learning_rate == pytest.approx(study.best_trial.params["training.learning_rate"])
     assert (out / "optimization_history.png").stat().st_size > 1000
+    # The median pruner (1 startup trial) compares a trial with the completed ones. The grid runs the
+    # baseline before the other all-linear point (lr 1e-4), which learns slower, so that one is pruned
+    # at its first eval; the baseline itself is never pruned.
+    slow = next(t for t in trials if t.params == {"training.learning_rate": 1e-4, "lora.target_modules": "all-linear"})
+    assert slow.datetime_start > baseline.datetime_complete, "the grid no longer runs the baseline first"
     pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert [t.number for t in pruned] == [slow.number], [(t.number, t.state.name) for t in trials]
     for t in pruned:
         assert t.user_attrs["pruned_at_step"] < 12
 
