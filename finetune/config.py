@@ -2,6 +2,13 @@
 
 Every problem in a config (unknown key, wrong type, bad value, missing file) is collected and
 reported at once, each with its dotted key, before any model or data is loaded.
+
+Relative paths (`model`, `deepspeed`, `data.train`, `data.eval`, `eval.data`): a path written in a
+YAML file is read from that file's directory, so a config works from any working directory
+(`deepspeed: ../deepspeed/zero3.json` in configs/train/). When nothing exists there, the current
+directory is used instead, for configs written when paths were read from the working directory.
+A path given as `key=value` on the command line is read from the current directory. Outputs
+(`output_dir`, `data.cache_dir`) are always relative to the current directory.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "parse_overrides",
+    "resolve_yaml_path",
     "validation_problems",
 ]
 
@@ -240,15 +248,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("<command line>", exc.problems) from None
 
 
+def resolve_yaml_path(value: str, yaml_dir: Path) -> str:
+    """A relative path written in a YAML file in `yaml_dir`: the absolute path next to that file
+    when something exists there; else `value` unchanged, i.e. relative to the current directory
+    (backward compatibility: configs were once read from the working directory). Absolute paths
+    and hub ids come back as written."""
+    if not value or Path(value).is_absolute():
+        return value
+    candidate = yaml_dir / value
+    return os.path.abspath(candidate) if candidate.exists() else value
+
+
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Paths in a recipe are relative to the current directory first, then to the recipe file."""
+    """The YAML's own paths, read from its directory (see resolve_yaml_path); overrides are merged
+    after this, so theirs stay relative to the current directory."""
 
     def fix(container: dict[str, Any], key: str) -> None:
         v = container.get(key)
-        if isinstance(v, str) and v and not Path(v).is_absolute() and not Path(v).exists():
-            candidate = base_dir / v
-            if candidate.exists():
-                container[key] = str(candidate)
+        if isinstance(v, str):
+            container[key] = resolve_yaml_path(v, base_dir)
 
     for key in ("deepspeed", "model"):
         fix(raw, key)

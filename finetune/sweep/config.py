@@ -16,6 +16,7 @@ from finetune.config import (
     TrainConfig,
     apply_overrides,
     load_config,
+    resolve_yaml_path,
     validation_problems,
 )
 
@@ -111,18 +112,12 @@ def choice_label(choice: Any) -> Any:
     return json.dumps(choice, sort_keys=True)
 
 
-def _resolve_path(value: str, sweep_dir: Path) -> str:
-    """Like training configs: relative to the current directory first, then to the sweep file."""
-    p = Path(value).expanduser()
-    if p.is_absolute() or p.exists() or not (sweep_dir / p).exists():
-        return str(p)
-    return str(sweep_dir / p)
-
-
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Load and check a sweep YAML with `key=value` overrides of its keys (the grammar of `finetune
-    train`); every problem (sweep keys, base config, search values) at once. `base:` written in the
-    file is resolved before the overrides; a `base=` override is read from the current directory.
+    train`); every problem (sweep keys, base config, search values) at once.
+
+    `base:` written in the file is read from the file's directory (then the current directory, like
+    a training config's paths); a `base=` override is read from the current directory.
     """
     p = Path(path)
     source = str(p)
@@ -136,7 +131,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     if not isinstance(raw, dict):
         raise ConfigError(source, [("<root>", "a sweep config must be a mapping of keys to values")])
     if isinstance(raw.get("base"), str):
-        raw["base"] = _resolve_path(raw["base"], p.parent)
+        raw["base"] = resolve_yaml_path(str(Path(raw["base"]).expanduser()), p.parent)
     raw = apply_overrides(raw, overrides or [])
     raw.setdefault("study_name", p.stem)
     try:

@@ -141,6 +141,21 @@ def test_command_line_overrides_set_the_sweep_files_keys(tmp_path, tiny_model, c
         load_sweep_config(path, ["n_trials"])
 
 
+def test_base_is_read_next_to_the_sweep_file_and_a_base_override_from_the_cwd(tmp_path, tiny_model, chat_data,
+                                                                              monkeypatch):
+    from finetune.sweep import load_sweep_config
+
+    sweeps, cwd = tmp_path / "sweeps", tmp_path / "cwd"
+    sweeps.mkdir()
+    cwd.mkdir()
+    for d in (sweeps, cwd):  # the same relative name in both places
+        _write_base(tmp_path, tiny_model, chat_data).rename(d / "base.yaml")
+    path = _write_sweep(sweeps, Path("base.yaml"))
+    monkeypatch.chdir(cwd)
+    assert Path(load_sweep_config(path).base) == sweeps / "base.yaml"
+    assert Path(load_sweep_config(path, ["base=base.yaml"]).base).resolve() == cwd / "base.yaml"
+
+
 def test_nan_loss_stops_the_run():
     from transformers import TrainerControl, TrainerState
 
