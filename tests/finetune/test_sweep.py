@@ -167,6 +167,36 @@ def test_nan_loss_stops_the_run():
     assert control.should_training_stop and "step 7" in mon.diverged
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path, tiny_model, chat_data, backend):
+    """A worker on another host went silent: after stale_after_s its trial is failed (not counted)
+    and its params are queued again (Optuna's heartbeat on SQLite, the trial's own on a journal)."""
+    from finetune.sweep import _counts_toward_budget, _suggest, load_sweep_config, open_study
+    from finetune.sweep.worker import _reclaim_dead_trials
+
+    base = _write_base(tmp_path, tiny_model, chat_data)
+    sweep = load_sweep_config(_write_sweep(tmp_path, base, stale_after_s=1))
+    url = f"journal://{tmp_path / 'study.log'}" if backend == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    study, storage, lock = open_study(sweep, url)
+    trial = study.ask()  # the baseline, started by a worker elsewhere
+    _suggest(trial, sweep)
+    trial.set_user_attr("host", "another-host")
+    if backend == "sqlite":
+        study_id = storage.get_study_id_from_name("t")
+        storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    else:
+        trial.set_user_attr("heartbeat", time.time())
+    with lock.hold():
+        assert _reclaim_dead_trials(study, storage, sweep) == [] and study.trials[0].state.name == "RUNNING"
+    time.sleep(2.5)
+    with lock.hold():
+        _reclaim_dead_trials(study, storage, sweep)
+    first, retry = study.get_trials()
+    assert first.state.name == "FAIL" and not _counts_toward_budget(first)
+    assert retry.state.name == "WAITING" and retry.params == first.params
+    assert retry.user_attrs == {"retry_of": first.number, "baseline": True}
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------
