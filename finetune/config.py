@@ -2,6 +2,13 @@
 
 Every problem in a config (unknown key, wrong type, bad value, missing file) is collected and
 reported at once, each with its dotted key, before any model or data is loaded.
+
+Relative paths (`model`, `deepspeed`, `data.train`, `data.eval`, `eval.data`): a path written in a
+YAML file is read from that file's directory, so a config works from any working directory
+(`deepspeed: ../deepspeed/zero3.json` in configs/train/). When nothing exists there, the current
+directory is used instead, for configs written when paths were read from the working directory.
+A path given as `key=value` on the command line is read from the current directory. Outputs
+(`output_dir`, `data.cache_dir`) are always relative to the current directory.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from kitcore import overrides as kitcore_overrides
 
 __all__ = [
     "ConfigError",
+    "Section",
     "TrainConfig",
+    "apply_overrides",
     "load_config",
     "parse_overrides",
+    "resolve_yaml_path",
+    "validation_problems",
 ]
 
 
@@ -34,12 +45,14 @@ class ConfigError(ValueError):
         super().__init__("\n".join(lines))
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of every config section (the sweep's too)."""
+
     # An unknown key is an error, never ignored: a typo like `lora.rank` would otherwise train r=8.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: str = Field(description="Chat JSONL for training (as `data-prep` writes it).")
     eval: str | None = Field(None, description="Chat JSONL for evaluation during training.")
     loss_on: Literal["assistant", "last_assistant", "all"] = Field(
@@ -78,7 +91,7 @@ class DataConfig(_Section):
         return v
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use `epochs`).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -132,7 +145,7 @@ class TrainingConfig(_Section):
         return self
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -145,7 +158,7 @@ class LoraConfig(_Section):
     )
 
 
-class QuantConfig(_Section):
+class QuantConfig(Section):
     bits: Literal[4, 8] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
@@ -157,7 +170,7 @@ class QuantConfig(_Section):
     )
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     after_train: bool = Field(False, description="Run `finetune eval` (base vs tuned) after training.")
     data: str | None = Field(None, description="Held-out chat JSONL for the post-training eval.")
     max_new_tokens: int = Field(64, ge=1)
@@ -173,7 +186,7 @@ class EvalConfig(_Section):
         return v
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     model: str = Field(description="Base model: a local directory or a hub id.")
     adapter: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained.")
     data: DataConfig
@@ -223,6 +236,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         raise ConfigError("<command line>", exc.problems) from None
 
 
+def apply_overrides(raw: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """`raw` (a loaded YAML mapping) with `key=value` items laid over it; `raw` is not modified."""
+    return _merge(raw, parse_overrides(items))
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     try:
         return kitcore_overrides.merge(base, extra)
@@ -230,15 +248,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("<command line>", exc.problems) from None
 
 
+def resolve_yaml_path(value: str, yaml_dir: Path) -> str:
+    """A relative path written in a YAML file in `yaml_dir`: the absolute path next to that file
+    when something exists there; else `value` unchanged, i.e. relative to the current directory
+    (backward compatibility: configs were once read from the working directory). Absolute paths
+    and hub ids come back as written."""
+    if not value or Path(value).is_absolute():
+        return value
+    candidate = yaml_dir / value
+    return os.path.abspath(candidate) if candidate.exists() else value
+
+
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Paths in a recipe are relative to the current directory first, then to the recipe file."""
+    """The YAML's own paths, read from its directory (see resolve_yaml_path); overrides are merged
+    after this, so theirs stay relative to the current directory."""
 
     def fix(container: dict[str, Any], key: str) -> None:
         v = container.get(key)
-        if isinstance(v, str) and v and not Path(v).is_absolute() and not Path(v).exists():
-            candidate = base_dir / v
-            if candidate.exists():
-                container[key] = str(candidate)
+        if isinstance(v, str):
+            container[key] = resolve_yaml_path(v, base_dir)
 
     for key in ("deepspeed", "model"):
         fix(raw, key)
@@ -248,7 +276,8 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
                 fix(raw[section], key)
 
 
-def _problems(err: ValidationError) -> list[tuple[str, str]]:
+def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
+    """pydantic's errors as (dotted key, message) pairs, the way ConfigError lists them."""
     problems = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
@@ -285,12 +314,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **e
             raise ConfigError(source, [("<root>", "a config must be a mapping of keys to values")])
         raw = loaded
         _resolve_paths(raw, p.parent)
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(raw, overrides or [])
     raw = _merge(raw, extra)
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(source, _problems(err)) from None
+        raise ConfigError(source, validation_problems(err)) from None
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -2,7 +2,7 @@
 
     finetune plan configs/train/llama3_70b_qlora_zero3.yaml --gpus-per-node 8 --gpu-memory 80GiB
 
-Reads the model's `config.json` (a local directory, a file under configs/models/, or a hub id only
+Reads the model's `config.json` (a local directory, a file bundled in finetune/model_configs/, or a hub id only
 when online; never weights), the training config, and the DeepSpeed JSON, then adds up what one
 device holds at the peak of a training step: weights, trainable parameters with their gradients and
 optimizer states (partitioned by ZeRO, moved to host by offload), activations, and an allowance.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import json
 import os
 import re
@@ -54,10 +55,11 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS_DIR = REPO / "configs" / "models"
+# Package data, so that a wheel install plans hub ids offline too.
+MODELS_DIR = importlib.resources.files("finetune") / "model_configs"
 GiB = 1024**3
 
-# Hub ids resolve to configs/models/<key>.json: lowercase, organisation dropped, "meta-" prefix and
+# Hub ids resolve to model_configs/<key>.json: lowercase, organisation dropped, "meta-" prefix and
 # "-instruct"/"-chat"/"-hf" suffixes dropped (instruct and base models share one architecture):
 #   meta-llama/Llama-3.1-70B-Instruct -> llama-3.1-70b, mistralai/Mistral-7B-Instruct-v0.3 -> mistral-7b-v0.3
 _DROP = re.compile(r"-(instruct|chat|hf|base)(?=-|$)")
@@ -229,19 +231,19 @@ def hub_id_to_key(model: str) -> str:
 
 
 def resolve_model_config(model: str, *, allow_network: bool | None = None) -> tuple[dict[str, Any], str]:
-    """config.json as a dict and where it came from: local dir / json file / configs/models / hub."""
+    """config.json as a dict and where it came from: local dir / json file / bundled model_configs / hub."""
     p = Path(model).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         return json.loads((p / "config.json").read_text()), str(p / "config.json")
     if p.is_file() and p.suffix == ".json":
         return json.loads(p.read_text()), str(p)
     key = hub_id_to_key(model)
-    bundled = MODELS_DIR / f"{key}.json"
+    bundled = MODELS_DIR.joinpath(f"{key}.json")
     if bundled.is_file():
         return json.loads(bundled.read_text()), str(bundled)
     if allow_network is None:
         allow_network = os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True")
-    known = ", ".join(sorted(q.stem for q in MODELS_DIR.glob("*.json")))
+    known = ", ".join(sorted(q.name.removesuffix(".json") for q in MODELS_DIR.iterdir() if q.name.endswith(".json")))
     if allow_network:
         try:
             from huggingface_hub import hf_hub_download
@@ -250,10 +252,10 @@ def resolve_model_config(model: str, *, allow_network: bool | None = None) -> tu
             return json.loads(Path(path).read_text()), f"hub:{model}/config.json"
         except Exception as exc:  # offline, gated or unknown: say what would work
             raise FileNotFoundError(
-                f"no config.json for {model!r}: not a local directory, not configs/models/{key}.json "
+                f"no config.json for {model!r}: not a local directory, not a bundled model_configs/{key}.json "
                 f"(bundled: {known}), and the hub said: {type(exc).__name__}: {exc}") from None
     raise FileNotFoundError(
-        f"no config.json for {model!r}: not a local directory and no configs/models/{key}.json "
+        f"no config.json for {model!r}: not a local directory and no bundled model_configs/{key}.json "
         f"(bundled: {known}); offline, so the hub was not asked. Pass a directory holding config.json.")
 
 

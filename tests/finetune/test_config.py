@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import time
@@ -136,3 +137,95 @@ def test_configuration_reference_is_in_sync():
     doc = (REPO / "docs" / "configuration.md").read_text()
     table = "\n".join(describe_schema(markdown=True))
     assert table in doc, "regenerate docs/configuration.md from finetune.config.describe_schema(markdown=True)"
+
+
+# ----------------------------------------------------------------------------------------------
+# relative paths: next to the YAML that names them; on the command line, the current directory
+# ----------------------------------------------------------------------------------------------
+_CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+
+
+def _recipe_dir(root: Path) -> Path:
+    """recipes/run.yaml naming data/train.jsonl, ds.json and ./model, all next to it."""
+    d = root / "recipes"
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "train.jsonl").write_text(_CHAT)
+    (d / "ds.json").write_text((REPO / "configs/deepspeed/zero2.json").read_text())
+    (d / "model").mkdir()
+    (d / "run.yaml").write_text(yaml.safe_dump({"model": "./model", "data": {"train": "data/train.jsonl"},
+                                                "deepspeed": "ds.json", "output_dir": "run"}))
+    return d
+
+
+def test_relative_paths_in_a_yaml_resolve_next_to_it(tmp_path, monkeypatch):
+    recipes = _recipe_dir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "train.jsonl").write_text(_CHAT)  # same relative name in the cwd: not used
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(recipes / "run.yaml")
+    assert Path(cfg.data.train) == recipes / "data" / "train.jsonl"
+    assert Path(cfg.deepspeed) == recipes / "ds.json" and Path(cfg.model) == recipes / "model"
+    assert cfg.output_dir == "run"  # an output stays relative to where the command runs
+    # A config written when paths were read from the current directory still loads.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.yaml").write_text(yaml.safe_dump({"model": "org/m", "data": {"train": "data/train.jsonl"},
+                                                  "output_dir": "run"}))
+    assert load_config(old / "run.yaml").data.train == "data/train.jsonl"
+    with pytest.raises(ConfigError) as err:
+        load_config(old / "run.yaml", ["data.train=data/missing.jsonl"])
+    assert ("data.train", "file not found: data/missing.jsonl") in err.value.problems
+
+
+def test_an_override_path_resolves_against_the_current_directory(tmp_path, monkeypatch):
+    recipes = _recipe_dir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "other.jsonl").write_text(_CHAT)
+    (recipes / "data" / "other.jsonl").write_text(_CHAT)  # the YAML's directory is not searched for it
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(recipes / "run.yaml", ["data.train=data/other.jsonl", "deepspeed=recipes/ds.json"])
+    assert Path(cfg.data.train).resolve() == tmp_path / "data" / "other.jsonl"
+    assert Path(cfg.deepspeed).resolve() == recipes / "ds.json"
+    with pytest.raises(ConfigError) as err:
+        load_config(recipes / "run.yaml", ["deepspeed=ds.json"])  # next to the YAML, not in the cwd
+    assert ("deepspeed", "file not found: ds.json") in err.value.problems
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_plan_from_another_directory(path, tmp_path, monkeypatch):
+    from finetune.plan import load_plan_config
+
+    train = tmp_path / "t.jsonl"
+    train.write_text(_CHAT)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path, [f"data.train={train}", f"data.eval={train}", f"eval.data={train}"])
+    for ds in (cfg.deepspeed, load_plan_config(path).deepspeed):
+        if yaml.safe_load(path.read_text()).get("deepspeed"):
+            assert Path(ds).is_file() and Path(ds).resolve().parent == REPO / "configs" / "deepspeed"
+
+
+def test_cli_plan_of_a_shipped_config_from_another_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "finetune.plan", str(REPO / "configs/train/llama3_70b_qlora_zero3.yaml"),
+                           "--gpus-per-node", "8", "--gpu-memory", "80GiB"], cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "ZeRO-3, 1 node(s) x 8" in proc.stdout and "verdict   FITS" in proc.stdout, proc.stdout
+
+
+def test_launcher_and_shipped_config_name_the_same_deepspeed_json(monkeypatch, tmp_path):
+    """accelerate's yaml names configs/deepspeed/zero3.json from the repository root, the training
+    config ../deepspeed/zero3.json from its own directory: the same file, so the launch is allowed."""
+    from finetune.run_setup import resolve_deepspeed_config
+
+    train = tmp_path / "t.jsonl"
+    train.write_text(_CHAT)
+    monkeypatch.chdir(REPO)
+    launcher = yaml.safe_load((REPO / "configs/accelerate/deepspeed_zero3.yaml").read_text())
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", launcher["deepspeed_config"]["deepspeed_config_file"])
+    cfg = load_config(REPO / "configs/train/llama3_70b_qlora_zero3.yaml",
+                      [f"data.train={train}", f"data.eval={train}"])
+    resolve_deepspeed_config(cfg)
+    assert Path(cfg.deepspeed).resolve() == REPO / "configs" / "deepspeed" / "zero3.json"

@@ -1,6 +1,6 @@
 """`finetune plan`: counts against real models, DeepSpeed's estimators, the verdict, and the CLI's speed.
 
-Fast (a few seconds): the models built here have 2 layers; the 70B plan reads configs/models only.
+Fast (a few seconds): the models built here have 2 layers; the 70B plan reads finetune/model_configs only.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ PUBLISHED = {  # parameter counts on the models' hub pages / safetensors metadat
 
 
 def test_bundled_model_configs_match_published_sizes():
-    files = sorted((REPO / "configs" / "models").glob("*.json"))
+    files = sorted((REPO / "finetune" / "model_configs").glob("*.json"))
     assert {f.stem for f in files} == set(PUBLISHED)
     for f in files:
         shape = ModelShape.from_config(json.loads(f.read_text()), str(f))
@@ -100,6 +100,43 @@ def test_hub_ids_resolve_to_bundled_configs(monkeypatch):
     assert src.endswith("llama-3.1-70b.json") and raw["num_hidden_layers"] == 80
     with pytest.raises(FileNotFoundError, match="offline"):
         resolve_model_config("someone/unknown-model-7B")
+
+
+def test_bundled_model_configs_resolve_through_the_package(monkeypatch, tmp_path):
+    import importlib.resources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # nothing of the repository in the current directory
+    bundled = importlib.resources.files("finetune") / "model_configs"
+    assert {q.name.removesuffix(".json") for q in bundled.iterdir() if q.name.endswith(".json")} == set(PUBLISHED)
+    raw, src = resolve_model_config("mistralai/Mistral-7B-Instruct-v0.3")
+    assert Path(src) == Path(str(bundled.joinpath("mistral-7b-v0.3.json"))) and raw["model_type"] == "mistral"
+
+
+@pytest.mark.slow
+def test_a_wheel_install_plans_a_hub_id_offline(tmp_path):
+    """The bundled configs are package data: a wheel holds them, and the plan finds them there."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    for part in ("finetune", "data_prep", "kitcore"):
+        shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("from finetune.plan import resolve_model_config; "
+            "raw, src = resolve_model_config('meta-llama/Llama-3.1-70B-Instruct'); print(src)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Path(proc.stdout.strip()) == site / "finetune" / "model_configs" / "llama-3.1-70b.json"
 
 
 def test_every_train_config_plans_without_its_data_files():
@@ -126,7 +163,8 @@ def test_every_train_config_plans_without_its_data_files():
             recipe["adapter"], recipe["lora"]["r"], recipe["training"]["batch_size"], recipe["max_length"],
             recipe["training"]["gradient_checkpointing"]), path
         ds = recipe.get("deepspeed")
-        assert s.zero_stage == (json.loads((REPO / ds).read_text())["zero_optimization"]["stage"] if ds else 0)
+        # a path in the recipe is relative to the recipe's own file
+        assert s.zero_stage == (json.loads((path.parent / ds).read_text())["zero_optimization"]["stage"] if ds else 0)
         expected = (plan.params["total"] if s.adapter == "full" else
                     lora_trainable_params(shape, recipe["lora"]["r"], recipe["lora"]["target_modules"],
                                           recipe["lora"].get("modules_to_save", [])))
@@ -200,7 +238,7 @@ def test_full_finetune_model_states_match_deepspeed(nodes, gpn, capsys):
         estimate_zero2_model_states_mem_needs_all_cold,
     )
 
-    raw, src = resolve_model_config(str(REPO / "configs" / "models" / "llama-3.1-8b.json"))
+    raw, src = resolve_model_config(str(REPO / "finetune" / "model_configs" / "llama-3.1-8b.json"))
     shape = ModelShape.from_config(raw, src)
     P = param_counts(shape)
     base = Setup(adapter="full", precision="bf16", nodes=nodes, gpus_per_node=gpn)
@@ -229,7 +267,7 @@ def test_full_finetune_model_states_match_deepspeed(nodes, gpn, capsys):
 def test_lora_model_states_are_far_below_deepspeeds_full_model_estimate():
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    raw, src = resolve_model_config(str(REPO / "configs" / "models" / "llama-3.1-8b.json"))
+    raw, src = resolve_model_config(str(REPO / "finetune" / "model_configs" / "llama-3.1-8b.json"))
     shape = ModelShape.from_config(raw, src)
     dev, _ = _states(model_state_lines(shape, Setup(adapter="lora", zero_stage=2, gpus_per_node=8))[0])
     _, ds_gpu = estimate_zero2_model_states_mem_needs(param_counts(shape)["total"], 8, 1, cpu_offload=False)
@@ -241,7 +279,7 @@ def test_lora_model_states_are_far_below_deepspeeds_full_model_estimate():
 # verdict, largest micro-batch, alternatives
 # ----------------------------------------------------------------------------------------------
 def _seventy_b(**kw) -> tuple[ModelShape, Setup]:
-    raw, src = resolve_model_config(str(REPO / "configs" / "models" / "llama-3.1-70b.json"))
+    raw, src = resolve_model_config(str(REPO / "finetune" / "model_configs" / "llama-3.1-70b.json"))
     s = Setup(adapter="qlora", zero_stage=3, gpus_per_node=8, seq_len=4096, micro_batch=1,
               gradient_checkpointing=True, device_memory=80 * GiB)
     return ModelShape.from_config(raw, src), dataclasses.replace(s, **kw)
@@ -275,7 +313,7 @@ def test_70b_lora_on_one_gpu_does_not_fit_and_offers_ways_out():
 
 
 def test_lora_to_qlora_and_zero3_are_offered_when_they_fit():
-    raw, src = resolve_model_config(str(REPO / "configs" / "models" / "mistral-7b-v0.3.json"))
+    raw, src = resolve_model_config(str(REPO / "finetune" / "model_configs" / "mistral-7b-v0.3.json"))
     shape = ModelShape.from_config(raw, src)
     s = Setup(adapter="lora", lora_r=32, zero_stage=2, gpus_per_node=8, micro_batch=4, seq_len=4096,
               gradient_checkpointing=True, device_memory=24 * GiB)

@@ -50,7 +50,7 @@ def test_full_fine_tuning_without_deepspeed_is_planned_with_fp32_master_weights(
     """finetune train loads fp32 weights for it (bf16 autocast); the plan counts 4 B per weight."""
     from finetune.config import load_config
 
-    cfg = load_config(None, [f"model={REPO / 'configs' / 'models'}", f"data.train={REPO / 'pyproject.toml'}",
+    cfg = load_config(None, [f"model={REPO / 'finetune' / 'model_configs'}", f"data.train={REPO / 'pyproject.toml'}",
                              "output_dir=/tmp/unused", "adapter=full"])  # no file is read by the plan setup
     s = setup_from_config(cfg)
     assert (s.weight_dtype, s.precision) == ("float32", "bf16")

@@ -117,6 +117,45 @@ def test_model_choice_sets_model_and_target_modules_together(tmp_path, tiny_mode
     assert cfg.output_dir == str(tmp_path / "run")
 
 
+def test_command_line_overrides_set_the_sweep_files_keys(tmp_path, tiny_model, chat_data):
+    from finetune.cli import build_parser
+    from finetune.sweep import load_sweep_config
+
+    base = _write_base(tmp_path, tiny_model, chat_data)
+    path = _write_sweep(tmp_path, base)
+    args = build_parser().parse_args(["sweep", str(path), "n_trials=5", "sampler=random",
+                                      "sampler_options.seed=3", "overrides=[lora.r=4]",
+                                      f"output_dir={tmp_path / 'other'}", "--workers", "2"])
+    assert args.workers == 2
+    sweep = load_sweep_config(args.sweep_config, args.overrides)
+    assert (sweep.n_trials, sweep.sampler, sweep.sampler_options) == (5, "random", {"seed": 3})
+    assert sweep.output_dir == str(tmp_path / "other") and sweep.overrides == ["lora.r=4"]
+    assert sweep.search_space["lora.r"].choices == [4, 8]  # the rest is the file's
+    assert load_sweep_config(path).n_trials == 3
+
+    with pytest.raises(ConfigError) as err:
+        load_sweep_config(path, ["n_trails=5", "n_trials=0"])
+    keys = dict(err.value.problems)
+    assert "unknown key" in keys["n_trails"] and "n_trials" in keys
+    with pytest.raises(ConfigError, match="key=value"):
+        load_sweep_config(path, ["n_trials"])
+
+
+def test_base_is_read_next_to_the_sweep_file_and_a_base_override_from_the_cwd(tmp_path, tiny_model, chat_data,
+                                                                              monkeypatch):
+    from finetune.sweep import load_sweep_config
+
+    sweeps, cwd = tmp_path / "sweeps", tmp_path / "cwd"
+    sweeps.mkdir()
+    cwd.mkdir()
+    for d in (sweeps, cwd):  # the same relative name in both places
+        _write_base(tmp_path, tiny_model, chat_data).rename(d / "base.yaml")
+    path = _write_sweep(sweeps, Path("base.yaml"))
+    monkeypatch.chdir(cwd)
+    assert Path(load_sweep_config(path).base) == sweeps / "base.yaml"
+    assert Path(load_sweep_config(path, ["base=base.yaml"]).base).resolve() == cwd / "base.yaml"
+
+
 def test_nan_loss_stops_the_run():
     from transformers import TrainerControl, TrainerState
 
@@ -126,6 +165,36 @@ def test_nan_loss_stops_the_run():
     cb = mon._as_callback()
     control = cb.on_log(None, TrainerState(global_step=7), TrainerControl(), logs={"loss": float("nan")})
     assert control.should_training_stop and "step 7" in mon.diverged
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path, tiny_model, chat_data, backend):
+    """A worker on another host went silent: after stale_after_s its trial is failed (not counted)
+    and its params are queued again (Optuna's heartbeat on SQLite, the trial's own on a journal)."""
+    from finetune.sweep import _counts_toward_budget, _suggest, load_sweep_config, open_study
+    from finetune.sweep.worker import _reclaim_dead_trials
+
+    base = _write_base(tmp_path, tiny_model, chat_data)
+    sweep = load_sweep_config(_write_sweep(tmp_path, base, stale_after_s=1))
+    url = f"journal://{tmp_path / 'study.log'}" if backend == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    study, storage, lock = open_study(sweep, url)
+    trial = study.ask()  # the baseline, started by a worker elsewhere
+    _suggest(trial, sweep)
+    trial.set_user_attr("host", "another-host")
+    if backend == "sqlite":
+        study_id = storage.get_study_id_from_name("t")
+        storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    else:
+        trial.set_user_attr("heartbeat", time.time())
+    with lock.hold():
+        assert _reclaim_dead_trials(study, storage, sweep) == [] and study.trials[0].state.name == "RUNNING"
+    time.sleep(2.5)
+    with lock.hold():
+        _reclaim_dead_trials(study, storage, sweep)
+    first, retry = study.get_trials()
+    assert first.state.name == "FAIL" and not _counts_toward_budget(first)
+    assert retry.state.name == "WAITING" and retry.params == first.params
+    assert retry.user_attrs == {"retry_of": first.number, "baseline": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +208,7 @@ def test_sweep_baseline_failure_pruning_and_results(tmp_path, tiny_model, chat_d
     base = _write_base(tmp_path, tiny_model, chat_data, max_steps=12)
     path = _write_sweep(tmp_path, base, n_trials=4, sampler="grid", pruner="median",
                         pruner_options={"n_startup_trials": 1}, search_space={
-                            "training.learning_rate": {"type": "categorical", "choices": [5e-3, 1e-4]},
+                            "training.learning_rate": {"type": "categorical", "choices": [1e-4, 5e-3]},
                             "lora.target_modules": {"type": "categorical",
                                                     "choices": ["all-linear", ["no_such_module"]]}})
     base_cfg = yaml.safe_load(base.read_text())
@@ -170,7 +239,13 @@ def test_sweep_baseline_failure_pruning_and_results(tmp_path, tiny_model, chat_d
     assert not Path(best.output_dir).exists()
     assert best.training.learning_rate == pytest.approx(study.best_trial.params["training.learning_rate"])
     assert (out / "optimization_history.png").stat().st_size > 1000
+    # The median pruner (1 startup trial) compares a trial with the completed ones. The grid runs the
+    # baseline before the other all-linear point (lr 1e-4), which learns slower, so that one is pruned
+    # at its first eval; the baseline itself is never pruned.
+    slow = next(t for t in trials if t.params == {"training.learning_rate": 1e-4, "lora.target_modules": "all-linear"})
+    assert slow.datetime_start > baseline.datetime_complete, "the grid no longer runs the baseline first"
     pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert [t.number for t in pruned] == [slow.number], [(t.number, t.state.name) for t in trials]
     for t in pruned:
         assert t.user_attrs["pruned_at_step"] < 12
 
@@ -267,6 +342,23 @@ def _run_two_workers(tmp_path: Path, tiny_model, chat_data, storage: str, n_tria
     assert res.returncode == 0, res.stderr[-3000:]
     _check_shared(storage, tmp_path / "out", n_trials)
     assert (tmp_path / "out" / "trials.csv").read_text().count("\n") == n_trials + 1
+
+
+@pytest.mark.slow
+def test_spawned_workers_get_the_command_line_overrides(tmp_path, tiny_model, chat_data):
+    """`--workers 2` with n_trials and output_dir overridden: both workers run the overridden sweep
+    (the file says 3 trials into out/)."""
+    base = _write_base(tmp_path, tiny_model, chat_data, max_steps=4, eval_steps=2)
+    path = _write_sweep(tmp_path, base, n_trials=3)
+    other = tmp_path / "other"
+    res = subprocess.run([sys.executable, "-m", "finetune.sweep", str(path), "n_trials=2", f"output_dir={other}",
+                          "--workers", "2"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = _budget(_load(f"sqlite:///{other / 'study.db'}"))
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(p.name for p in (other / "trials").iterdir()) == ["trial-0000", "trial-0001"]
+    assert not (tmp_path / "out").exists()
+    assert (other / "trials.csv").read_text().count("\n") == 3
 
 
 @pytest.mark.slow

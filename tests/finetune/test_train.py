@@ -116,7 +116,7 @@ def test_a_run_predicted_not_to_fit_is_refused_before_loading_and_force_override
 
     big = tmp_path / "llama70b"
     big.mkdir()
-    shutil.copy(REPO / "configs" / "models" / "llama-3.1-70b.json", big / "config.json")
+    shutil.copy(REPO / "finetune" / "model_configs" / "llama-3.1-70b.json", big / "config.json")
     for f in tiny_model.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, big / f.name)
