@@ -286,7 +286,9 @@ def test_killed_sweep_resumes_with_finished_trials(tmp_path, tiny_model, chat_da
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
-        if not (tmp_path / "out" / "study.db").exists():
+        # Read the storage only once the sweep has created its tables and started a trial: two
+        # processes creating a new SQLite schema at once race ("table ... already exists").
+        if not (tmp_path / "out" / "trials").is_dir():
             continue
         try:
             done = [t for t in _load(storage).get_trials() if t.state.name == "COMPLETE"]
