@@ -172,7 +172,8 @@ class LengthGroupedShuffledSampler:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def batches(self) -> list[list[int]]:
+    def _epoch(self):
+        """This epoch's batches as (full [n, batch_size] array, the partial last batch or None)."""
         import numpy as np
         import torch
 
@@ -192,11 +193,16 @@ class LengthGroupedShuffledSampler:
                 partial = chunk[n_full * self.batch_size:]
         full_arr = np.concatenate(full) if full else np.zeros((0, self.batch_size), dtype=np.int64)
         perm = torch.randperm(len(full_arr), generator=g).numpy()
-        out = full_arr[perm].tolist()
-        if partial is not None:
-            out.append(partial.tolist())
-        return out
+        return full_arr[perm], partial
+
+    def batches(self) -> list[list[int]]:
+        full, partial = self._epoch()
+        return full.tolist() + ([partial.tolist()] if partial is not None else [])
 
     def __iter__(self):
-        for batch in self.batches():
-            yield from batch
+        # One numpy array for the epoch (8 bytes an example), not a Python list per batch.
+        full, partial = self._epoch()
+        for batch in full:
+            yield from batch.tolist()
+        if partial is not None:
+            yield from partial.tolist()

@@ -460,12 +460,13 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     V = shape.vocab_size
     if s.loss == "chunked":
         # finetune.losses: the hidden states of the trained positions are gathered (at most every
-        # token: A*H per token), and one chunk of positions at a time has fp32 logits; in backward
-        # the recomputed logits, their log-softmax and two gradients are alive together (16 B x V).
+        # token: A*H per token), and one chunk of positions at a time has fp32 logits; in the
+        # chunk's backward its log-softmax output, that output's gradient and the logits' gradient
+        # are alive together (12 B x V per position, as for full logits but for one chunk).
         from finetune.losses import LOGITS_CHUNK_BYTES
 
         chunk = min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * V)))
-        head_total = ((4 + A) * shape.hidden_size + 4) * tokens + 16 * V * chunk
+        head_total = ((4 + A) * shape.hidden_size + 4) * tokens + 12 * V * chunk
     else:
         head_total = ((4 * shape.hidden_size + 4) + V * (12 + (A if A != 4 else 0))) * tokens
     # With checkpointing, the first layer is recomputed only once backward has passed the head, whose

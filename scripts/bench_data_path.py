@@ -17,7 +17,9 @@ process, one after the other:
             memory-mapped cache (what a loader without an index-level skip pays)
 Time to first step: from the child's launch to the end of optimizer step 1 (a TrainerCallback
 writes the time), so imports, model load, data and the step itself all count. Peak RSS: the sum
-over the child and all its descendants (tokenizer workers too), sampled every 50 ms.
+over the child and all its descendants (tokenizer workers too), sampled every 50 ms; it includes
+the first step, whose activations follow the length of the first batch (which differs between
+data sets). RSS before the step: the child's own, when training begins (data and model set up).
 """
 
 from __future__ import annotations
@@ -43,9 +45,16 @@ def first_step_callback(path: str):
     from transformers import TrainerCallback
 
     class FirstStep(TrainerCallback):
+        rss_begin = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            import psutil
+
+            self.rss_begin = psutil.Process().memory_info().rss  # data and model are set up
+
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 1 and state.is_world_process_zero:
-                Path(path).write_text(str(time.time()))
+                Path(path).write_text(json.dumps({"t": time.time(), "rss_begin": self.rss_begin}))
 
     return FirstStep()
 
@@ -105,7 +114,10 @@ def run_arm(arm: str, spec: dict, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", "trl" if arm == "trl" else "kit", json.dumps(spec),
            str(work / f"out_{arm}"), str(stamp)]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe: a child's progress bars fill a pipe nobody reads until exit,
+    # and the child then blocks forever (seen with TRL at 1M examples).
+    log = (work / f"{arm}.log").open("w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -115,10 +127,13 @@ def run_arm(arm: str, spec: dict, work: Path) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.05)
-    err = proc.stderr.read()
+    log.seek(0)
+    err = log.read()
+    log.close()
     if proc.returncode != 0 or not stamp.is_file():
         raise RuntimeError(f"{arm} failed (exit {proc.returncode}):\n{err[-4000:]}")
-    return {"first_step_s": float(stamp.read_text()) - t0, "peak_rss_mb": peak / 2**20}
+    got = json.loads(stamp.read_text())
+    return {"first_step_s": got["t"] - t0, "peak_rss_mb": peak / 2**20, "rss_before_step_mb": got["rss_begin"] / 2**20}
 
 
 def resume_skip(cache: Path, batch_size: int = 8) -> dict:
@@ -187,7 +202,7 @@ def main() -> int:
             r = {"examples": n, "jsonl_mb": round(data.stat().st_size / 2**20, 1), "arm": arm, **run_arm(arm, spec, work)}
             results.append(r)
             print(f"{n:>8} examples ({r['jsonl_mb']:6.1f} MB)  {arm:9s}  first step {r['first_step_s']:7.1f} s  "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  (before the step {r['rss_before_step_mb']:6.0f} MB)", flush=True)
     if "kit_warm" in arms or "kit_cold" in arms:
         for n in sizes:
             r = resume_skip(work / f"cache_{n}")
@@ -205,7 +220,8 @@ def main() -> int:
             print(f"  {n}: kit warm / kit cold time to first step = {warm['first_step_s'] / cold['first_step_s']:.2f}")
     warm = [by[(n, "kit_warm")] for n in sizes if (n, "kit_warm") in by]
     if len(warm) >= 2:
-        print(f"  warm peak RSS at {sizes[-1]} / at {sizes[0]} = {warm[-1]['peak_rss_mb'] / warm[0]['peak_rss_mb']:.2f}")
+        print(f"  warm peak RSS at {sizes[-1]} / at {sizes[0]} = {warm[-1]['peak_rss_mb'] / warm[0]['peak_rss_mb']:.2f}"
+              f"   (RSS before the first step: {warm[-1]['rss_before_step_mb'] / warm[0]['rss_before_step_mb']:.2f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
