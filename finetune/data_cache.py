@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.chat_template import IGNORE_INDEX, ChatFormatError, assistant_spans
+from finetune.data import DataStats
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +76,10 @@ class CacheSpec:
 
 
 @dataclass
-class ShardResult:
-    """What one worker found in its byte range of the file (merged in file order)."""
+class ShardResult(DataStats):
+    """What one worker found in its byte range of the file (merged in file order): the counts
+    training prints, and what is needed to raise training's errors for the whole file."""
 
-    examples: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    tokens: int = 0
-    trained_tokens: int = 0
-    max_tokens: int = 0
     bad_lines: int = 0
     problems: list[str] = field(default_factory=list)  # the first MAX_SHOWN_PROBLEMS bad lines
     untrained: list[int] = field(default_factory=list)  # line numbers
@@ -499,8 +494,6 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
                    progress: bool | None = None):
     """The tokenized split as (memory-mapped Dataset, DataStats): from the cache when it is there,
     else built by the designated process while the others wait for it."""
-    from finetune.data import DataStats
-
     spec = CacheSpec(path=str(data_path), max_length=cfg.max_length, loss_on=cfg.data.loss_on,
                      too_long=cfg.data.too_long, packing=cfg.packing, key_mode=cfg.data.cache_key)
     key, inputs = cache_key(spec, tokenizer)
