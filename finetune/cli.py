@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=COMMANDS["eval"], description=COMMANDS["eval"])
     p.add_argument("--model", help="base model directory or hub id (default: read from the adapter)")
     p.add_argument("--adapter", help="adapter directory (a run's adapter/)")
+    p.add_argument("--tuned-model", help="a fully fine-tuned model directory (a run's model/) to score "
+                   "against --model, the base it was trained from")
     p.add_argument("--data", required=True, help="held-out chat JSONL (the last assistant turn is the reference)")
     p.add_argument("--output", required=True, help="report directory")
     p.add_argument("--metrics", default="exact_match,f1,rouge_l,chrf",

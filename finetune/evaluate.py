@@ -269,6 +269,7 @@ def evaluate(
     lm_eval_include: str | None = None,
     max_length: int | None = None,
     distributed: bool = True,
+    tuned_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score the base model and (when given) base + adapter on `data`; write the report.
 
@@ -277,6 +278,8 @@ def evaluate(
     `quantize`: "auto" loads an adapter's base as it was trained (4-bit for QLoRA), None or
     "none" in full precision, "4bit"/"8bit" as asked.
     `distributed=False` joins no process group.
+    `tuned_model`: a fully fine-tuned model directory to score against the base `model` (with the
+    tuned model's tokenizer and chat template for both, so that both score the same tokens).
     """
     if quantize == "none":
         quantize = None
@@ -293,14 +296,15 @@ def evaluate(
                          loss_on=loss_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          max_examples=max_examples, quantize=quantize, run_dir=run_dir,
                          lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
-                         max_length=max_length)
+                         max_length=max_length, tuned_model=tuned_model)
     finally:
         if owns_group:
             _end_distributed()
 
 
 def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_tokens, batch_size,
-              max_examples, quantize, run_dir, lm_eval_tasks, lm_eval_include, max_length) -> dict[str, Any]:
+              max_examples, quantize, run_dir, lm_eval_tasks, lm_eval_include, max_length,
+              tuned_model=None) -> dict[str, Any]:
     from finetune.modeling import load_base_model, load_tokenizer
 
     dist = _dist()
@@ -339,12 +343,23 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
 
         quantize = None if quantize == "auto" else quantize
         report["meta"]["quantize"] = quantize
-        tok = load_tokenizer(model)
+        tok = load_tokenizer(str(tuned_model) if tuned_model else model)
         base = load_base_model(model, quantize=quantize, device_map=_device_map(None, quantize))
+        if len(tok) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tok))  # the run added chat tokens; the base never saw them
         base.eval()
         report["meta"].update(base_model=model, device=str(next(base.parameters()).device))
         rank0_print(f"Evaluating on {len(records)} examples of {data}")
         report["models"]["base"], predictions["base"] = _score_model(base, tok, records, label="base ", **kw)
+        if tuned_model:
+            del base
+            from kitcore.runtime import release_accelerator_memory
+
+            release_accelerator_memory()
+            tuned = load_base_model(str(tuned_model), quantize=quantize, device_map=_device_map(None, quantize))
+            tuned.eval()
+            report["meta"]["tuned_model"] = str(tuned_model)
+            report["models"]["tuned"], predictions["tuned"] = _score_model(tuned, tok, records, label="tuned", **kw)
     if lm_eval_tasks:
         from finetune.lm_eval_runner import run_lm_eval
 
@@ -391,7 +406,9 @@ def evaluate_run(run_dir: str | Path, cfg, *, subprocess: bool = False) -> dict[
         data=cfg.eval.data,
         output=run_dir / "eval",
         adapter=run_dir / "adapter" if cfg.adapter != "full" else None,
-        model=str(run_dir / "model") if cfg.adapter == "full" else None,
+        # Full fine-tuning: the base it started from against the trained model.
+        model=cfg.model if cfg.adapter == "full" else None,
+        tuned_model=run_dir / "model" if cfg.adapter == "full" else None,
         metrics=cfg.eval.metrics,
         loss_on=cfg.data.loss_on,
         max_new_tokens=cfg.eval.max_new_tokens,
@@ -413,6 +430,8 @@ def evaluate_run(run_dir: str | Path, cfg, *, subprocess: bool = False) -> dict[
         cmd += ["--adapter", str(kw["adapter"])]
     if kw["model"] is not None:
         cmd += ["--model", kw["model"]]
+    if kw["tuned_model"] is not None:
+        cmd += ["--tuned-model", str(kw["tuned_model"])]
     if kw["max_examples"]:
         cmd += ["--max-examples", str(kw["max_examples"])]
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_ENV_PREFIXES) and k not in _LAUNCH_ENV}
@@ -448,5 +467,6 @@ def eval_command(args) -> int:
         lm_eval_tasks=[t for t in (args.lm_eval_tasks or "").split(",") if t] or None,
         lm_eval_include=args.lm_eval_include,
         max_length=args.max_length,
+        tuned_model=args.tuned_model,
     )
     return 0

@@ -279,3 +279,20 @@ def test_an_8bit_qlora_adapter_merges_into_the_8bit_base(tiny_model, chat_data, 
     # a merge into a 4-bit base (what an 8-bit adapter used to get) would carry the NF4 error.
     assert 0 < int8_side < 0.5 * nf4_err, (int8_side, nf4_err)
     assert not torch.equal(w_merged, w)
+
+
+@pytest.mark.slow
+def test_the_post_training_eval_of_a_full_fine_tune_compares_the_base_with_the_tuned_model(
+        tiny_model, chat_data, tmp_path):
+    """It used to score only the tuned model, and label it "base"."""
+    from finetune.train import train
+
+    run = train(_cfg(tiny_model, chat_data, tmp_path, "adapter=full", "training.max_steps=12",
+                     "training.batch_size=8", "training.learning_rate=1e-3", "eval.after_train=true",
+                     f"eval.data={chat_data['eval']}", "eval.max_examples=6", "eval.max_new_tokens=4",
+                     "eval.metrics=[exact_match]"))
+    report = json.loads((run / "eval" / "report.json").read_text())
+    base, tuned = report["models"]["base"]["intrinsic"], report["models"]["tuned"]["intrinsic"]
+    assert report["meta"]["base_model"] == str(tiny_model) and report["meta"]["tuned_model"] == str(run / "model")
+    assert base["tokens"] == tuned["tokens"] > 0
+    assert tuned["nll"] < base["nll"] - 0.5, (base["nll"], tuned["nll"])  # 12 steps at lr 1e-3 moved it
