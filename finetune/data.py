@@ -58,6 +58,16 @@ def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list
     return records
 
 
+def untrained_error(path, lines: list[int], max_length: int) -> DataError:
+    """The error for examples left with no trained token (the reader and the data cache raise it)."""
+    shown = ", ".join(f"{path}:{n}" for n in lines[:10])
+    return DataError(
+        f"{len(lines)} example(s) have no trained token after the chat template, loss masks "
+        f"and max_length={max_length} (e.g. {shown}). Raise `max_length`, set "
+        "`data.too_long=drop`, or check `data.loss_on`; `finetune preview` shows the masks."
+    )
+
+
 @dataclass
 class DataStats:
     examples: int = 0
@@ -107,12 +117,7 @@ def tokenize_dataset(
         stats.trained_tokens += enc.n_trained
         stats.max_tokens = max(stats.max_tokens, len(enc.input_ids))
     if untrained:
-        shown = ", ".join(f"{path}:{n}" for n in untrained[:10])
-        raise DataError(
-            f"{len(untrained)} example(s) have no trained token after the chat template, loss masks "
-            f"and max_length={max_length} (e.g. {shown}). Raise `max_length`, set "
-            "`data.too_long=drop`, or check `data.loss_on`; `finetune preview` shows the masks."
-        )
+        raise untrained_error(path, untrained, max_length)
     if not rows:
         raise DataError(f"no example of {path} is left to train on: {dict(stats.dropped)}")
     return rows, stats

@@ -322,7 +322,7 @@ def default_num_proc() -> int:
 
 def _merge_and_check(spec: CacheSpec, results: list[ShardResult]) -> dict[str, Any]:
     """The statistics of the whole file, or the DataError training has always raised for it."""
-    from finetune.data import DataError
+    from finetune.data import DataError, untrained_error
 
     path = spec.path
     bad = sum(r.bad_lines for r in results)
@@ -339,12 +339,7 @@ def _merge_and_check(spec: CacheSpec, results: list[ShardResult]) -> dict[str, A
         raise DataError(f"{path} holds no examples (an empty dataset cannot be trained on)")
     untrained = [n for r in results for n in r.untrained]
     if untrained:
-        shown = ", ".join(f"{path}:{n}" for n in untrained[:10])
-        raise DataError(
-            f"{len(untrained)} example(s) have no trained token after the chat template, loss masks "
-            f"and max_length={spec.max_length} (e.g. {shown}). Raise `max_length`, set "
-            "`data.too_long=drop`, or check `data.loss_on`; `finetune preview` shows the masks."
-        )
+        raise untrained_error(path, untrained, spec.max_length)
     dropped: Counter = Counter()
     for r in results:
         dropped.update(r.dropped)

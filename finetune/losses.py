@@ -74,7 +74,9 @@ def chunked_nll(h, head, targets, *, vocab: int, post: tuple[float, float | None
         return z
 
     def chunk_nll(hc, tc):
-        return F.cross_entropy(logits(hc), tc, reduction="sum")
+        z = logits(hc)
+        # The hits come from the same logits: no second pass through the head for them.
+        return F.cross_entropy(z, tc, reduction="sum"), (z.argmax(-1) == tc).sum().float()
 
     step = max(1, chunk_bytes // (4 * vocab))
     w = next(head.parameters(), None)
@@ -85,14 +87,9 @@ def chunked_nll(h, head, targets, *, vocab: int, post: tuple[float, float | None
     grad = torch.is_grad_enabled() and h.requires_grad
     for i in range(0, h.shape[0], step):
         hc, tc = h[i:i + step], targets[i:i + step]
-        if grad:
-            nll = nll + checkpoint(chunk_nll, hc, tc, use_reentrant=False)
-            with torch.no_grad():
-                hits += (logits(hc).argmax(-1) == tc).sum()  # a no-grad pass: nothing is kept
-        else:
-            z = logits(hc)
-            nll = nll + F.cross_entropy(z, tc, reduction="sum")
-            hits += (z.argmax(-1) == tc).sum()
+        c_nll, c_hits = checkpoint(chunk_nll, hc, tc, use_reentrant=False) if grad else chunk_nll(hc, tc)
+        nll = nll + c_nll
+        hits += c_hits.detach()
     return nll, hits
 
 

@@ -84,7 +84,7 @@ def _local_device(local_rank: int) -> str:
 
 
 def _from_state(state, deepspeed: bool) -> Runtime:
-    rank, local_rank, world, local_world = launch_env()
+    local_world = launch_env()[3]
     device = str(state.device)
     if device == "cuda":  # accelerate's single-process default: the current device
         import torch
