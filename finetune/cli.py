@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from finetune.config import ConfigError, describe_schema, load_config
@@ -143,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    config = getattr(args, "config", None)
+    if config and "=" in config and not os.path.exists(config):
+        # `finetune train model=X data.train=Y ...`: no YAML, every key given as an override.
+        args.overrides.insert(0, config)
+        args.config = None
     import signal
 
     if hasattr(signal, "SIGXFSZ"):

@@ -112,6 +112,7 @@ def install_chunked_loss(model, *, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> boo
         decoder, head, post = lm_parts(self)  # looked up per call: PEFT and DeepSpeed wrap them later
         kwargs["use_cache"] = False
         kwargs.pop("logits_to_keep", None)
+        kwargs.pop("skip_logits", None)  # the Trainer's eval flag for Liger's loss: this one never has logits
         hidden = decoder(*args, **kwargs)[0]  # [B, T, H]
         target = labels[:, 1:].to(hidden.device)
         scored = target != -100

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import importlib.resources
 import json
+import math
 import os
 import re
 import sys
@@ -75,6 +76,8 @@ COSTS = {
     "offload_optimizer": "~1.5-3x step time: the Adam step runs on CPU and grads/params cross PCIe every step",
     "offload_param": "~2-5x step time: every layer's weights are fetched from host memory in forward and backward",
     "shorter": "same speed per token; examples longer than the new max_length are truncated (or dropped)",
+    "liger": "same or faster steps (fused Triton kernels); needs pip install 'finetune-kit[liger]' and a "
+             "Llama/Mistral/Qwen2-family model",
 }
 
 
@@ -286,6 +289,7 @@ class Setup:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     loss: str = "chunked"  # chunked | full (training.loss)
+    kernels: str = "none"  # none | liger (training.kernels; GPU only)
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     device: str = "gpu"  # gpu | cpu (cpu: the validation target, fp32, process RSS)
     device_memory: int = 80 * GiB
@@ -298,6 +302,16 @@ class Setup:
     @property
     def deepspeed(self) -> bool:
         return self.zero_stage > 0
+
+    @property
+    def liger(self) -> bool:
+        return self.kernels == "liger" and self.device == "gpu"
+
+    @property
+    def liger_fused_loss(self) -> bool:
+        """Liger's fused linear cross-entropy is the loss (finetune.run_setup.kernel_settings: not
+        under ZeRO-3, where the kit's chunked loss stays)."""
+        return self.liger and self.loss == "chunked" and self.zero_stage != 3
 
 
 _BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -365,6 +379,7 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         micro_batch=t.batch_size, seq_len=cfg.max_length, grad_accum=t.grad_accum,
         gradient_checkpointing=t.gradient_checkpointing, attn=cfg.attn_implementation or "sdpa",
         loss=getattr(t, "loss", "chunked"),
+        kernels=getattr(t, "kernels", "none") if device == "gpu" else "none",  # Triton kernels: CUDA only
         device=device, device_memory=device_memory, host_memory=host_memory,
     )
 
@@ -399,6 +414,11 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None 
       LoRA with dropout > 0, per adapted linear of input width n: dropout mask (bool on GPU, a float
         tensor on CPU) + the dropped input, and A's output r; frozen base linears (and bitsandbytes'
         MatMul4Bit) save no input.
+    Liger's kernels (training.kernels=liger) save less: its RMSNorm keeps the input in its own dtype
+    (A*h) and the fp32 rstd, never an fp32 copy or the normalized tensor (the weight's gradient is
+    recomputed from them); its SwiGLU keeps gate and up (2*A*i) and recomputes silu in backward.
+    Its RoPE recomputes the rotation in backward too, but the rotated q/k are saved by attention
+    anyway, so no saving is counted for it.
     """
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
@@ -409,7 +429,7 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None 
     cpu = s.device == "cpu"
     out = 0.0
     # two RMSNorms
-    out += 2 * (4 * h + 4 + (4 * h if full else 0))
+    out += 2 * ((A * h + 4) if s.liger else (4 * h + 4 + (4 * h if full else 0)))
     # attention core
     eager = s.attn == "eager"
     kv_w = q if eager else kv
@@ -417,7 +437,7 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None 
     if eager:
         out += (4 + (A if A != 4 else 0)) * nh * s.seq_len
     # SwiGLU
-    out += 3 * A * i
+    out += (2 if s.liger else 3) * A * i
     if full:
         out += A * h + A * h + A * i  # norm outputs (q/k/v and gate/up inputs) and down_proj input
         return out
@@ -458,7 +478,15 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     # head: final norm + logits. logits (A), their fp32 copy for the loss, log_softmax output and its
     # gradient (fp32) are alive together at the start of backward: (A + 4 + 4) V per token, A=4 -> 12V.
     V = shape.vocab_size
-    if s.loss == "chunked":
+    if s.liger_fused_loss:
+        # Liger's fused linear cross-entropy: the gradient of the hidden states is computed in the
+        # forward and kept ([tokens, H] in the compute dtype) instead of the hidden states; the loss
+        # per token is fp32; logits exist one chunk at a time in the compute dtype, over every
+        # position (ignored ones too), with chunk = next_pow2(tokens / ceil(V / H)), so a chunk of
+        # logits is about the size of the hidden states. Plus the final norm's input (Liger's: A*H + 4).
+        chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(V / shape.hidden_size))))))
+        head_total = (2 * A * shape.hidden_size + 4 + 4) * tokens + A * V * min(chunk, tokens)
+    elif s.loss == "chunked":
         # finetune.losses: the hidden states of the trained positions are gathered (at most every
         # token: A*H per token), and one chunk of positions at a time has fp32 logits; in the
         # chunk's backward its log-softmax output, that output's gradient and the logits' gradient
@@ -703,11 +731,17 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     lines, trainable = model_state_lines(shape, s)
     act = activation_bytes(shape, s)
     note_ckpt = "checkpointing on" if s.gradient_checkpointing else "no checkpointing"
+    if s.liger:
+        note_ckpt += ", Liger RMSNorm/SwiGLU"
     lines.append(Line("activations: decoder layers", act["layers"], 0.0,
                       f"{s.micro_batch} x {s.seq_len} tokens, {note_ckpt}"))
-    lines.append(Line("activations: logits + loss", act["head"], 0.0,
-                      f"vocab {shape.vocab_size}, " + ("chunked: one chunk of fp32 logits at a time" if s.loss == "chunked"
-                                                       else "full fp32 logits (training.loss=full)")))
+    if s.liger_fused_loss:
+        head_note = "Liger fused linear cross-entropy: one chunk of logits, gradient computed in forward"
+    elif s.loss == "chunked":
+        head_note = "chunked: one chunk of fp32 logits at a time"
+    else:
+        head_note = "full fp32 logits (training.loss=full)"
+    lines.append(Line("activations: logits + loss", act["head"], 0.0, f"vocab {shape.vocab_size}, {head_note}"))
     if act["recompute_overlap"]:
         lines.append(Line("overlap: recompute after the loss is freed", act["recompute_overlap"], 0.0,
                           "checkpointing: the recomputed layer and the logits are not alive together"))
@@ -759,6 +793,8 @@ def _candidates(s: Setup) -> list[tuple[str, str, Setup]]:
     R = dataclasses.replace
     if not s.gradient_checkpointing:
         out.append(("gradient checkpointing on", "checkpointing", R(s, gradient_checkpointing=True)))
+    if s.device == "gpu" and s.kernels == "none":
+        out.append(("training.kernels none -> liger", "liger", R(s, kernels="liger")))
     if s.adapter == "lora":
         out.append(("LoRA -> QLoRA (NF4, double quant)", "qlora", R(s, adapter="qlora")))
     if s.adapter == "full":
@@ -828,7 +864,8 @@ def render_plan(plan: Plan) -> str:
         f"hidden {sh.hidden_size}, {sh.num_attention_heads}/{sh.num_key_value_heads} heads q/kv, vocab {sh.vocab_size})",
         f"run       {s.adapter}" + (f" r={s.lora_r}" if s.adapter != "full" else "")
         + f", {s.precision}, {zero}{off}, {s.nodes} node(s) x {s.gpus_per_node} = {s.world} rank(s), "
-        f"micro-batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.gradient_checkpointing else 'off'}",
+        f"micro-batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
+        + (", Liger kernels" if s.liger else ""),
         f"trainable {fmt_count(plan.trainable)} params ({100 * plan.trainable / plan.params['total']:.3f}%)",
         "",
         f"{'per ' + dev:38s} {'device':>12s} {'host':>12s}   how",

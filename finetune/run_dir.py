@@ -168,6 +168,8 @@ def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, rt) -> 
         "world_size": trainer.args.world_size,
         "parallel": {**parallel_setup(cfg, rt), "world_size": trainer.args.world_size},
         "seed": cfg.seed,
+        "kernels": {"requested": cfg.training.kernels,
+                    "liger": trainer.args.liger_kernel_config if trainer.args.use_liger_kernel else None},
         "model": model_ref(cfg.model),
         "data": {k: {"path": str(Path(p).resolve()), "sha256": sha256_file(p)}
                  for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},

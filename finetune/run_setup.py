@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from finetune.modeling import resolve_dtype
 logger = logging.getLogger(__name__)
 
 __all__ = ["resolve_deepspeed_config", "uses_deepspeed", "zero_stage", "quantization_settings", "autocast_flags",
-           "deepspeed_dtype", "check_quantized_storage", "weights_dtype"]
+           "deepspeed_dtype", "check_quantized_storage", "weights_dtype", "Kernels", "kernel_settings"]
 
 
 def resolve_deepspeed_config(cfg: TrainConfig) -> None:
@@ -168,3 +169,58 @@ def weights_dtype(cfg: TrainConfig, rt) -> str:
                            "(updates below %s resolution are lost); dtype=auto trains fp32 weights with "
                            "autocast", cfg.dtype, cfg.dtype)
     return cfg.dtype
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The GPU kernels a run uses. `liger` holds the keyword arguments of Liger's
+    apply_liger_kernel_to_<model> (what transformers' TrainingArguments.liger_kernel_config passes on);
+    None: no kernel library. `fused_loss`: Liger's fused linear cross-entropy replaces the kit's
+    chunked loss (finetune.losses), so the kit must not install its own."""
+
+    liger: dict[str, bool] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fused_loss(self) -> bool:
+        return bool(self.liger and self.liger.get("fused_linear_cross_entropy"))
+
+
+def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
+    """What `training.kernels` means on this device, for this model and loss; checked before the
+    model loads.
+
+    liger on a CUDA device: RMSNorm, RoPE and SwiGLU kernels, and for `training.loss: chunked`
+    Liger's fused linear cross-entropy (logits a chunk at a time, gradient computed in the forward,
+    in the compute dtype), except under ZeRO-3: Liger's loss reads `lm_head.weight` directly, and
+    ZeRO-3 gathers a weight only when its module's forward runs, so the kernel would see the
+    0-element shard; there the kit's chunked loss (which calls the head module) stays and the other
+    kernels still apply. `training.loss: full` gets Liger's cross-entropy kernel on full logits.
+    Triton kernels need CUDA: on CPU (and MPS) the run goes on without them and says so."""
+    if cfg.training.kernels == "none":
+        return Kernels()
+    if not rt.device.startswith("cuda"):
+        note = (f"training.kernels=liger: Liger's Triton kernels need a CUDA GPU; this run on {rt.device} "
+                "trains without them")
+        logger.warning(note)
+        return Kernels(notes=[note])
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        raise ConfigError("training config", [("training.kernels", (
+            f"liger-kernel is not importable ({e}); pip install 'finetune-kit[liger]' (needs CUDA and Triton), "
+            "or set training.kernels=none"))]) from e
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        supported = ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))
+        raise ConfigError("training config", [("training.kernels", (
+            f"Liger has no kernels for model type {model_type!r} ({cfg.model}); supported: {supported}. "
+            "Set training.kernels=none"))])
+    notes = []
+    fused = cfg.training.loss == "chunked"
+    if fused and zero_stage(cfg) == 3:
+        fused = False
+        notes.append("ZeRO-3: Liger's fused linear cross-entropy cannot see the partitioned lm_head weight; "
+                     "the kit's chunked loss is used, with Liger's RMSNorm/RoPE/SwiGLU kernels")
+    liger = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": fused,
+             "cross_entropy": cfg.training.loss == "full"}
+    return Kernels(liger=liger, notes=notes)

@@ -37,8 +37,10 @@ from finetune.run_dir import (
     write_run_info,
 )
 from finetune.run_setup import (
+    Kernels,
     autocast_flags,
     check_quantized_storage,
+    kernel_settings,
     quantization_settings,
     resolve_deepspeed_config,
     uses_deepspeed,
@@ -93,13 +95,14 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
 def _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks) -> int | None:
     """Build the model and the Trainer, train, export. Returns the step a pre-emption stopped at
     (None when training finished). Everything heavy lives in this frame and is freed on return."""
-    args = _training_args(cfg, run_dir, eval_ds is not None, rt)
+    kernels = kernel_settings(cfg, rt, _model_type(cfg) if cfg.training.kernels != "none" else None)
+    args = _training_args(cfg, run_dir, eval_ds is not None, rt, kernels)
     # Seed before the adapter weights are created: the Trainer seeds only when it is built, so
     # without this a run's LoRA init depended on what ran earlier in the same process.
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = _setup_model(cfg, tokenizer, rt)
+    model = _setup_model(cfg, tokenizer, rt, kernels)
     trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks)
     _print_summary(cfg, trainer, model, data_stats)
     write_run_info(cfg, run_dir, trainer, data_stats, rt)
@@ -205,13 +208,21 @@ def _setup_data(cfg: TrainConfig, tokenizer, rt=None):
     return train_ds.select_columns(["input_ids", "labels", "length"]), eval_ds, stats
 
 
-def _setup_model(cfg: TrainConfig, tokenizer, rt):
+def _model_type(cfg: TrainConfig) -> str | None:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code).model_type
+
+
+def _setup_model(cfg: TrainConfig, tokenizer, rt, kernels: Kernels | None = None):
     quantize, qkw = quantization_settings(cfg)
     model = load_base_model(
         cfg.model, dtype=weights_dtype(cfg, rt), quantize=quantize, quant_kwargs=qkw,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
     )
-    if cfg.training.loss == "chunked":
+    # Liger's kernels are applied by the Trainer (TrainingArguments.use_liger_kernel); its fused
+    # linear cross-entropy, when on, is this run's chunked loss and replaces the model's forward.
+    if cfg.training.loss == "chunked" and not (kernels and kernels.fused_loss):
         from finetune.losses import install_chunked_loss
 
         if not install_chunked_loss(model):
@@ -259,7 +270,7 @@ def _setup_model(cfg: TrainConfig, tokenizer, rt):
     return get_peft_model(model, lcfg)
 
 
-def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt):
+def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels: Kernels | None = None):
     """TrainingArguments from the config. Built BEFORE the model: with a ZeRO-3 DeepSpeed config this
     registers it globally, so `from_pretrained` partitions weights as they load (zero.Init) instead
     of materialising the whole model on every rank."""
@@ -324,6 +335,8 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt):
         data_seed=cfg.seed,
         deepspeed=cfg.deepspeed,
         disable_tqdm=not rt.is_main,
+        use_liger_kernel=bool(kernels and kernels.liger),
+        liger_kernel_config=kernels.liger if kernels else None,
         save_only_model=False,
         **dist_kwargs,
     )

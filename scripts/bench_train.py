@@ -22,6 +22,13 @@ same run. Extra arms (`--arms`) isolate where the difference comes from:
   kit            finetune train defaults (length-grouped, batch-shuffled sampler; no checkpointing)
   kit_random     finetune train with training.group_by_length=false
   kit_fulllogits finetune train with training.loss=full (the model's own loss over full logits)
+  kit_cmd        the `finetune train` command itself (python -m finetune train ...), timed by this
+                 script from its launch to its exit; train s from the run's metrics.jsonl
+
+Every arm also gets its wall time from launch: for TRL to the end of training (on_train_end), for
+`kit_cmd` to the command's exit (adapter saved, interpreter shut down), i.e. start-up included:
+
+    python scripts/bench_train.py --arms trl,kit_cmd      # the start-to-exit comparison
 
 The large-vocabulary comparison (issue: step memory at real vocabularies) is the same script with
 the model's vocabulary set to Llama 3's, sequences up to 1,024 and batch 4, a few steps:
@@ -173,6 +180,7 @@ def timer_callback():
     class Timer(TrainerCallback):
         def __init__(self):
             self.t0 = self.t1 = 0.0
+            self.first_step_abs = self.end_abs = 0.0
             self.steps = 0
             self.losses: list[float] = []
 
@@ -183,8 +191,13 @@ def timer_callback():
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
 
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:
+                self.first_step_abs = time.time()
+
         def on_train_end(self, args, state, control, **kw):
             self.t1, self.steps = time.perf_counter(), state.global_step
+            self.end_abs = time.time()
 
     return Timer()
 
@@ -233,15 +246,11 @@ def run_trl(spec: dict, out: Path, variant: str) -> dict:
     trainer.train()
     trainer.save_model(str(out / "adapter"))
     return {"train_s": timer.t1 - timer.t0, "lengths": lengths, "trained_tokens_per_epoch": sum(trained),
-            "steps": timer.steps, "last_train_loss": timer.losses[-1] if timer.losses else None}
+            "steps": timer.steps, "last_train_loss": timer.losses[-1] if timer.losses else None,
+            "first_step_abs": timer.first_step_abs, "end_abs": timer.end_abs}
 
 
-def run_kit(spec: dict, out: Path, variant: str) -> dict:
-    from finetune.config import load_config
-    from finetune.data import tokenize_dataset
-    from finetune.modeling import load_tokenizer
-    from finetune.train import train
-
+def kit_overrides(spec: dict, out: Path, variant: str) -> list[str]:
     overrides = [
         f"model={spec['model']}", f"data.train={spec['train']}", f"output_dir={out / 'run'}",
         f"training.epochs={spec['epochs']}", f"training.batch_size={spec['batch_size']}",
@@ -256,14 +265,41 @@ def run_kit(spec: dict, out: Path, variant: str) -> dict:
         overrides.append("training.loss=full")
     if spec.get("max_steps"):
         overrides.append(f"training.max_steps={spec['max_steps']}")
-    cfg = load_config(None, overrides)
-    rows, _ = tokenize_dataset(load_tokenizer(spec["model"]), spec["train"], max_length=cfg.max_length)
+    return overrides
+
+
+def run_kit(spec: dict, out: Path, variant: str) -> dict:
+    """The kit in-process with the same Timer callback as TRL (the token counts come from the parent,
+    which tokenizes the same file with the same template: none of that work happens in this child)."""
+    from finetune.config import load_config
+    from finetune.train import train
+
     timer = timer_callback()
-    train(cfg, callbacks=[timer])
-    return {"train_s": timer.t1 - timer.t0, "lengths": [len(r["input_ids"]) for r in rows],
-            "trained_tokens_per_epoch": sum(sum(1 for x in r["labels"] if x != -100) for r in rows),
-            "steps": timer.steps, "last_train_loss": timer.losses[-1] if timer.losses else None,
+    train(load_config(None, kit_overrides(spec, out, variant)), callbacks=[timer])
+    return {"train_s": timer.t1 - timer.t0, "steps": timer.steps,
+            "last_train_loss": timer.losses[-1] if timer.losses else None,
+            "first_step_abs": timer.first_step_abs, "end_abs": timer.end_abs,
             "adapter_dir": str(out / "run" / "adapter")}
+
+
+def run_kit_command(spec: dict, out: Path, env: dict) -> tuple[dict, str]:
+    """`python -m finetune train ...` as a user runs it; wall time from launch to exit and its own peak
+    RSS (wait4 on that child); train s and steps from the run's metrics.jsonl (the Trainer's
+    train_runtime: on_train_begin to on_train_end, what the Timer measures in the other arms)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "stderr.txt", "w") as err:
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "finetune", "train", *kit_overrides(spec, out, "kit")],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        t1 = time.time()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {}, (out / "stderr.txt").read_text()[-8000:]
+    last = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"train_s": last["train_runtime"], "steps": last["step"], "last_train_loss": last.get("train_loss"),
+            "whole_s": t1 - t0, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "adapter_dir": str(out / "run" / "adapter")}, ""
 
 
 def child(spec_path: str, arm: str, seed: str) -> None:
@@ -330,7 +366,8 @@ def main() -> int:
         args.examples, args.eval_examples, args.max_items = 96, 24, 6
         args.hidden_size, args.layers, args.vocab_size = 64, 1, 320
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ("trl", "trl_grouped", "trl_nockpt", "kit", "kit_random", "kit_fulllogits")]
+    bad = [a for a in arms if a not in ("trl", "trl_grouped", "trl_nockpt", "kit", "kit_random", "kit_fulllogits",
+                                        "kit_cmd")]
     if bad:
         ap.error(f"--arms: unknown arm(s) {bad}")
 
@@ -345,7 +382,7 @@ def main() -> int:
                 seeds=args.seeds, max_steps=args.max_steps)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    lens, _ = token_lengths(spec["model"], spec["train"])
+    lens, trained = token_lengths(spec["model"], spec["train"])
     counts = model_counts(spec["model"], args.lora_r)
     ceiling = {"fp32": matmul_ceiling("float32"), "bf16": matmul_ceiling("bfloat16")}
     print(f"data: {len(lens)} train examples, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}); "
@@ -361,14 +398,31 @@ def main() -> int:
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
             tag = arm if args.seeds == 1 else f"{arm}-seed{seed}"
             print(f"[{tag}] training ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--_child", str(spec_path), arm, str(seed)], env=env,
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                print(f"[{tag}] failed with exit code {proc.returncode}", file=sys.stderr)
-                return 1
             out = work / tag
-            res = json.loads((out / "result.json").read_text())
+            if arm == "kit_cmd":
+                if seed != args.seed:
+                    print(f"[{tag}] kit_cmd runs the command with the config's seed only; skipped", flush=True)
+                    continue
+                res, err = run_kit_command(spec, out, env)
+                if err:
+                    sys.stderr.write(err)
+                    print(f"[{tag}] failed", file=sys.stderr)
+                    return 1
+            else:
+                t_launch = time.time()
+                proc = subprocess.run([sys.executable, __file__, "--_child", str(spec_path), arm, str(seed)],
+                                      env=env, capture_output=True, text=True)
+                t_exit = time.time()
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                    print(f"[{tag}] failed with exit code {proc.returncode}", file=sys.stderr)
+                    return 1
+                res = json.loads((out / "result.json").read_text())
+                # TRL: launch to the end of training; the kit: launch to the exit of its process.
+                res["whole_s"] = (res["end_abs"] if arm.startswith("trl") else t_exit) - t_launch
+                res["to_first_step_s"] = res["first_step_abs"] - t_launch
+            if arm.startswith("kit"):  # the parent's count, same file and template as the kit's
+                res["lengths"], res["trained_tokens_per_epoch"] = lens, sum(trained)
             res.update(score(spec, res["adapter_dir"], out / "eval"))
             # With --max-steps only part of an epoch is seen: the tokens of that share (both arms alike).
             share = min(1.0, res["steps"] * args.batch_size / len(res["lengths"])) if args.max_steps else args.epochs
@@ -389,6 +443,8 @@ def main() -> int:
 
     results: dict = {}
     for arm, rs in runs.items():
+        if not rs:
+            continue
         agg = {key: mean([r[key] for r in rs]) for key in rs[0] if isinstance(rs[0][key], (int, float))
                and not isinstance(rs[0][key], bool)}
         agg["steps"] = rs[0]["steps"]
@@ -397,14 +453,16 @@ def main() -> int:
         agg["runs"] = rs
         results[arm] = agg
 
-    head = f"{'arm':<12}{'seed':>5}{'train s':>9}{'steps':>7}{'tok/s':>9}{'trained tok/s':>15}{'peak RSS MB':>13}" \
-           f"{'eval loss':>11}{'EM':>7}{'GFLOP/s':>9}{'MFU fp32':>10}"
+    head = f"{'arm':<15}{'seed':>5}{'train s':>9}{'whole s':>9}{'1st step s':>11}{'steps':>7}{'tok/s':>9}" \
+           f"{'trained tok/s':>15}{'peak RSS MB':>13}{'eval loss':>11}{'EM':>7}{'GFLOP/s':>9}{'MFU fp32':>10}"
     print("\n" + head)
     for arm, agg in results.items():
         for r in agg["runs"]:
-            print(f"{arm:<12}{r['seed']:>5}{r['train_s']:>9.1f}{r['steps']:>7}{r['tokens_per_s']:>9.0f}"
-                  f"{r['trained_tokens_per_s']:>15.0f}{r['peak_rss_mb']:>13.0f}{r['eval_loss']:>11.4f}"
-                  f"{r['exact_match']:>7.3f}{r['gflops']:>9.1f}{r['mfu_fp32']:>10.1%}")
+            first = f"{r['to_first_step_s']:>11.1f}" if "to_first_step_s" in r else f"{'-':>11}"
+            print(f"{arm:<15}{r['seed']:>5}{r['train_s']:>9.1f}{r['whole_s']:>9.1f}{first}{r['steps']:>7}"
+                  f"{r['tokens_per_s']:>9.0f}{r['trained_tokens_per_s']:>15.0f}{r['peak_rss_mb']:>13.0f}"
+                  f"{r['eval_loss']:>11.4f}{r['exact_match']:>7.3f}{r['gflops']:>9.1f}{r['mfu_fp32']:>10.1%}")
+    print("whole s: TRL from launch to the end of training; the kit from launch to its process's exit")
     if args.seeds > 1:
         print(f"\n{'arm':<12}{'tok/s mean ± sd':>22}{'eval loss mean ± sd':>26}{'MFU fp32':>10}   ({args.seeds} seeds)")
         for arm, agg in results.items():
@@ -417,6 +475,14 @@ def main() -> int:
         print(f"\nkit vs trl{' (means)' if args.seeds > 1 else ''}: {speed:.2f}x tokens/s, eval loss {dloss:+.2%} "
               f"(target: >= 2x, <= +2%) -> {'MET' if speed >= 2 and dloss <= 0.02 else 'NOT MET'}")
         results["summary"] = {"speedup": speed, "eval_loss_rel": dloss}
+    if "trl" in results and "kit_cmd" in results:
+        b, k = results["trl"], results["kit_cmd"]
+        whole = b["whole_s"] / k["whole_s"]
+        dloss = k["eval_loss"] / b["eval_loss"] - 1
+        print(f"`finetune train` start to exit vs TRL script start to end of training: {whole:.2f}x "
+              f"({k['whole_s']:.1f} s vs {b['whole_s']:.1f} s), eval loss {dloss:+.2%} "
+              f"(target: >= 2x, equal or better) -> {'MET' if whole >= 2 and dloss <= 0.0 else 'NOT MET'}")
+        results.setdefault("summary", {}).update(whole_speedup=whole, whole_eval_loss_rel=dloss)
     results["ceiling_gflops"] = ceiling
     results["model"] = counts
     if args.json:

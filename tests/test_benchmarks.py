@@ -24,8 +24,8 @@ def _run(script: str, tmp_path: Path, *extra: str) -> dict:
 
 @pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
-    res, stdout = _run("bench_train.py", tmp_path, "--threads", "1")
-    trl, kit = res["trl"], res["kit"]
+    res, stdout = _run("bench_train.py", tmp_path, "--threads", "1", "--arms", "trl,kit,kit_cmd")
+    trl, kit, cmd = res["trl"], res["kit"], res["kit_cmd"]
     assert res["ceiling_gflops"]["fp32"] > 0 and res["ceiling_gflops"]["bf16"] > 0
     # same data, epochs and batch size: the same number of optimizer steps
     assert trl["steps"] == kit["steps"] == math.ceil(96 / 8)
@@ -37,6 +37,12 @@ def test_bench_train_smoke(tmp_path):
         assert 0 < arm["eval_loss"] < math.log(320) + 1  # below a uniform guess over the vocabulary, +1
         assert arm["peak_rss_mb"] > 100
     assert "kit vs trl:" in stdout and "MFU fp32" in stdout
+    # the command itself: same steps as the in-process arm; its wall time holds its training time
+    # plus start-up; TRL's wall time (launch to end of training) holds its training time too
+    assert cmd["steps"] == kit["steps"] and 0 < cmd["train_s"] < cmd["whole_s"]
+    assert 0 < trl["train_s"] < trl["to_first_step_s"] + trl["train_s"] and trl["train_s"] < trl["whole_s"]
+    assert 0 < cmd["eval_loss"] < math.log(320) + 1 and cmd["peak_rss_mb"] > 100
+    assert "`finetune train` start to exit vs TRL script start to end of training:" in stdout
 
 
 @pytest.mark.slow

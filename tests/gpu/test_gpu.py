@@ -204,3 +204,35 @@ def test_distributed_eval_reduces_on_the_gpus_under_nccl(gpu_run, chat_data, tmp
                           max_new_tokens=4, metrics=["exact_match"])
     a, b = report["models"]["tuned"]["intrinsic"], single["models"]["tuned"]["intrinsic"]
     assert a["tokens"] == b["tokens"] and a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-3)
+
+
+def test_liger_kernels_are_applied_and_give_the_loss_of_the_kits_chunked_loss(tiny_model, chat_data, tmp_path):
+    """training.kernels=liger on one GPU: Liger's RMSNorm/SwiGLU are in the trained model, its fused
+    linear cross-entropy replaces the kit's chunked loss, and the first step's loss equals the run
+    without kernels (fp32 both, same seed and data)."""
+    pytest.importorskip("liger_kernel")
+    from transformers import TrainerCallback
+
+    from finetune.config import load_config
+    from finetune.train import train
+
+    seen: dict = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            base = model.get_base_model()
+            seen["names"] = {m._get_name() for m in base.modules()}
+            seen["liger"] = args.use_liger_kernel
+
+    losses = {}
+    for kernels in ("none", "liger"):
+        run = tmp_path / kernels
+        train(load_config(None, _overrides(tiny_model, chat_data, run, f"training.kernels={kernels}", "dtype=float32",
+                                           "training.precision=fp32", "lora.dropout=0")), callbacks=[Probe()])
+        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        losses[kernels] = first["loss"]
+        if kernels == "liger":
+            assert seen["liger"] and {"LigerRMSNorm", "LigerSwiGLUMLP"} <= seen["names"], seen
+            info = json.loads((run / "run.json").read_text())["kernels"]
+            assert info["liger"]["fused_linear_cross_entropy"] is True, info
+    assert abs(losses["liger"] - losses["none"]) <= 1e-3 * abs(losses["none"]), losses

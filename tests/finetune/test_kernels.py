@@ -1,0 +1,111 @@
+"""training.kernels: what it means on each device, for each model and loss, and what `finetune plan`
+says it saves. Liger's kernels themselves need CUDA (tests/gpu/test_gpu.py runs them)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import replace
+
+import pytest
+
+from finetune.config import ConfigError, load_config
+from finetune.plan import ModelShape, Setup, activation_bytes, layer_activation_bytes
+from finetune.run_setup import kernel_settings
+from kitcore.runtime import Runtime
+
+CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, device="cpu", backend=None)
+GPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, device="cuda:0", backend=None)
+
+
+def _cfg(chat_data, tiny_model, *extra):
+    return load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", "output_dir=unused", *extra])
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """liger_kernel's model table, as installed on a GPU machine (its kernels are Triton: not here)."""
+    mp = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    mp.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "mistral": None, "qwen2": None}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", mp)
+
+
+def test_unknown_kernels_value_names_the_key(chat_data, tiny_model):
+    with pytest.raises(ConfigError) as e:
+        _cfg(chat_data, tiny_model, "training.kernels=triton")
+    assert "training.kernels" in str(e.value)
+
+
+def test_liger_is_off_on_cpu_with_a_warning(chat_data, tiny_model, caplog):
+    k = kernel_settings(_cfg(chat_data, tiny_model, "training.kernels=liger"), CPU, "llama")
+    assert k.liger is None and not k.fused_loss
+    assert "need a CUDA GPU" in caplog.text
+
+
+def test_liger_missing_on_a_gpu_is_a_config_error(chat_data, tiny_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails as when it is not installed
+    with pytest.raises(ConfigError) as e:
+        kernel_settings(_cfg(chat_data, tiny_model, "training.kernels=liger"), GPU, "llama")
+    assert "training.kernels" in str(e.value) and "finetune-kit[liger]" in str(e.value)
+
+
+def test_liger_on_a_gpu_fuses_the_loss_except_under_zero3(chat_data, tiny_model, fake_liger, tmp_path):
+    k = kernel_settings(_cfg(chat_data, tiny_model, "training.kernels=liger"), GPU, "llama")
+    assert k.liger == {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
+                       "cross_entropy": False}
+    assert k.fused_loss
+    full = kernel_settings(_cfg(chat_data, tiny_model, "training.kernels=liger", "training.loss=full"), GPU, "llama")
+    assert full.liger["cross_entropy"] and not full.fused_loss
+    ds = tmp_path / "z3.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    z3 = kernel_settings(_cfg(chat_data, tiny_model, "training.kernels=liger", f"deepspeed={ds}"), GPU, "llama")
+    assert z3.liger["rms_norm"] and not z3.fused_loss and "ZeRO-3" in z3.notes[0]
+
+
+def test_liger_for_an_unsupported_model_lists_the_supported_ones(chat_data, tiny_model, fake_liger):
+    with pytest.raises(ConfigError) as e:
+        kernel_settings(_cfg(chat_data, tiny_model, "training.kernels=liger"), GPU, "gpt2")
+    assert "'gpt2'" in str(e.value) and "llama, mistral, qwen2" in str(e.value)
+
+
+def test_the_trainer_gets_liger_and_the_kit_does_not_install_a_second_loss(chat_data, tiny_model, fake_liger,
+                                                                           tmp_path):
+    from finetune import losses
+    from finetune.modeling import load_tokenizer
+    from finetune.run_setup import Kernels
+    from finetune.train import _setup_model, _training_args
+
+    cfg = _cfg(chat_data, tiny_model, "training.kernels=liger")
+    k = kernel_settings(cfg, GPU, "llama")
+    args = _training_args(cfg, tmp_path / "run", False, CPU, k)
+    assert args.use_liger_kernel and args.liger_kernel_config == k.liger
+    tok = load_tokenizer(cfg.model)
+    assert not losses.installed(_setup_model(cfg, tok, CPU, k))
+    assert losses.installed(_setup_model(cfg, tok, CPU, Kernels()))
+
+
+LLAMA_8B = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
+
+
+def test_plan_counts_what_liger_saves_per_layer_and_in_the_head():
+    none = Setup(adapter="lora", micro_batch=4, seq_len=4096, device="gpu", precision="bf16",
+                 weight_dtype="bfloat16", lora_dropout=0.0)
+    liger = replace(none, kernels="liger")
+    h, i, A = 4096, 14336, 2
+    # RMSNorm x2: fp32 input (4h) -> its own dtype (A*h); SwiGLU: 3 saved tensors of width i -> 2.
+    saved = 2 * (4 * h - A * h) + A * i
+    assert layer_activation_bytes(LLAMA_8B, none) - layer_activation_bytes(LLAMA_8B, liger) == pytest.approx(saved)
+    tokens = 4 * 4096
+    chunk = 1 << (tokens // -(-128256 // h) - 1).bit_length()  # next power of 2 of tokens / ceil(V / H)
+    head = (2 * A * h + 8) * tokens + A * 128256 * chunk
+    assert activation_bytes(LLAMA_8B, liger)["head"] == pytest.approx(head)
+    assert activation_bytes(LLAMA_8B, liger)["head"] < activation_bytes(LLAMA_8B, none)["head"]
+    # Under ZeRO-3 Liger's loss is off (the kit's chunked loss stays): the head is as without kernels.
+    z3n, z3l = (replace(s, zero_stage=3) for s in (none, liger))
+    assert activation_bytes(LLAMA_8B, z3l)["head"] == activation_bytes(LLAMA_8B, z3n)["head"]
+    # On CPU the kernels do not run, so they save nothing.
+    cpu = replace(liger, device="cpu")
+    assert layer_activation_bytes(LLAMA_8B, cpu) == layer_activation_bytes(LLAMA_8B, replace(cpu, kernels="none"))
