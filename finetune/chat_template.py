@@ -150,3 +150,35 @@ def encode_chat(
     trained_bytes = sum(len(ch.encode("utf-8")) for ch, c in zip(text, covered) if c)
     n_trained = sum(1 for lab in labels if lab != IGNORE_INDEX)
     return EncodedExample(ids, labels, truncated, n_trained, trained_bytes)
+
+
+@dataclass
+class EncodedCompletion:
+    """A prompt and one completion of it, as token ids (preference and unpaired data)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_bytes: int  # UTF-8 bytes of the completion's text (for per-byte figures)
+
+
+def encode_completion(tokenizer: Any, prompt: list[dict], completion: list[dict]) -> EncodedCompletion:
+    """Token ids of `prompt` (rendered up to the generation prompt) and of `completion` after it.
+
+    The same rule as SFT's loss masks (`assistant_spans`): the completion is the rendered text of
+    prompt + completion after the rendered prompt with its generation prompt, with trailing
+    whitespace removed, so it ends on the template's end-of-turn token, which is scored. The text is
+    tokenized once, whole: a token that straddles the prompt/completion boundary belongs to the
+    completion (it carries completion characters), as in SFT's masks."""
+    text = _render(tokenizer, prompt + completion)
+    prefix = _render(tokenizer, prompt, add_generation_prompt=True)
+    if not text.startswith(prefix):
+        raise ChatFormatError(
+            "the chat template does not render the prompt as a prefix of prompt + completion, so the "
+            "completion cannot be located; set `chat_template` in the config to a template that does"
+        )
+    end = len(text.rstrip())
+    enc = tokenizer(text[:end], add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    # The first token whose characters reach past the prompt (zero-width tokens stay with the prompt).
+    k = next((t for t, (s, e) in enumerate(enc["offset_mapping"]) if e > len(prefix) and e > s), len(ids))
+    return EncodedCompletion(ids[:k], ids[k:], len(text[len(prefix):end].encode("utf-8")))

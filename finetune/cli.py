@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import sys
@@ -186,7 +187,9 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         cfg = load_config(args.config, args.overrides)
         from kitcore.runtime import single_process_gpu
 
-        if single_process_gpu():  # before torch is imported: CUDA reads it once, at initialisation
+        # Before torch is imported: CUDA reads it once, at initialisation. Said only where GPUs are
+        # (a device node exists): on a CPU machine the pin changes nothing.
+        if single_process_gpu() and glob.glob("/dev/nvidia[0-9]*"):
             logging.getLogger("finetune").info(
                 "one process without a launcher: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); "
                 "use `accelerate launch` for data parallel")

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kitcore import overrides as kitcore_overrides
 
@@ -191,9 +199,41 @@ class EvalConfig(Section):
         return v
 
 
+# TRL's DPO loss types (DPOConfig.loss_type), checked here so that a typo fails before anything loads.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (DPO's beta).")
+    loss_type: list[str] | str = Field(
+        "sigmoid", description="TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, apo_zero, ...; a list combines "
+        "several (with loss_weights).")
+    loss_weights: list[float] | None = Field(None, description="Weights of the loss_type list.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO / EXO label smoothing.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Score the training data under the reference once before training, instead of a "
+        "reference forward pass per step (full fine-tuning: no reference model in memory while training).")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, v: list[str] | str) -> list[str] | str:
+        bad = [x for x in ([v] if isinstance(v, str) else v) if x not in DPO_LOSS_TYPES]
+        if bad:
+            raise ValueError(f"unknown DPO loss {', '.join(map(repr, bad))}; one of {', '.join(DPO_LOSS_TYPES)}")
+        return v
+
+
 class TrainConfig(Section):
     model: str = Field(description="Base model: a local directory or a hub id.")
     adapter: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained.")
+    method: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: supervised on chat JSONL; dpo: direct preference optimisation on preference "
+        "JSONL (prompt/chosen/rejected, OpenAI's preference format, or chosen/rejected conversations).")
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    init_adapter: str | None = Field(
+        None, description="A LoRA adapter directory to continue training (e.g. an SFT run's adapter/ before "
+        "DPO, which then also serves as the reference).")
     data: DataConfig
     output_dir: str = Field(description="Run directory (adapter/, checkpoints/, metrics.jsonl, run.json).")
     seed: int = 42
@@ -215,6 +255,31 @@ class TrainConfig(Section):
         "auto", description="Dtype the base weights are loaded in."
     )
     attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2...")
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _adapter_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if info.data.get("adapter") == "full":
+            raise ValueError("an adapter to continue needs adapter: lora or qlora, not full")
+        if not (Path(v) / "adapter_config.json").is_file():
+            raise ValueError(f"no adapter_config.json in {v} (expected a PEFT adapter directory, e.g. RUN/adapter)")
+        return v
+
+    @field_validator("dpo")
+    @classmethod
+    def _dpo_needs_method(cls, v: DPOSection, info: ValidationInfo) -> DPOSection:
+        if info.data.get("method") != "dpo":
+            raise ValueError(f"set, but method is {info.data.get('method')!r}; set method: dpo or remove this section")
+        return v
+
+    @field_validator("packing")
+    @classmethod
+    def _packing_is_sft(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("method", "sft") != "sft":
+            raise ValueError(f"not supported with method {info.data['method']!r} (pairs are scored per sequence)")
+        return v
 
     @field_validator("deepspeed")
     @classmethod
@@ -273,7 +338,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         if isinstance(v, str):
             container[key] = resolve_yaml_path(v, base_dir)
 
-    for key in ("deepspeed", "model"):
+    for key in ("deepspeed", "model", "init_adapter"):
         fix(raw, key)
     for section, keys in (("data", ("train", "eval")), ("eval", ("data",))):
         if isinstance(raw.get(section), dict):

@@ -73,6 +73,7 @@ class CacheSpec:
     too_long: str = "truncate"
     packing: bool = False
     key_mode: str = "content"  # content | stat
+    kind: str = "sft"  # sft (chat JSONL) | preference (pairs) | kto (unpaired): finetune.preference_data
 
 
 @dataclass
@@ -193,6 +194,8 @@ def cache_key(spec: CacheSpec, tokenizer: Any) -> tuple[str, dict[str, Any]]:
         "too_long": spec.too_long,
         "packing": spec.packing,
     }
+    if spec.kind != "sft":
+        inputs["kind"] = spec.kind
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
 
 
@@ -224,8 +227,26 @@ def _schema():
                       ("length", pa.int32()), ("line", pa.int64())])
 
 
+def iter_lines(path: Path, shard: tuple[int, int, int]):
+    """(line number, text) of the non-blank lines of one byte range of a JSONL file."""
+    start, end, first_line = shard
+    with path.open("rb") as fh:
+        fh.seek(start)
+        lineno = first_line - 1
+        while fh.tell() < end:
+            raw = fh.readline()
+            lineno += 1
+            line = raw.decode("utf-8", errors="strict") if raw else ""
+            if line.strip():
+                yield lineno, line
+
+
 def _build_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, int, int], out_file: str) -> ShardResult:
     """Read one byte range, check and encode its lines, write them as one Arrow stream."""
+    if spec.kind != "sft":
+        from finetune.preference_data import build_preference_shard
+
+        return build_preference_shard(tokenizer, spec, shard, out_file)
     import numpy as np
     import pyarrow as pa
 
@@ -485,12 +506,19 @@ def _cache_root(cfg, data_path: str) -> Path:
     return Path(cfg.output_dir) / "data-cache"
 
 
+def data_kind(cfg) -> str:
+    """What a training file of this run holds: chat JSONL, preference pairs, or unpaired examples."""
+    method = getattr(cfg, "method", "sft")
+    return {"dpo": "preference", "kto": "kto"}.get(method, "sft")
+
+
 def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | None = None,
                    progress: bool | None = None):
     """The tokenized split as (memory-mapped Dataset, DataStats): from the cache when it is there,
     else built by the designated process while the others wait for it."""
     spec = CacheSpec(path=str(data_path), max_length=cfg.max_length, loss_on=cfg.data.loss_on,
-                     too_long=cfg.data.too_long, packing=cfg.packing, key_mode=cfg.data.cache_key)
+                     too_long=cfg.data.too_long, packing=cfg.packing, key_mode=cfg.data.cache_key,
+                     kind=data_kind(cfg))
     key, inputs = cache_key(spec, tokenizer)
     final = _cache_root(cfg, data_path) / f"{Path(data_path).stem}-{key[:16]}"
     if rt is None:

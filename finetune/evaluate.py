@@ -239,8 +239,19 @@ def extrinsic_scores(
 # ----------------------------------------------------------------------------------------------
 # orchestration
 # ----------------------------------------------------------------------------------------------
-def _score_model(model, tokenizer, records, *, label, metrics, loss_on, max_new_tokens, batch_size,
-                 max_length=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _score_preference_model(model, tokenizer, records, *, label, batch_size, max_length=None,
+                            **_) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from finetune.preference_eval import score_preferences
+
+    t0 = time.perf_counter()
+    scores, rows = score_preferences(model, tokenizer, records, batch_size=batch_size, max_length=max_length)
+    rank0_print(f"  {label}: preference accuracy {scores['preference_accuracy']:.3f} "
+                f"({time.perf_counter() - t0:.1f} s)")
+    return {"preference": scores}, rows
+
+
+def _score_text_model(model, tokenizer, records, *, label, metrics, loss_on, max_new_tokens, batch_size,
+                      max_length=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
     intrinsic = intrinsic_scores(model, tokenizer, [r["messages"] for r in records], loss_on=loss_on,
                                  batch_size=batch_size, max_length=max_length)
@@ -306,13 +317,16 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
               max_examples, quantize, run_dir, lm_eval_tasks, lm_eval_include, max_length,
               tuned_model=None) -> dict[str, Any]:
     from finetune.modeling import load_base_model, load_tokenizer
+    from finetune.preference_eval import is_preference_file, read_preference_records
 
     dist = _dist()
-    records, data_info = read_eval_records(data)
+    preference = is_preference_file(data)
+    records, data_info = read_preference_records(data) if preference else read_eval_records(data)
     if max_examples:
         records = records[:max_examples]
     if not records:
-        raise ValueError(f"{data} holds no example with an assistant turn to evaluate")
+        raise ValueError(f"{data} holds no {'preference pair' if preference else 'example with an assistant turn'} "
+                         "to evaluate")
     report: dict[str, Any] = {"models": {}, "meta": {
         "data": data_info, "metrics": metrics, "loss_on": loss_on, "quantize": quantize, "max_length": max_length,
         "world_size": dist.get_world_size() if dist else 1}}
@@ -320,6 +334,7 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
     t0 = time.perf_counter()
     kw = dict(metrics=metrics, loss_on=loss_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
               max_length=max_length)
+    _score_model = _score_preference_model if preference else _score_text_model
     if adapter is not None:
         from finetune.inference import load_for_inference, read_adapter_info
 
@@ -360,6 +375,10 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
             tuned.eval()
             report["meta"]["tuned_model"] = str(tuned_model)
             report["models"]["tuned"], predictions["tuned"] = _score_model(tuned, tok, records, label="tuned", **kw)
+    if preference and "tuned" in report["models"]:
+        from finetune.preference_eval import reward_scores
+
+        report["models"]["tuned"]["preference"].update(reward_scores(predictions["base"], predictions["tuned"]))
     if lm_eval_tasks:
         from finetune.lm_eval_runner import run_lm_eval
 

@@ -20,8 +20,8 @@ __all__ = ["compare", "format_table", "higher_is_better", "write_report"]
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("intrinsic", "extrinsic", "lm_eval")
-_SECTION_TITLES = {"intrinsic": "Intrinsic", "extrinsic": "Extrinsic", "lm_eval": "lm-eval"}
+SECTIONS = ("intrinsic", "extrinsic", "preference", "lm_eval")
+_SECTION_TITLES = {"intrinsic": "Intrinsic", "extrinsic": "Extrinsic", "preference": "Preference", "lm_eval": "lm-eval"}
 _COUNT_KEYS = {"n", "tokens", "bytes", "nll_sum"}
 _LOWER_IS_BETTER = {"nll", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"}
 # Relative tolerance below which a change is float noise, not a regression.
@@ -239,7 +239,7 @@ def _plot_bars(models: dict[str, Any], path: Path) -> bool:
     names = [name for name in ("base", "tuned") if models.get(name)]
     values = {
         section: {name: dict(_flatten(section, models[name].get(section))) for name in names}
-        for section in ("extrinsic", "intrinsic")
+        for section in ("extrinsic", "intrinsic", "preference")
     }
     extrinsic = [
         m
@@ -253,6 +253,9 @@ def _plot_bars(models: dict[str, Any], path: Path) -> bool:
         for title, section, metrics in (
             ("Extrinsic (0-1, higher is better)", "extrinsic", extrinsic),
             ("Intrinsic", "intrinsic", intrinsic),
+            ("Preference accuracy (0-1)", "preference",
+             [m for m in ("preference_accuracy", "preference_accuracy_per_token", "reward_accuracy")
+              if any(m in v for v in values["preference"].values())]),
         )
         if metrics
     ]
@@ -273,7 +276,7 @@ def _plot_bars(models: dict[str, Any], path: Path) -> bool:
         ax.set_xticks(range(len(metrics)), labels, rotation=0, fontsize=9)
         ax.set_title(title)
         ax.margins(y=0.15)
-        if section == "extrinsic":
+        if section in ("extrinsic", "preference"):
             ax.set_ylim(0, 1.1)
         ax.grid(axis="y", alpha=0.3)
     # One legend above the panels: inside a panel it hides the value labels of the tallest bars.

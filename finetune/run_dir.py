@@ -192,10 +192,15 @@ def export_weights(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
         # save_model gathers ZeRO-3 shards on every rank, so all ranks call it.
         trainer.save_model(str(tmp))
         if is_main_process():
+            # DPO on an adapter trains against a frozen copy of the starting adapter ("ref", which PEFT
+            # saves as a subdirectory); the export is the trained adapter alone.
+            if cfg.method != "sft":
+                shutil.rmtree(tmp / "ref", ignore_errors=True)
             tokenizer.save_pretrained(tmp)
             state = trainer.state
             atomic_write_text(tmp / "finetune.json", json.dumps({
                 "adapter": cfg.adapter,
+                "method": cfg.method,
                 "base_model": model_ref(cfg.model),
                 "global_step": state.global_step,
                 "best_checkpoint": state.best_model_checkpoint,

@@ -202,10 +202,11 @@ def _setup_data(cfg: TrainConfig, tokenizer, rt=None):
     train_ds, train_stats, _ = prepared_split(cfg, tokenizer, cfg.data.train, rt)
     stats = {"train": train_stats}
     eval_ds = None
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if cfg.method == "dpo" else ["input_ids", "labels"]
     if cfg.data.eval:
         eval_ds, stats["eval"], _ = prepared_split(cfg, tokenizer, cfg.data.eval, rt)
-        eval_ds = eval_ds.select_columns(["input_ids", "labels"])
-    return train_ds.select_columns(["input_ids", "labels", "length"]), eval_ds, stats
+        eval_ds = eval_ds.select_columns(columns)
+    return train_ds.select_columns([*columns, "length"]), eval_ds, stats
 
 
 def _model_type(cfg: TrainConfig) -> str | None:
@@ -222,7 +223,8 @@ def _setup_model(cfg: TrainConfig, tokenizer, rt, kernels: Kernels | None = None
     )
     # Liger's kernels are applied by the Trainer (TrainingArguments.use_liger_kernel); its fused
     # linear cross-entropy, when on, is this run's chunked loss and replaces the model's forward.
-    if cfg.training.loss == "chunked" and not (kernels and kernels.fused_loss):
+    # Preference training scores sequences through TRL's own chunked LM head (add_fused_lm_head).
+    if cfg.method == "sft" and cfg.training.loss == "chunked" and not (kernels and kernels.fused_loss):
         from finetune.losses import install_chunked_loss
 
         if not install_chunked_loss(model):
@@ -267,6 +269,11 @@ def _setup_model(cfg: TrainConfig, tokenizer, rt, kernels: Kernels | None = None
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )
+    if cfg.init_adapter:
+        # Continue an adapter (SFT -> DPO): its own LoRA settings, trainable again.
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     return get_peft_model(model, lcfg)
 
 
@@ -276,6 +283,11 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels:
     of materialising the whole model on every rank."""
     from transformers import TrainingArguments
 
+    args_class, method_args = TrainingArguments, {}
+    if cfg.method == "dpo":
+        from finetune.preference import dpo_arguments
+
+        args_class, method_args = dpo_arguments(cfg)
     t = cfg.training
     strategy = "steps" if (t.eval_steps or t.save_steps) else "epoch"
     eval_every = t.eval_steps or t.save_steps
@@ -300,7 +312,7 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels:
     report_to = [r for r in t.report_to if r != "none"] or "none"
     if report_to != "none" and "tensorboard" in report_to:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-    args = TrainingArguments(
+    args = args_class(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
@@ -339,6 +351,7 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels:
         liger_kernel_config=kernels.liger if kernels else None,
         save_only_model=False,
         **dist_kwargs,
+        **method_args,
     )
     if args.n_gpu > 1:
         # One process that sees several GPUs: the Trainer would wrap the model in nn.DataParallel
@@ -357,26 +370,20 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     has_eval = eval_ds is not None
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker(),
                  Preemption(grace_s=t.preemption_grace_s)]
-    collate = make_collator(cfg, tokenizer)
     if has_eval and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     callbacks.extend(extra_callbacks)
-    trainer = KitTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collate,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        group_by_length=t.group_by_length,
-        group_window=t.group_window,
-    )
-    return trainer
+    common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                  callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window)
+    if cfg.method == "dpo":
+        from finetune.preference import KitDPOTrainer
+
+        return KitDPOTrainer(**common)  # TRL's preference collator pads prompt + chosen/rejected
+    return KitTrainer(data_collator=make_collator(cfg, tokenizer), **common)
 
 
-class KitTrainer(Trainer):
-    """`Trainer` with one change: its train sampler.
+class LengthGroupedSampling:
+    """The kit's train sampler for a Trainer (subclass this before the Trainer class).
 
     Training batches come from `LengthGroupedShuffledSampler` when `training.group_by_length`
     (the default): similar lengths within a batch, random order of batches.
@@ -395,6 +402,10 @@ class KitTrainer(Trainer):
             return LengthGroupedShuffledSampler(lengths, self._train_batch_size,
                                                 window=self.group_window, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
+
+
+class KitTrainer(LengthGroupedSampling, Trainer):
+    """`Trainer` with one change: its train sampler (LengthGroupedSampling)."""
 
 
 

@@ -1,0 +1,135 @@
+"""The preference record schema, shared by data_prep and finetune: one JSONL line is one of
+
+    pair (TRL's conversational preference format):
+        {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+    pair, implicit prompt (HH-RLHF style: two whole conversations that share their beginning):
+        {"chosen": [messages], "rejected": [messages]}
+    pair (OpenAI's preference fine-tuning format):
+        {"input": {"messages": [...]}, "preferred_output": [messages], "non_preferred_output": [messages]}
+    unpaired (KTO):
+        {"prompt": [messages], "completion": [messages], "label": true|false}
+
+`prompt`, `chosen`, `rejected` and `completion` may also be plain strings (TRL's standard format):
+a string prompt is one user message, a string answer one assistant message.
+
+`normalize_preference` turns any of them into a `Preference` (prompt messages plus one or two
+completions) or raises `PreferenceError` with the first problem as one sentence; training and
+`data-prep validate` both use it, so a file that validates is a file that trains. A completion
+starts with an assistant message; the prompt does not end with one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kitcore.schema import training_problem
+
+__all__ = ["Preference", "PreferenceError", "normalize_preference", "preference_problem", "is_preference_record"]
+
+PAIR_KEYS = ({"prompt", "chosen", "rejected"}, {"chosen", "rejected"},
+             {"input", "preferred_output", "non_preferred_output"})
+UNPAIRED_KEYS = {"prompt", "completion", "label"}
+
+
+class PreferenceError(ValueError):
+    """A preference record that cannot be trained on; the message says why."""
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: list[dict]
+    chosen: list[dict]  # the completion, for an unpaired record
+    rejected: list[dict] | None = None  # None for an unpaired (KTO) record
+    label: bool | None = None  # unpaired only: is the completion desirable
+
+    @property
+    def paired(self) -> bool:
+        return self.rejected is not None
+
+
+def is_preference_record(obj: Any) -> bool:
+    """Whether a parsed line is shaped like a preference record (of any of the formats above)."""
+    return isinstance(obj, dict) and any(keys <= obj.keys() for keys in (*PAIR_KEYS, UNPAIRED_KEYS))
+
+
+def _messages(value: Any, field: str, role: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise PreferenceError(f"`{field}` must be a non-empty list of messages (or a string)")
+    return value
+
+
+def _check(messages: list[dict], field: str, *, assistant: bool) -> None:
+    problem = training_problem({"messages": messages}, require_assistant=assistant)
+    if problem:
+        raise PreferenceError(f"`{field}`: {problem}")
+
+
+def _completion(value: Any, field: str) -> list[dict]:
+    msgs = _messages(value, field, "assistant")
+    _check(msgs, field, assistant=True)
+    if msgs[0].get("role") != "assistant":
+        raise PreferenceError(f"`{field}` must start with an assistant message (it starts with "
+                              f"{msgs[0].get('role')!r})")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _prompt(value: Any, field: str) -> list[dict]:
+    msgs = _messages(value, field, "user")
+    _check(msgs, field, assistant=False)
+    if msgs[-1].get("role") == "assistant":
+        raise PreferenceError(f"`{field}` ends with an assistant message; the answer belongs in the completion")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
+    """The record as a Preference; `unpaired=True` reads KTO records (and also accepts pairs, each
+    giving a desirable and an undesirable example: see `finetune.preference_data`)."""
+    if not isinstance(obj, dict):
+        raise PreferenceError(f"line is a {type(obj).__name__}, not an object")
+    if unpaired and UNPAIRED_KEYS <= obj.keys():
+        if not isinstance(obj["label"], bool):
+            raise PreferenceError(f"`label` must be true or false, not {obj['label']!r}")
+        return Preference(_prompt(obj["prompt"], "prompt"), _completion(obj["completion"], "completion"),
+                          label=obj["label"])
+    if {"input", "preferred_output", "non_preferred_output"} <= obj.keys():
+        inp = obj["input"]
+        if not isinstance(inp, dict) or "messages" not in inp:
+            raise PreferenceError("`input` must be an object with a `messages` list (OpenAI's preference format)")
+        prompt = _prompt(inp["messages"], "input.messages")
+        chosen = _completion(obj["preferred_output"], "preferred_output")
+        rejected = _completion(obj["non_preferred_output"], "non_preferred_output")
+    elif {"prompt", "chosen", "rejected"} <= obj.keys():
+        prompt = _prompt(obj["prompt"], "prompt")
+        chosen, rejected = _completion(obj["chosen"], "chosen"), _completion(obj["rejected"], "rejected")
+    elif {"chosen", "rejected"} <= obj.keys():
+        c, r = _messages(obj["chosen"], "chosen", "assistant"), _messages(obj["rejected"], "rejected", "assistant")
+        n = 0  # the shared beginning is the prompt; it must end where an assistant turn starts
+        while n < min(len(c), len(r)) and c[n] == r[n]:
+            n += 1
+        while n > 0 and isinstance(c[n - 1], dict) and c[n - 1].get("role") == "assistant":
+            n -= 1
+        if n == 0:
+            raise PreferenceError("`chosen` and `rejected` share no prompt: give both whole conversations with "
+                                  "the same beginning, or a separate `prompt`")
+        prompt = _prompt(c[:n], "chosen (shared prompt)")
+        chosen, rejected = _completion(c[n:], "chosen"), _completion(r[n:], "rejected")
+    else:
+        shown = sorted(obj)[:8]
+        raise PreferenceError(
+            f"not a preference record (keys {shown}); expected prompt/chosen/rejected, chosen/rejected, "
+            "input/preferred_output/non_preferred_output" + (", or prompt/completion/label" if unpaired else ""))
+    if chosen == rejected:
+        raise PreferenceError("`chosen` and `rejected` are identical: the pair teaches nothing")
+    return Preference(prompt, chosen, rejected)
+
+
+def preference_problem(obj: Any, *, unpaired: bool = False) -> str | None:
+    """Why training refuses this preference line, or None."""
+    try:
+        normalize_preference(obj, unpaired=unpaired)
+    except PreferenceError as exc:
+        return str(exc)
+    return None

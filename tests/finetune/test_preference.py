@@ -1,0 +1,242 @@
+"""Preference data and DPO: the record formats, the masks (the same rule as SFT's), the data cache,
+the config, and DPO training that makes a model prefer the right answer (checked by `finetune eval`
+and by an independent recomputation with plain transformers + peft)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from finetune.chat_template import encode_chat, encode_completion, render_prompt
+from kitcore.preference import PreferenceError, normalize_preference, preference_problem
+from tests.conftest import make_chat_examples, write_jsonl
+
+U = {"role": "user", "content": "How much is the oak desk? The oak desk costs $12."}
+S = {"role": "system", "content": "Answer with the price only."}
+A_GOOD, A_BAD = {"role": "assistant", "content": "$12"}, {"role": "assistant", "content": "$40"}
+
+
+def price_pairs(n: int, seed: int) -> list[dict]:
+    """The quickstart's price look-up as preferences: chosen quotes the asked product's price, rejected
+    another price from the same catalogue (plausible, wrong)."""
+    rng = random.Random(seed)
+    out = []
+    for ex in make_chat_examples(n, seed):
+        msgs = ex["messages"]
+        k = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompt, right = msgs[:k], msgs[k]["content"]
+        prices = sorted(set(re.findall(r"\$\d+", prompt[-1]["content"])) - {right})
+        wrong = rng.choice(prices) if prices else f"${int(right[1:]) + 1}"
+        out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": right}],
+                    "rejected": [{"role": "assistant", "content": wrong}]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the record formats
+# ----------------------------------------------------------------------------------------------
+def test_the_three_pair_formats_and_strings_read_the_same():
+    trl = {"prompt": [S, U], "chosen": [A_GOOD], "rejected": [A_BAD]}
+    implicit = {"chosen": [S, U, A_GOOD], "rejected": [S, U, A_BAD]}
+    openai = {"input": {"messages": [S, U]}, "preferred_output": [A_GOOD], "non_preferred_output": [A_BAD]}
+    want = normalize_preference(trl)
+    assert want.prompt == [S, U] and want.chosen == [A_GOOD] and want.rejected == [A_BAD] and want.paired
+    assert normalize_preference(implicit) == want == normalize_preference(openai)
+    strings = normalize_preference({"prompt": U["content"], "chosen": "$12", "rejected": "$40"})
+    assert strings.prompt == [U] and strings.chosen == [A_GOOD] and strings.rejected == [A_BAD]
+
+
+def test_unpaired_records_for_kto():
+    rec = normalize_preference({"prompt": [U], "completion": [A_GOOD], "label": True}, unpaired=True)
+    assert not rec.paired and rec.label is True and rec.chosen == [A_GOOD]
+    assert "label" in preference_problem({"prompt": [U], "completion": [A_GOOD], "label": "yes"}, unpaired=True)
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"prompt": [U], "chosen": [A_GOOD], "rejected": [A_GOOD]}, "identical"),
+    ({"prompt": [U, A_GOOD], "chosen": [A_GOOD], "rejected": [A_BAD]}, "ends with an assistant message"),
+    ({"prompt": [U], "chosen": [U, A_GOOD], "rejected": [A_BAD]}, "must start with an assistant message"),
+    ({"prompt": [U], "chosen": [{"role": "assistant"}], "rejected": [A_BAD]}, "`chosen`"),
+    ({"prompt": [U], "chosen": [], "rejected": [A_BAD]}, "non-empty list"),
+    ({"chosen": [U, A_GOOD], "rejected": [S, A_BAD]}, "share no prompt"),
+    ({"messages": [U, A_GOOD]}, "not a preference record"),
+    ({"input": [U], "preferred_output": [A_GOOD], "non_preferred_output": [A_BAD]}, "`input` must be an object"),
+])
+def test_bad_records_say_what_is_wrong(record, words):
+    with pytest.raises(PreferenceError, match=re.escape(words)):
+        normalize_preference(record)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks: the same rule as SFT
+# ----------------------------------------------------------------------------------------------
+def test_the_scored_completion_is_what_sft_trains_for_that_turn(tiny_model):
+    from finetune.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    for prompt in ([U], [S, U], [S, U, A_BAD, {"role": "user", "content": "Sure?"}]):
+        enc = encode_completion(tok, prompt, [A_GOOD])
+        sft = encode_chat(tok, prompt + [A_GOOD], loss_on="last_assistant")
+        trained = [t for t, lab in zip(sft.input_ids, sft.labels) if lab != -100]
+        assert enc.completion_ids == trained  # the answer and its end-of-turn token, nothing after
+        assert tok.decode(enc.completion_ids) == "$12<|im_end|>"
+        assert enc.prompt_ids + enc.completion_ids == sft.input_ids[:len(enc.prompt_ids) + len(trained)]
+        assert tok.decode(enc.prompt_ids) == render_prompt(tok, prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# the data cache
+# ----------------------------------------------------------------------------------------------
+def _cfg(tiny_model, train, tmp_path, *extra):
+    from finetune.config import load_config
+
+    return load_config(None, [f"model={tiny_model}", f"data.train={train}", f"output_dir={tmp_path / 'run'}",
+                              "method=dpo", "max_length=128", *extra])
+
+
+def test_the_cache_holds_prompt_chosen_and_rejected_ids(tiny_model, tmp_path):
+    from finetune.data_cache import prepared_split
+    from finetune.modeling import load_tokenizer
+
+    rows = price_pairs(20, 0)
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = _cfg(tiny_model, train, tmp_path)
+    tok = load_tokenizer(str(tiny_model))
+    ds, stats, _ = prepared_split(cfg, tok, str(train))
+    assert stats.examples == stats.kept == len(ds) == 20
+    first = ds[0]
+    want_c = encode_completion(tok, rows[0]["prompt"], rows[0]["chosen"])
+    want_r = encode_completion(tok, rows[0]["prompt"], rows[0]["rejected"])
+    assert first["prompt_ids"] == want_c.prompt_ids == want_r.prompt_ids
+    assert first["chosen_ids"] == want_c.completion_ids and first["rejected_ids"] == want_r.completion_ids
+    assert first["length"] == len(first["prompt_ids"]) + max(len(first["chosen_ids"]), len(first["rejected_ids"]))
+    assert stats.trained_tokens == sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ds)
+
+
+def test_bad_preference_lines_are_all_named_with_their_line_numbers(tiny_model, tmp_path):
+    from finetune.data import DataError
+    from finetune.data_cache import prepared_split
+    from finetune.modeling import load_tokenizer
+
+    rows = price_pairs(6, 0)
+    rows[1] = {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_GOOD]}
+    rows[4] = {"messages": [U, A_GOOD]}
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, rows)
+    with path.open("a") as fh:
+        fh.write("{not json\n")
+    with pytest.raises(DataError) as e:
+        prepared_split(_cfg(tiny_model, path, tmp_path), load_tokenizer(str(tiny_model)), str(path))
+    msg = str(e.value)
+    assert "3 bad line(s)" in msg and f"{path}:2: `chosen` and `rejected` are identical" in msg
+    assert f"{path}:5: not a preference record" in msg and f"{path}:7: malformed JSON" in msg
+
+
+def test_pairs_too_long_are_cut_or_dropped_as_configured(tiny_model, tmp_path):
+    from finetune.data_cache import prepared_split
+    from finetune.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    long_answer = {"role": "assistant", "content": "The price is " + "very " * 60 + "high."}
+    rows = [{"prompt": [U], "chosen": [long_answer], "rejected": [A_BAD]},
+            {"prompt": [{"role": "user", "content": "word " * 200}], "chosen": [A_GOOD], "rejected": [A_BAD]},
+            {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    ds, stats, _ = prepared_split(_cfg(tiny_model, path, tmp_path, "max_length=64"), tok, str(path))
+    assert stats.kept == 2 and stats.truncated == 1 and dict(stats.dropped) == {"prompt_too_long": 1}
+    assert max(ds["length"]) <= 64
+    ds, stats, _ = prepared_split(_cfg(tiny_model, path, tmp_path, "max_length=64", "data.too_long=drop"), tok,
+                                  str(path))
+    assert stats.kept == 1 and dict(stats.dropped) == {"too_long": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+def test_method_keys_are_checked_before_anything_loads(tiny_model, chat_data, tmp_path):
+    from finetune.config import ConfigError, load_config
+
+    base = [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*base, "dpo.beta=0.2", f"init_adapter={tmp_path}"])
+    msg = str(e.value)
+    assert "dpo: set, but method is 'sft'" in msg and "init_adapter: no adapter_config.json" in msg
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*base, "method=dpo", "packing=true", "dpo.loss_type=[sigmoid,sigmod]"])
+    msg = str(e.value)
+    assert "packing: not supported with method 'dpo'" in msg and "dpo.loss_type: unknown DPO loss 'sigmod'" in msg
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, [*base, "method=rlhf"])
+
+
+def test_the_private_trl_hook_the_kit_overrides_is_guarded():
+    import inspect
+
+    from trl import DPOTrainer
+
+    import finetune.preference as pref
+
+    assert list(inspect.signature(DPOTrainer._prepare_dataset).parameters) == pref._PREPARE_HOOK
+    assert "_prepare_dataset" in vars(pref.KitDPOTrainer)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def _independent_accuracy(base_dir: Path, adapter: Path, rows: list[dict]) -> tuple[float, float]:
+    """Preference accuracy of base and base + adapter, recomputed with plain transformers + peft:
+    full logits, the tokenizer's own chat template, completion = tokens after the rendered prompt."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
+    model.eval()
+
+    def logp(prompt, completion) -> float:
+        p = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(prompt + completion, tokenize=False).rstrip()
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        n = len(tok(p, add_special_tokens=False)["input_ids"])
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+        return float(lp[torch.arange(n - 1, len(ids) - 1), x[0, n:]].sum())
+
+    def accuracy() -> float:
+        return sum(logp(r["prompt"], r["chosen"]) > logp(r["prompt"], r["rejected"]) for r in rows) / len(rows)
+
+    with model.disable_adapter():
+        base = accuracy()
+    return base, accuracy()
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_makes_the_model_prefer_the_right_price(tiny_model, tmp_path):
+    from finetune.config import load_config
+    from finetune.evaluate import evaluate
+    from finetune.train import train
+
+    train_rows, held_out = price_pairs(480, 0), price_pairs(60, 1)
+    train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", held_out)
+    run = tmp_path / "run"
+    train(load_config(None, [
+        f"model={tiny_model}", f"data.train={train_path}", f"output_dir={run}", "method=dpo", "dpo.beta=0.1",
+        "max_length=256", "training.epochs=3", "training.batch_size=8", "training.learning_rate=3e-3",
+        "training.report_to=[none]", "lora.r=16", "seed=0"]))
+    adapter = run / "adapter"
+    assert not (adapter / "ref").exists()  # the frozen reference copy is not exported
+    assert json.loads((adapter / "finetune.json").read_text())["method"] == "dpo"
+    report = evaluate(data=eval_path, adapter=adapter, output=tmp_path / "eval", distributed=False)
+    base, tuned = report["models"]["base"]["preference"], report["models"]["tuned"]["preference"]
+    assert abs(base["preference_accuracy"] - 0.5) <= 0.2, base
+    assert tuned["preference_accuracy"] >= 0.9, tuned
+    assert tuned["reward_margin"] > 0 and tuned["reward_accuracy"] >= 0.9, tuned
+    ind_base, ind_tuned = _independent_accuracy(tiny_model, adapter, held_out)
+    assert (ind_base, ind_tuned) == (base["preference_accuracy"], tuned["preference_accuracy"])
