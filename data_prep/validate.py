@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_prep.tokens import Lengths, distribution
+from kitcore.preference import is_preference_record, normalize_preference, preference_problem
 from kitcore.schema import MESSAGE_KEYS, ROLES, record_problems
 
 # One list with training's reader; the names stay for code that imports them.
@@ -63,6 +64,7 @@ def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 163
     totals: list[int] = []
     assistant: list[int] = []
     n_messages: list[int] = []
+    preference: bool | None = None
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -73,11 +75,22 @@ def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 163
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 res.errors.append(Issue(lineno, "malformed_json", str(err)))
                 continue
-            errs = check_example(ex)
-            res.errors += [Issue(lineno, k, d) for k, d in errs]
-            if errs:
-                continue
-            msgs = ex["messages"]
+            if preference is None:  # the first record decides what the file holds, as training's method does
+                preference = is_preference_record(ex)
+            if preference:
+                # The schema training reads (kitcore.preference); a pair is counted as prompt + chosen.
+                problem = preference_problem(ex, unpaired=True)
+                if problem:
+                    res.errors.append(Issue(lineno, "preference_record", problem))
+                    continue
+                pref = normalize_preference(ex, unpaired=True)
+                msgs = pref.prompt + pref.chosen
+            else:
+                errs = check_example(ex)
+                res.errors += [Issue(lineno, k, d) for k, d in errs]
+                if errs:
+                    continue
+                msgs = ex["messages"]
             roles = {m["role"] for m in msgs}
             if "system" not in roles:
                 res.warnings.append(Issue(lineno, "no_system_message"))

@@ -76,6 +76,7 @@ COSTS = {
     "offload_optimizer": "~1.5-3x step time: the Adam step runs on CPU and grads/params cross PCIe every step",
     "offload_param": "~2-5x step time: every layer's weights are fetched from host memory in forward and backward",
     "shorter": "same speed per token; examples longer than the new max_length are truncated (or dropped)",
+    "precompute_ref": "one scoring pass over the training data before training, then no reference forward per step",
     "liger": "same or faster steps (fused Triton kernels); needs pip install 'finetune-kit[liger]' and a "
              "Llama/Mistral/Qwen2-family model",
 }
@@ -290,6 +291,8 @@ class Setup:
     gradient_checkpointing: bool = False
     loss: str = "chunked"  # chunked | full (training.loss)
     kernels: str = "none"  # none | liger (training.kernels; GPU only)
+    method: str = "sft"  # sft | dpo
+    precompute_ref: bool = False  # dpo.precompute_ref_log_probs
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     device: str = "gpu"  # gpu | cpu (cpu: the validation target, fp32, process RSS)
     device_memory: int = 80 * GiB
@@ -334,7 +337,9 @@ def load_plan_config(path: str | Path, overrides: list[str] | None = None):
 
     raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
     raw = raw if isinstance(raw, dict) else {}
-    extra: dict[str, Any] = {"data": {"train": str(path)}, "eval": {"data": None}}
+    # Planning needs no data and no adapter to continue from (init_adapter names a run that may not
+    # exist yet on the machine that plans).
+    extra: dict[str, Any] = {"data": {"train": str(path)}, "eval": {"data": None}, "init_adapter": None}
     if isinstance(raw.get("data"), dict) and raw["data"].get("eval") is not None:
         extra["data"]["eval"] = str(path)
     ds = parse_overrides(overrides or []).get("deepspeed", raw.get("deepspeed"))
@@ -380,6 +385,8 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         gradient_checkpointing=t.gradient_checkpointing, attn=cfg.attn_implementation or "sdpa",
         loss=getattr(t, "loss", "chunked"),
         kernels=getattr(t, "kernels", "none") if device == "gpu" else "none",  # Triton kernels: CUDA only
+        method=getattr(cfg, "method", "sft"),
+        precompute_ref=bool(getattr(getattr(cfg, "dpo", None), "precompute_ref_log_probs", False)),
         device=device, device_memory=device_memory, host_memory=host_memory,
     )
 
@@ -460,8 +467,12 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None 
 
 def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None,
                      seq_len: int | None = None) -> dict[str, float]:
-    """Activations at the start of backward (their peak), per device, for one micro-batch."""
-    b = micro_batch or s.micro_batch
+    """Activations at the start of backward (their peak), per device, for one micro-batch.
+
+    DPO runs chosen and rejected of every pair in one forward (TRL concatenates them): twice the
+    sequences of the micro-batch. The reference's forward runs without gradients (its activations
+    are freed layer by layer), so it adds no saved activations."""
+    b = (micro_batch or s.micro_batch) * (2 if s.method == "dpo" else 1)
     t = seq_len or s.seq_len
     s2 = dataclasses.replace(s, micro_batch=b, seq_len=t)
     tokens = b * t
@@ -573,6 +584,14 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
         trainable = P["total"]
         place("weights (trainable)", trainable * w16 / p_div, p_host,
               f"{fmt_count(P['total'])} params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
+        if s.method == "dpo" and not s.precompute_ref:
+            # TRL loads the reference from the same path in the compute dtype, prepared by DeepSpeed
+            # in evaluation mode (ZeRO-3: partitioned like the policy). With LoRA the reference is a
+            # frozen copy of the adapter: no second copy of the weights.
+            ref_b = 2 if half else _BYTES[s.weight_dtype]
+            place("reference model (DPO, frozen)", P["total"] * ref_b / p_div, p_host,
+                  f"{fmt_count(P['total'])} params x {ref_b} B" + (f" / {N} (ZeRO-3)" if st == 3 else "")
+                  + "; dpo.precompute_ref_log_probs=true drops it")
     else:
         trainable = lora_trainable_params(shape, s.lora_r, s.lora_targets, s.modules_to_save)
         if s.adapter == "qlora":
@@ -609,6 +628,10 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
         place("trainable params (adapters)", trainable * lora_b / p_div, p_host,
               f"{fmt_count(trainable)} x {lora_b} B" + (f" (incl. {fmt_count(copies)} modules_to_save copies)"
                                                          if copies else ""))
+        if s.method == "dpo":
+            # TRL's reference for a PEFT model: a frozen copy of the starting adapter ("ref").
+            place("reference adapter (DPO, frozen)", trainable * lora_b / p_div, p_host,
+                  f"{fmt_count(trainable)} x {lora_b} B, a copy of the starting adapter")
     Pt = trainable
     if s.deepspeed:
         g16 = 2 if half else 4
@@ -733,8 +756,9 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     note_ckpt = "checkpointing on" if s.gradient_checkpointing else "no checkpointing"
     if s.liger:
         note_ckpt += ", Liger RMSNorm/SwiGLU"
-    lines.append(Line("activations: decoder layers", act["layers"], 0.0,
-                      f"{s.micro_batch} x {s.seq_len} tokens, {note_ckpt}"))
+    rows = (f"{s.micro_batch} pairs = {2 * s.micro_batch} sequences (chosen + rejected)" if s.method == "dpo"
+            else f"{s.micro_batch}")
+    lines.append(Line("activations: decoder layers", act["layers"], 0.0, f"{rows} x {s.seq_len} tokens, {note_ckpt}"))
     if s.liger_fused_loss:
         head_note = "Liger fused linear cross-entropy: one chunk of logits, gradient computed in forward"
     elif s.loss == "chunked":
@@ -793,6 +817,9 @@ def _candidates(s: Setup) -> list[tuple[str, str, Setup]]:
     R = dataclasses.replace
     if not s.gradient_checkpointing:
         out.append(("gradient checkpointing on", "checkpointing", R(s, gradient_checkpointing=True)))
+    if s.method == "dpo" and s.adapter == "full" and not s.precompute_ref:
+        out.append(("dpo.precompute_ref_log_probs=true (no reference model in memory)", "precompute_ref",
+                    R(s, precompute_ref=True)))
     if s.device == "gpu" and s.kernels == "none":
         out.append(("training.kernels none -> liger", "liger", R(s, kernels="liger")))
     if s.adapter == "lora":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from finetune.chat_template import IGNORE_INDEX, encode_chat
+from finetune.chat_template import IGNORE_INDEX, encode_chat, encode_completion
 from finetune.config import TrainConfig
 from finetune.data import read_chat_jsonl
 from finetune.modeling import load_tokenizer
@@ -24,6 +24,8 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
     path = cfg.data.train if split == "train" else cfg.data.eval
     if path is None:
         raise ValueError("data.eval is not set, so there is no eval split to preview")
+    if cfg.method == "dpo":
+        return _preference_examples(tok, path, n)
     out = []
     for rec in read_chat_jsonl(path)[:n]:
         enc = encode_chat(tok, rec["messages"], max_length=cfg.max_length, loss_on=cfg.data.loss_on)
@@ -36,6 +38,29 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
     return out
 
 
+def _preference_examples(tok, path: str, n: int) -> list[dict]:
+    """Per pair, two sequences: prompt + chosen and prompt + rejected; the scored tokens are the
+    completion's (chat_template.encode_completion, what the data cache stores). Reads n records only."""
+    from kitcore.preference import normalize_preference
+
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if len(out) >= 2 * n:
+                break
+            if not line.strip():
+                continue
+            pref = normalize_preference(json.loads(line))
+            for side, completion in (("chosen", pref.chosen), ("rejected", pref.rejected)):
+                enc = encode_completion(tok, pref.prompt, completion)
+                ids = enc.prompt_ids + enc.completion_ids
+                tokens = [{"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]),
+                           "trained": k >= len(enc.prompt_ids)} for k, i in enumerate(ids)]
+                out.append({"line": lineno, "file": path, "side": side, "n_tokens": len(ids),
+                            "n_trained": len(enc.completion_ids), "truncated": False, "tokens": tokens})
+    return out
+
+
 def preview(cfg: TrainConfig, n: int = 3, as_json: bool = False, split: str = "train") -> None:
     examples = preview_examples(cfg, n, split)
     if as_json:
@@ -44,7 +69,9 @@ def preview(cfg: TrainConfig, n: int = 3, as_json: bool = False, split: str = "t
         return
     color = sys.stdout.isatty()
     for ex in examples:
-        print(f"--- {ex['file']}:{ex['line']}  {ex['n_tokens']} tokens, {ex['n_trained']} trained"
+        side = f" ({ex['side']})" if "side" in ex else ""
+        print(f"--- {ex['file']}:{ex['line']}{side}  {ex['n_tokens']} tokens, {ex['n_trained']} "
+              f"{'scored' if side else 'trained'}"
               f"{' (truncated)' if ex['truncated'] else ''}")
         parts = []
         for t in ex["tokens"]:

@@ -273,7 +273,13 @@ def _setup_model(cfg: TrainConfig, tokenizer, rt, kernels: Kernels | None = None
         # Continue an adapter (SFT -> DPO): its own LoRA settings, trainable again.
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        peft_model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        own = peft_model.peft_config["default"]
+        if (own.r, own.lora_alpha) != (cfg.lora.r, cfg.lora.alpha):
+            logger.warning("init_adapter %s has r=%s alpha=%s; the config's lora section says r=%s alpha=%s "
+                           "(training continues the adapter as saved; `finetune plan` used the config's)",
+                           cfg.init_adapter, own.r, own.lora_alpha, cfg.lora.r, cfg.lora.alpha)
+        return peft_model
     return get_peft_model(model, lcfg)
 
 
@@ -375,11 +381,12 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     callbacks.extend(extra_callbacks)
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                   callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window)
+    common["data_collator"] = make_collator(cfg, tokenizer)
     if cfg.method == "dpo":
         from finetune.preference import KitDPOTrainer
 
-        return KitDPOTrainer(**common)  # TRL's preference collator pads prompt + chosen/rejected
-    return KitTrainer(data_collator=make_collator(cfg, tokenizer), **common)
+        return KitDPOTrainer(**common)
+    return KitTrainer(**common)
 
 
 class LengthGroupedSampling:
@@ -449,6 +456,11 @@ def make_collator(cfg: TrainConfig, tokenizer):
     does: with a cache, transformers' sdpa path lets the second sequence attend to the first
     (logits off by 0.77, measured on CPU).
     """
+    if cfg.method == "dpo":
+        # TRL's: prompt + chosen and prompt + rejected of each pair, padded, with completion masks.
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        return DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length)
     if not cfg.packing:
         return pad_collate(tokenizer.pad_token_id)
     from transformers import DataCollatorWithFlattening

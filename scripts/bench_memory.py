@@ -122,6 +122,16 @@ def child(cfg_path: str, result_path: str) -> int:
     return 0
 
 
+def build_pairs(data: Path, path: Path) -> Path:
+    """The rows as DPO pairs: the same prompt, the row's reply as chosen and the next row's as rejected
+    (each as long as the SFT rows after truncation to max_length, so a pair is two SFT-sized sequences)."""
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    pairs = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
+              "rejected": rows[(i + 1) % len(rows)]["messages"][-1:]} for i, r in enumerate(rows)]
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
 def build(work: Path, args) -> tuple[Path, Path]:
     model = build_model(work / "model", vocab=args.vocab, hidden=args.hidden, intermediate=args.hidden * 7 // 2,
                         layers=args.layers, heads=args.heads, kv_heads=max(1, args.heads // 4), max_positions=2048)
@@ -133,7 +143,8 @@ def build(work: Path, args) -> tuple[Path, Path]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="bench_output/memory")
-    ap.add_argument("--methods", default="full,lora,qlora")
+    ap.add_argument("--methods", default="full,lora,qlora,lora_dpo",
+                    help="full, lora, qlora, lora_dpo (LoRA DPO on pairs of the same rows: prompt + two replies)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--heads", type=int, default=16)
@@ -167,11 +178,15 @@ def main() -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         d = work / method
         d.mkdir(exist_ok=True)
-        cfg = {"model": str(model), "adapter": method, "data": {"train": str(data)}, "output_dir": str(d / "run"),
+        dpo = method == "lora_dpo"
+        cfg = {"model": str(model), "adapter": "lora" if dpo else method, "output_dir": str(d / "run"),
+               "data": {"train": str(build_pairs(data, work / "pairs.jsonl") if dpo else data)},
                "overwrite": True, "max_length": args.length, "seed": 0,
                "lora": {"r": args.lora_r, "target_modules": "all-linear"},
                "training": {"max_steps": args.steps, "batch_size": args.batch_size, "save_steps": 10_000,
                             "warmup": 0, "report_to": ["none"], "logging_steps": 1}}
+        if dpo:
+            cfg["method"] = "dpo"
         (d / "train.yaml").write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -202,6 +217,12 @@ def main() -> int:
         print(f"\nQLoRA model state / LoRA model state = {ratio:.3f} (target <= 0.35) -> "
               f"{'MET' if ratio <= 0.35 else 'NOT MET'}")
         results["qlora_over_lora"] = ratio
+    if "lora" in results and "lora_dpo" in results:
+        ratio = results["lora_dpo"]["peak"] / results["lora"]["peak"]
+        print(f"LoRA DPO peak RSS / LoRA SFT peak RSS = {ratio:.3f}, same model and batch ({args.batch_size} pairs vs "
+              f"{args.batch_size} rows; target <= 1.3: no second copy of the weights) -> "
+              f"{'MET' if ratio <= 1.3 else 'NOT MET'}")
+        results["lora_dpo_over_lora"] = ratio
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

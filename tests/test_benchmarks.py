@@ -63,6 +63,12 @@ def test_bench_memory_smoke(tmp_path):
     for m in ("full", "lora", "qlora"):
         assert res[m]["peak"] > 0 and res[m]["plan_peak"] > 0 and 0 < res[m]["peak_anon"] <= res[m]["peak"] * 1.1
     assert "QLoRA model state / LoRA model state" in stdout
+    # LoRA DPO holds the LoRA run's state plus one frozen copy of the adapter (its reference), not a
+    # second copy of the base weights
+    dpo = res["lora_dpo"]["model_state"]
+    assert dpo["trainable"] == lora["trainable"] and dpo["grads"] == lora["grads"]
+    assert dpo["frozen weights"] == lora["frozen weights"] + lora["trainable"]
+    assert res["lora_dpo"]["peak"] > 0 and "LoRA DPO peak RSS / LoRA SFT peak RSS" in stdout
 
 
 @pytest.mark.slow

@@ -44,7 +44,8 @@ class RankProbe(TrainerCallback):
     def collate(self, rows: list[dict]) -> dict[str, Any]:
         if len(self.info["batches"]) < self.BATCHES:
             self.info["batches"].append(
-                [hashlib.sha1(str(r["input_ids"]).encode()).hexdigest()[:12] for r in rows])
+                [hashlib.sha1(str(r["input_ids"] if "input_ids" in r else (r["prompt_ids"], r["chosen_ids"]))
+                              .encode()).hexdigest()[:12] for r in rows])
         return self._collate(rows)
 
     def _write(self, args) -> None:

@@ -84,6 +84,16 @@ def test_schema_description_lists_keys():
         assert key in lines
 
 
+def _stand_in_adapter(raw: dict, tmp_path: Path) -> list[str]:
+    """A config that continues an adapter (`init_adapter`) names a run that does not exist here."""
+    if not raw.get("init_adapter"):
+        return []
+    adapter = tmp_path / "adapter"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    return [f"init_adapter={adapter}"]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_train_config_validates(path, tmp_path):
     text = path.read_text()
@@ -96,6 +106,7 @@ def test_every_train_config_validates(path, tmp_path):
         over.append(f"data.eval={train}")
     if raw.get("eval", {}).get("data"):
         over.append(f"eval.data={train}")
+    over += _stand_in_adapter(raw, tmp_path)
     cfg = load_config(path, over)
     if cfg.deepspeed:
         assert (REPO / cfg.deepspeed).is_file() or Path(cfg.deepspeed).is_file()
@@ -199,7 +210,8 @@ def test_shipped_configs_load_and_plan_from_another_directory(path, tmp_path, mo
     train = tmp_path / "t.jsonl"
     train.write_text(_CHAT)
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(path, [f"data.train={train}", f"data.eval={train}", f"eval.data={train}"])
+    cfg = load_config(path, [f"data.train={train}", f"data.eval={train}", f"eval.data={train}",
+                             *_stand_in_adapter(yaml.safe_load(path.read_text()), tmp_path)])
     for ds in (cfg.deepspeed, load_plan_config(path).deepspeed):
         if yaml.safe_load(path.read_text()).get("deepspeed"):
             assert Path(ds).is_file() and Path(ds).resolve().parent == REPO / "configs" / "deepspeed"

@@ -240,3 +240,89 @@ def test_dpo_with_lora_makes_the_model_prefer_the_right_price(tiny_model, tmp_pa
     assert tuned["reward_margin"] > 0 and tuned["reward_accuracy"] >= 0.9, tuned
     ind_base, ind_tuned = _independent_accuracy(tiny_model, adapter, held_out)
     assert (ind_base, ind_tuned) == (base["preference_accuracy"], tuned["preference_accuracy"])
+
+
+def test_preview_and_validate_read_preference_files_as_training_does(tiny_model, tmp_path):
+    from data_prep.validate import validate_file
+    from finetune.preview import preview_examples
+
+    rows = [{"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]},
+            {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_GOOD]},
+            {"chosen": [S, U, A_GOOD], "rejected": [S, U, A_BAD]}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    shown = preview_examples(_cfg(tiny_model, path, tmp_path), n=1)
+    assert [e["side"] for e in shown] == ["chosen", "rejected"]
+    assert ["".join(t["text"] for t in e["tokens"] if t["trained"]) for e in shown] == ["$12<|im_end|>",
+                                                                                       "$40<|im_end|>"]
+    res = validate_file(str(path))
+    assert [(e.line, e.kind) for e in res.errors] == [(2, "preference_record")]
+    assert "identical" in res.errors[0].detail and res.examples == 3
+
+
+def test_plan_counts_the_pair_forward_and_the_reference():
+    from dataclasses import replace
+
+    from finetune.plan import ModelShape, Setup, activation_bytes, make_plan
+
+    shape = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    sft = Setup(adapter="lora", micro_batch=2, seq_len=2048, precision="bf16", weight_dtype="bfloat16")
+    dpo = replace(sft, method="dpo")
+    # chosen and rejected go through the model together: the activations of twice the sequences
+    assert activation_bytes(shape, dpo)["layers"] == activation_bytes(shape, replace(sft, micro_batch=4))["layers"]
+    names = lambda s: {x.name: x.device for x in make_plan(shape, s, alternatives=False).lines}  # noqa: E731
+    lora = names(dpo)
+    assert lora["reference adapter (DPO, frozen)"] == lora["trainable params (adapters)"]  # no second base
+    assert "reference model (DPO, frozen)" not in lora
+    full = names(replace(dpo, adapter="full"))
+    assert full["reference model (DPO, frozen)"] == full["weights (trainable)"]  # a 16-bit copy beside it
+    assert "reference model (DPO, frozen)" not in names(replace(dpo, adapter="full", precompute_ref=True))
+    z3 = names(replace(dpo, adapter="full", zero_stage=3, gpus_per_node=8))
+    assert z3["reference model (DPO, frozen)"] == full["reference model (DPO, frozen)"] / 8  # partitioned
+
+
+def _dpo_config(tmp_path, tiny_model, **extra):
+    from tests.finetune.test_distributed import _write_config
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", price_pairs(96, 0))
+    return _write_config(tmp_path, tiny_model, {"train": pairs}, method="dpo", dpo={"beta": 0.5}, **extra)
+
+
+def _dpo_trained(run: Path, steps: int) -> list[dict]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    logged = [r for r in rows if "loss" in r]
+    assert len(logged) == steps and all("rewards/margins" in r for r in logged), rows
+    assert logged[-1]["rewards/margins"] > 0, logged  # the policy moved away from the reference, the right way
+    return logged
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dpo_with_lora_under_zero3_on_two_processes(tiny_model, tmp_path):
+    pytest.importorskip("deepspeed")
+    from tests.finetune.test_distributed import MAX_STEPS, _check_adapter, _probes, _run_ok, _show
+
+    config, run = _dpo_config(tmp_path, tiny_model)
+    res = _run_ok("deepspeed_zero3.yaml", config)
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2, _show(res)
+    assert "ZeRO stage 3" in res.stdout, _show(res)
+    p0, p1 = _probes(run)
+    seen0 = {h for b in p0["batches"] for h in b}
+    seen1 = {h for b in p1["batches"] for h in b}
+    assert seen0 and seen1 and not seen0 & seen1, "ranks saw the same pairs"
+    _dpo_trained(run, MAX_STEPS)
+    _check_adapter(run, tiny_model)  # full-size LoRA weights (gathered from the shards), plain-PEFT loadable
+
+
+@pytest.mark.slow
+def test_qlora_dpo_trains_and_exports_a_plain_peft_adapter(tiny_model, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from finetune.config import load_config
+    from finetune.train import train
+    from tests.finetune.test_distributed import _check_adapter
+
+    config, run = _dpo_config(tmp_path, tiny_model, adapter="qlora")
+    train(load_config(config, ["training.max_steps=4"]))
+    _dpo_trained(run, 4)
+    _check_adapter(run, tiny_model)
+    assert json.loads((run / "adapter" / "finetune.json").read_text())["adapter"] == "qlora"
