@@ -1,0 +1,32 @@
+"""Start-up: a command imports what it needs when it needs it. `finetune --help` and a config error
+load no torch; training, evaluation and inference modules load no DeepSpeed (only a DeepSpeed run
+does), no matplotlib (only a report), no Optuna (only a sweep), no TRL (only preference training).
+bitsandbytes is imported by peft itself whenever it is installed (peft.helpers), so it is not
+checked here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _loaded(code: str, names: tuple[str, ...]) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(n for n in {names!r} if n in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(out.stdout.split())
+
+
+def test_the_cli_and_its_help_load_no_ml_library():
+    heavy = ("torch", "transformers", "peft", "datasets", "deepspeed", "bitsandbytes", "trl", "matplotlib")
+    code = ("import contextlib, io\nfrom finetune.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass")
+    assert _loaded(code, heavy) == set()
+
+
+def test_training_evaluation_and_inference_modules_load_only_what_every_run_needs():
+    optional = ("deepspeed", "matplotlib", "optuna", "trl", "lm_eval", "sacrebleu")
+    code = "import finetune.train, finetune.evaluate, finetune.inference, finetune.plan, finetune.data_cache"
+    assert _loaded(code, optional) == set()
