@@ -52,9 +52,10 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
-# Rows converted or quantized at once: bounds the float32 working copy of a large tensor
-# (a 128k-vocabulary embedding is 4 GB in float32) to about 64 MB.
-_CHUNK_ELEMENTS = 16 * 1024 * 1024
+# Values quantized at once: bounds the float32 working copies of a large tensor (a 128k-vocabulary
+# embedding is 4 GB in float32; the numpy quantizers make a few temporaries of their input's size)
+# to 16 MB each.
+_CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 
 @dataclass
@@ -374,10 +375,10 @@ def _add_vocab(w, tok, model_dir: Path, n_vocab: int) -> None:
             t, typ = f"[PAD{i}]", T.UNUSED  # embedding rows past the tokenizer (padded vocabularies)
         elif i == tok.unk_token_id:
             typ = T.UNKNOWN
+        elif spm and re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+            typ = T.BYTE  # the byte-fallback pieces, even when a tokenizer lists them as added tokens
         elif i in added:
             typ = T.CONTROL if added[i].special else T.USER_DEFINED
-        elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
-            typ = T.BYTE
         else:
             typ = T.NORMAL
             score = -float(rank.get(t, len(merges) if len(t) > 1 else 0))

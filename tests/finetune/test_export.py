@@ -424,3 +424,75 @@ def test_llama_cpp_greedy_replies_match_the_merged_model(exported, merged, expor
     lora = export_gguf(tmp_path / "lora", adapter=peft_adapter, adapter_only=True, quant="f16", progress=False)
     merged_peft = merge_adapter(peft_adapter, tmp_path / "merged-peft", dtype="float32")
     check(llama(base.gguf, lora_path=str(lora.gguf)), merged_peft, tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# a SentencePiece-style vocabulary (Llama 2, Mistral): BPE with byte fallback and "▁" for spaces
+# ----------------------------------------------------------------------------------------------
+SPM_TEXTS = ["Hello world", "The red kettle costs $12.\n\nHow much is the red kettle?", "café ünïcödé 你好 ☃",
+             "[INST] hi [/INST]", "  two leading spaces"]
+
+
+@pytest.fixture(scope="module")
+def spm_export(tmp_path_factory):
+    """A Llama-2-layout tokenizer.json (Prepend/Replace normalizer, byte fallback, <s> added in
+    front) trained locally, a 1-layer model of its vocabulary, and its f16 GGUF."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from finetune.export import export_gguf
+    from tests.conftest import make_chat_examples
+
+    texts = [m["content"] for ex in make_chat_examples(200) for m in ex["messages"]] + SPM_TEXTS
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
+                                                       show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                          "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    d = tmp_path_factory.mktemp("spm")
+    fast.save_pretrained(d / "model")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+                     ).save_pretrained(d / "model")
+    return d / "model", export_gguf(d / "out", model=d / "model", quant="f16", progress=False)
+
+
+def test_sentencepiece_style_vocabulary(spm_export):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    model_dir, res = spm_export
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    r = GGUFReader(res.gguf)
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    assert _field(r, "tokenizer.ggml.add_bos_token") is True and _field(r, "tokenizer.ggml.bos_token_id") == 1
+    assert _field(r, "tokenizer.ggml.add_space_prefix") is True
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert types[3] == types[258] == 6  # <0x00>..<0xFF>: BYTE
+    assert types[0] == 2 and types[1] == types[2] == 3  # <unk> UNKNOWN, <s> </s> CONTROL
+    back = AutoTokenizer.from_pretrained(res.gguf.parent, gguf_file=res.gguf.name)
+    # transformers rebuilds a Metaspace tokenizer that treats leading spaces differently (it
+    # documents this for SentencePiece GGUFs); llama.cpp, below, is checked on that text too.
+    for text in SPM_TEXTS[:-1]:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_tokenizes_the_sentencepiece_vocabulary_like_the_model(spm_export):
+    """llama.cpp's SentencePiece tokenizer merges by score: the scores derived from the merge ranks
+    must reproduce the Hugging Face tokenizer, leading spaces, bytes and non-Latin text included."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    model_dir, res = spm_export
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = llama_cpp.Llama(str(res.gguf), vocab_only=True, verbose=False)
+    for text in SPM_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+    llm.close()
