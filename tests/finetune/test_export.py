@@ -496,3 +496,83 @@ def test_llama_cpp_tokenizes_the_sentencepiece_vocabulary_like_the_model(spm_exp
     for text in SPM_TEXTS:
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
     llm.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the other architectures, and the hyper-parameters of the real models the kit ships configs for
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_qwen2_biases_and_mistral_export(arch, export_base, tmp_path):
+    """Qwen2 (q/k/v biases, tied embeddings as its small models have, no q/k permutation) and
+    Mistral (llama.cpp's llama architecture) read back with the logits of the Hugging Face model."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from finetune.export import export_gguf
+
+    tok = AutoTokenizer.from_pretrained(export_base)
+    kw = dict(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **kw))
+        with torch.no_grad():  # random init leaves biases at zero: give them something to carry
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **kw))
+    model.eval().save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    res = export_gguf(tmp_path / "out", model=tmp_path / "hf", quant="f16", progress=False)
+    r = GGUFReader(res.gguf)
+    names = {t.name: t.tensor_type.name for t in r.tensors}
+    assert _field(r, "general.architecture") == ("qwen2" if arch == "qwen2" else "llama")
+    if arch == "qwen2":
+        assert names["blk.0.attn_q.bias"] == names["blk.1.attn_v.bias"] == "F32"
+        assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    back = _gguf_model(res)
+    ids = _prompt_ids(tok)[0]
+    assert _rel_err(_logits(back, ids), _logits(model, ids)) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-70b", "mistral-7b-v0.3", "qwen2.5-7b", "qwen2.5-72b"])
+def test_hyperparameters_of_the_shipped_model_configs(name):
+    import gguf
+
+    from finetune.export import _add_hparams, _llama3_rope_factors
+    from tests.conftest import REPO
+
+    cfg = json.loads((REPO / "finetune" / "model_configs" / f"{name}.json").read_text())
+    arch = "qwen2" if name.startswith("qwen") else "llama"
+    w = gguf.GGUFWriter(None, arch)
+    _add_hparams(w, cfg, cfg["vocab_size"])
+    kv = {k: v.value for k, v in w.kv_data[0].items()}
+    assert kv[f"{arch}.context_length"] == cfg["max_position_embeddings"]
+    assert kv[f"{arch}.attention.head_count_kv"] == cfg["num_key_value_heads"]
+    assert kv[f"{arch}.rope.freq_base"] == cfg["rope_theta"]
+    assert kv[f"{arch}.attention.layer_norm_rms_epsilon"] == cfg["rms_norm_eps"]
+    assert kv[f"{arch}.rope.dimension_count"] == cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    assert (_llama3_rope_factors(cfg) is not None) == name.startswith("llama-3.1")
+
+
+def test_llama3_rope_factors_equal_transformers_frequencies():
+    """The rope_freqs tensor llama.cpp divides its base frequencies by, against transformers' own
+    Llama 3.1 frequencies (an independent implementation of the same scaling)."""
+    import numpy as np
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from finetune.export import _llama3_rope_factors
+    from tests.conftest import REPO
+
+    raw = json.loads((REPO / "finetune" / "model_configs" / "llama-3.1-8b.json").read_text())
+    cfg = LlamaConfig(**raw)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    dim = raw["head_dim"]
+    plain = 1.0 / (raw["rope_theta"] ** (np.arange(0, dim, 2) / dim))
+    factors = _llama3_rope_factors(raw)
+    assert factors.shape == (dim // 2,) and factors.min() == 1.0 and factors.max() == 8.0
+    np.testing.assert_allclose(plain / factors, scaled.double().numpy(), rtol=1e-5)
