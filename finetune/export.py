@@ -178,6 +178,7 @@ class _Tensor:
     file: Path | None
     key: str | None
     permute_heads: int | None = None  # llama: reorder q/k rows for llama.cpp's rotary layout
+    transpose: bool = False
     data: Any = None  # a tensor computed here (rope_freqs), not read from a file
 
 
@@ -490,19 +491,29 @@ def _export_adapter(adapter_dir: Path, output: Path, quant: str, *, base_model: 
         keys = sorted(st.keys())
         shapes = {k: tuple(st.get_slice(k).get_shape()) for k in keys}
     for key in keys:
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", key)
+        if key.endswith(".base_layer.weight"):
+            # PEFT saves the base embedding next to an embedding LoRA; it is the base's (the LoRA
+            # shapes would not fit a resized one), so the base GGUF already has it.
+            continue
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_(embedding_)?([AB])(?:\.weight)?", key)
         if m is None:
             full.append(key)
             continue
-        module, ab = m.groups()
+        module, embedding, ab = m.groups()
         name = names.get_name(module + ".weight", try_suffixes=(".weight",))
         if name is None:
             raise ExportError(f"{file}: {key} adapts {module}, which has no GGUF name for {arch}")
         heads = None
         if ab == "B" and arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
+        shape = shapes[key]
+        # An embedding's A (r x vocab) is stored transposed: llama.cpp gathers its rows by token id.
+        transpose = bool(embedding) and ab == "A"
+        if transpose:
+            shape = shape[::-1]
         out_name = f"{name}.lora_{ab.lower()}"
-        plan.append(_Tensor(out_name, shapes[key], _tensor_qtype(out_name, shapes[key], quant), file, key, heads))
+        plan.append(_Tensor(out_name, shape, _tensor_qtype(out_name, shape, quant), file, key, heads,
+                            transpose=transpose))
     if full:
         raise ExportError(
             f"{file} holds weights trained in full ({', '.join(sorted(full)[:3])}{', ...' if len(full) > 3 else ''}: "
@@ -615,6 +626,8 @@ def _load(t: _Tensor):
         return torch.from_numpy(t.data)
     with safe_open(str(t.file), framework="pt") as st:
         x = st.get_tensor(t.key)
+    if t.transpose:
+        x = x.T
     if t.permute_heads:
         # HF rotates the two halves of each head; llama.cpp's llama rotates adjacent pairs, so
         # each head's rows are interleaved (as llama.cpp's converter does; Qwen2 needs no change).

@@ -226,17 +226,20 @@ def test_modelfile_system_only_when_every_example_has_the_same_one(tmp_path, exp
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def peft_adapter(export_base, tmp_path_factory):
-    """A LoRA adapter on every linear layer with non-zero B (PEFT initialises B to zero)."""
+    """A LoRA adapter on every linear layer and the embedding, with non-zero B (PEFT initialises
+    B to zero)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(export_base),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+                           LoraConfig(r=8, lora_alpha=16, target_modules=[
+                               "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                               "embed_tokens"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_B" in name:
                 p.normal_(0, 0.05)
     out = tmp_path_factory.mktemp("peft") / "adapter"
     model.save_pretrained(out)
@@ -279,6 +282,13 @@ def test_adapter_only_gguf_is_llama_cpp_lora_layout(peft_adapter, export_base, t
                 t = got[name]
                 assert tuple(int(x) for x in reversed(t.shape)) == want.shape, name  # GGUF lists dims inner first
                 assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), name
+    # the embedding: A transposed (llama.cpp gathers its rows by token id), B as it is
+    a, b = (peft[f"base_model.model.model.embed_tokens.lora_embedding_{x}"].numpy() for x in "AB")
+    for suffix, want in ((".lora_a", a.T), (".lora_b", b)):
+        t = got[f"token_embd.weight{suffix}"]
+        assert tuple(int(x) for x in reversed(t.shape)) == want.shape
+        assert np.array_equal(np.asarray(t.data).reshape(want.shape), want)
+        expected.add(t.name)
     assert set(got) == expected
     text = res.modelfile.read_text()
     assert f"FROM {export_base.resolve()}" in text and "ADAPTER ./adapter-f32.gguf" in text
