@@ -586,3 +586,62 @@ def test_llama3_rope_factors_equal_transformers_frequencies():
     factors = _llama3_rope_factors(raw)
     assert factors.shape == (dim // 2,) and factors.min() == 1.0 and factors.max() == 8.0
     np.testing.assert_allclose(plain / factors, scaled.double().numpy(), rtol=1e-5)
+
+
+PRE_TEXTS = ["The kettle costs $12345.", "I'm here, you're there\n\n  ok?", "ünïcödé 你好 2024-12-01"]
+
+
+@pytest.fixture(scope="module", params=["gpt-2", "llama-bpe", "qwen2"])
+def pre_tokenizer_export(request, export_base, tmp_path_factory):
+    """The tiny model with its byte-level vocabulary split the GPT-2, Llama 3 or Qwen2 way."""
+    from finetune.export import _LLAMA3_SPLIT, _QWEN2_SPLIT, export_gguf
+
+    d = tmp_path_factory.mktemp(f"pre-{request.param}")
+    shutil.copytree(export_base, d / "model")
+    if request.param != "gpt-2":
+        tj = json.loads((d / "model" / "tokenizer.json").read_text())
+        pattern = _LLAMA3_SPLIT if request.param == "llama-bpe" else _QWEN2_SPLIT
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+        (d / "model" / "tokenizer.json").write_text(json.dumps(tj))
+    return request.param, d / "model", export_gguf(d / "out", model=d / "model", quant="f16", progress=False)
+
+
+def test_byte_level_pre_tokenizers_are_named_for_llama_cpp(pre_tokenizer_export):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    name, model_dir, res = pre_tokenizer_export
+    assert _field(GGUFReader(res.gguf), "tokenizer.ggml.pre") == name
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    back = AutoTokenizer.from_pretrained(res.gguf.parent, gguf_file=res.gguf.name)
+    for text in PRE_TEXTS:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_splits_byte_level_text_like_the_model(pre_tokenizer_export):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    _, model_dir, res = pre_tokenizer_export
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = llama_cpp.Llama(str(res.gguf), vocab_only=True, verbose=False)
+    for text in PRE_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"], text
+    llm.close()
+
+
+def test_an_unknown_pre_tokenizer_is_a_clear_error(export_base, tmp_path):
+    from finetune.export import export_gguf
+
+    shutil.copytree(export_base, tmp_path / "model")
+    tj = json.loads((tmp_path / "model" / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\d+|\D+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (tmp_path / "model" / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ExportError, match="pre-tokenizer is not one llama.cpp is known to reproduce"):
+        export_gguf(tmp_path / "out", model=tmp_path / "model", progress=False)
+    assert not list((tmp_path / "out").glob("*.gguf"))
