@@ -107,6 +107,9 @@ def export_gguf(
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=output) as tmp:
         merged = merge_adapter(adapter, Path(tmp) / "merged", dtype=dtype,
                                base_model=str(model) if model else None)
+        import gc
+
+        gc.collect()  # the merged model is on disk now; PEFT's reference cycles would keep it in memory
         return _export_model(merged, output, quant, run_dir=Path(adapter).resolve().parent, progress=progress)
 
 

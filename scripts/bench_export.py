@@ -11,8 +11,9 @@ process, and the child's peak RSS (the kernel's VmHWM: the whole process, import
 file-backed pages too) is printed next to the size of one copy of the weights (the safetensors
 bytes). Streaming converts one tensor at a time, so the peak is the interpreter and its libraries
 plus about the largest tensor (in float32 while it is quantized), not the model: the target is
-a peak under 1.5x one copy of the weights. The merge that `--adapter` runs first is not measured
-here: it is `finetune merge`, which holds the model in memory once.
+a peak under 1.5x one copy of the weights. With `--adapter`, a LoRA adapter of the model is also
+exported as `finetune export --adapter --dtype bfloat16` runs it: the merge (`finetune merge`,
+which holds the merged model in memory once) and then the same conversion.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from validate_plan import _status, build_model  # noqa: E402
 
 
-def child(model: str, out: str, quant: str, result: str) -> int:
+def child(source: str, out: str, quant: str, result: str) -> int:
     import gguf  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -40,7 +41,11 @@ def child(model: str, out: str, quant: str, result: str) -> int:
 
     after_imports = _status("VmRSS")
     t0 = time.perf_counter()
-    rc = main(["export", "--model", model, "--quant", quant, "--output", out])
+    if (Path(source) / "adapter_config.json").is_file():  # merge (in bf16) then convert
+        argv = ["export", "--adapter", source, "--dtype", "bfloat16"]
+    else:
+        argv = ["export", "--model", source]
+    rc = main([*argv, "--quant", quant, "--output", out])
     rec = {"seconds": time.perf_counter() - t0, "peak_rss": _status("VmHWM"), "after_imports": after_imports}
     Path(result).write_text(json.dumps(rec))
     return rc
@@ -55,6 +60,9 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="checkpoint dtype")
+    ap.add_argument("--adapter", action="store_true",
+                    help="also export a LoRA adapter of the model (r16, all linear layers) merged in bf16 first, "
+                    "as `finetune export --adapter` does, at the first of --quants")
     ap.add_argument("--smoke", action="store_true", help="toy size: hidden 128, 2 layers, vocab 1024")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
@@ -86,28 +94,33 @@ def main() -> int:
     print(f"model: Llama {n_params / 1e6:.1f}M parameters (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
           f"layers, vocab {cfg['vocab_size']}), {args.dtype} safetensors {weights / 2**20:.0f} MiB")
 
+    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    arms = [(q, model, q) for q in quants]
+    if args.adapter:
+        arms.append((f"{quants[0]} (--adapter)", _adapter(model, work / "adapter"), quants[0]))
     results = []
-    for quant in [q.strip() for q in args.quants.split(",") if q.strip()]:
-        out = work / f"gguf-{quant}"
-        res_file = work / f"result-{quant}.json"
+    for label, source, quant in arms:
+        tag = label.replace(" (--adapter)", "-adapter")
+        out = work / f"gguf-{tag}"
+        res_file = work / f"result-{tag}.json"
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, __file__, "--_child", str(model), str(out), quant, str(res_file)],
+        proc = subprocess.run([sys.executable, __file__, "--_child", str(source), str(out), quant, str(res_file)],
                               env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-6000:])
-            print(f"[{quant}] failed with exit code {proc.returncode}", file=sys.stderr)
+            print(f"[{label}] failed with exit code {proc.returncode}", file=sys.stderr)
             return 1
         rec = json.loads(res_file.read_text())
-        rec.update(quant=quant, weights_bytes=weights, gguf_bytes=(out / f"model-{quant}.gguf").stat().st_size,
+        rec.update(quant=label, weights_bytes=weights, gguf_bytes=(out / f"model-{quant}.gguf").stat().st_size,
                    params=n_params)
         rec["peak_over_weights"] = rec["peak_rss"] / weights
         results.append(rec)
 
     MiB = 2**20
-    print(f"\n{'quant':<7}{'weights':>9}{'gguf':>8}{'after imports':>15}{'peak RSS':>10}{'peak / weights':>16}"
+    print(f"\n{'quant':<18}{'weights':>9}{'gguf':>8}{'after imports':>15}{'peak RSS':>10}{'peak / weights':>16}"
           f"{'seconds':>9}   (MiB)")
     for r in results:
-        print(f"{r['quant']:<7}{r['weights_bytes'] / MiB:>9.0f}{r['gguf_bytes'] / MiB:>8.0f}"
+        print(f"{r['quant']:<18}{r['weights_bytes'] / MiB:>9.0f}{r['gguf_bytes'] / MiB:>8.0f}"
               f"{r['after_imports'] / MiB:>15.0f}{r['peak_rss'] / MiB:>10.0f}{r['peak_over_weights']:>15.2f}x"
               f"{r['seconds']:>9.1f}")
     worst = max(r["peak_over_weights"] for r in results)
@@ -115,6 +128,28 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _adapter(model: Path, out: Path) -> Path:
+    """A LoRA adapter of `model` with non-zero B, saved with the model's tokenizer."""
+    if (out / "adapter_config.json").is_file():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(model)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
 
 
 def _n_params(model: Path) -> int:
