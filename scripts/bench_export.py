@@ -131,24 +131,10 @@ def main() -> int:
 
 
 def _adapter(model: Path, out: Path) -> Path:
-    """A LoRA adapter of `model` with non-zero B, saved with the model's tokenizer."""
-    if (out / "adapter_config.json").is_file():
-        return out
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not (out / "adapter_config.json").is_file():
+        from finetune.tiny import build_random_adapter
 
-    torch.manual_seed(0)
-    m = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
-    m.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model).save_pretrained(out)
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(model)
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
+        build_random_adapter(model, out, r=16, alpha=32, std=0.01)
     return out
 
 

@@ -226,28 +226,12 @@ def test_modelfile_system_only_when_every_example_has_the_same_one(tmp_path, exp
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def peft_adapter(export_base, tmp_path_factory):
-    """A LoRA adapter on every linear layer and the embedding, with non-zero B (PEFT initialises
-    B to zero)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A LoRA adapter on every linear layer and the embedding, with random non-zero B."""
+    from finetune.tiny import build_random_adapter
 
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(export_base),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=[
-                               "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                               "embed_tokens"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                p.normal_(0, 0.05)
-    out = tmp_path_factory.mktemp("peft") / "adapter"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(export_base).save_pretrained(out)
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(export_base)
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-    return out
+    return build_random_adapter(export_base, tmp_path_factory.mktemp("peft") / "adapter", r=8, alpha=16,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj", "embed_tokens"])
 
 
 def test_adapter_only_gguf_is_llama_cpp_lora_layout(peft_adapter, export_base, tmp_path):
