@@ -19,6 +19,7 @@ _EXPORTS = {
     "chat": "finetune.inference",
     "generate_replies": "finetune.inference",
     "merge_adapter": "finetune.inference",
+    "export_gguf": "finetune.export",
     "load_config": "finetune.config",
     "TrainConfig": "finetune.config",
     "train": "finetune.train",

@@ -22,6 +22,7 @@ COMMANDS = {
     "generate": "Generate replies for a JSONL file of prompts or chats with an adapter.",
     "chat": "Chat with an adapter in the terminal (streams tokens; /reset, /exit).",
     "merge": "Merge an adapter into its base model and save a standalone model directory.",
+    "export": "Export a merged adapter (or the adapter alone) as GGUF for llama.cpp, Ollama and LM Studio.",
     "plan": "Predict per-device memory (weights, optimizer, activations) and whether a config fits.",
     "sweep": "Hyperparameter search on Optuna: many training runs in one resumable study, shared by workers.",
     "tiny-model": "Build a small Llama model and a locally trained tokenizer (for tests and demos).",
@@ -109,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--model", help="override the base model recorded in the adapter")
+
+    p = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
+    p.add_argument("--adapter", help="adapter directory (a run's adapter/): merged into its base, then converted")
+    p.add_argument("--model", help="without --adapter: the model directory to convert (e.g. a `finetune merge` "
+                   "output); with --adapter: overrides the base model the adapter names")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="tensor type of the matrices (norms and biases stay f32; default f16)")
+    p.add_argument("--output", required=True, help="directory for the .gguf file and the Ollama Modelfile")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write the adapter alone in llama.cpp's LoRA layout, to apply on a base GGUF")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the merge (default auto: float32 on CPU; bfloat16 halves its memory)")
+    p.add_argument("--base-gguf", help="with --adapter-only: the base GGUF the Modelfile's FROM names "
+                   "(default: the base model directory)")
 
     p = sub.add_parser("tiny-model", help=COMMANDS["tiny-model"], description=COMMANDS["tiny-model"])
     p.add_argument("--output", required=True, help="directory to write the model and tokenizer to")
@@ -222,6 +238,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from finetune.inference import merge_command
 
         return merge_command(args)
+    elif cmd == "export":
+        from finetune.export import export_command
+
+        return export_command(args)
     elif cmd == "plan":
         from finetune.plan import plan_command
 

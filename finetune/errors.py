@@ -31,5 +31,9 @@ class UnsafeCheckpointError(ValueError):
     """A pickle-based weights file holds more than tensors; it is not loaded."""
 
 
+class ExportError(ValueError):
+    """A model or adapter cannot be exported as asked (architecture, quantization, tokenizer, layout)."""
+
+
 USER_ERRORS = (ConfigError, DataError, ChatFormatError, AdapterError, RunDirError, FileNotFoundError,
-               CheckpointWriteError, UnsafeCheckpointError)
+               CheckpointWriteError, UnsafeCheckpointError, ExportError)

@@ -16,7 +16,7 @@ from finetune.chat_template import CHATML_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_tiny_model", "corpus_texts"]
+__all__ = ["build_tiny_model", "build_random_adapter", "corpus_texts"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -124,4 +124,38 @@ def build_tiny_model(
     tokenizer.save_pretrained(output)
     n = sum(p.numel() for p in model.parameters())
     logger.info("tiny model: %.2fM parameters, vocab %d -> %s", n / 1e6, len(tokenizer), output)
+    return output
+
+
+def build_random_adapter(
+    base: str | Path,
+    output: str | Path,
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: str | list[str] = "all-linear",
+    std: float = 0.05,
+    seed: int = 0,
+) -> Path:
+    """A LoRA adapter of `base` with random non-zero B (PEFT starts B at zero, which would make the
+    adapter a no-op), saved with the base's tokenizer and pointing at `base`: an adapter whose effect
+    shows, without training one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = Path(output)
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, std)
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(base).save_pretrained(output)
+    cfg_file = output / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = str(Path(base).resolve())
+    cfg_file.write_text(json.dumps(cfg, indent=2))
     return output

@@ -83,3 +83,18 @@ def test_bench_data_path_smoke(tmp_path):
         assert len(builds) == 1  # the cold arm built the cache, the warm arm only read it
         assert arms[(n, "resume")]["skipped_batches"] == int(0.9 * (n // 8))
     assert "kit cold / TRL time to first step" in stdout and "warm peak RSS" in stdout
+
+
+@pytest.mark.slow
+def test_bench_export_smoke(tmp_path):
+    pytest.importorskip("gguf")
+    res, stdout = _run("bench_export.py", tmp_path)
+    assert [r["quant"] for r in res] == ["f16", "q8_0"]
+    for r in res:
+        # the child's own high-water mark, above what its imports alone hold
+        assert r["peak_rss"] >= r["after_imports"] > 50 * 2**20
+        assert r["peak_over_weights"] == pytest.approx(r["peak_rss"] / r["weights_bytes"])
+        assert (tmp_path / "w" / f"gguf-{r['quant']}" / f"model-{r['quant']}.gguf").stat().st_size == r["gguf_bytes"]
+    f16, q8 = res
+    assert q8["gguf_bytes"] < f16["gguf_bytes"]  # 8.5 bits per weight against 16
+    assert "peak RSS / one copy of the weights" in stdout
