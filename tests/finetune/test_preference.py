@@ -36,6 +36,31 @@ def price_pairs(n: int, seed: int) -> list[dict]:
     return out
 
 
+PARITY_ASKS = ["Is {n} odd or even?", "{n}: odd or even?", "Tell me whether {n} is even or odd.", "Odd or even: {n}"]
+
+
+def parity_pairs(n_train: int, n_held: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Preferences whose chosen answer is derivable from the prompt: is the number odd or even
+    (chosen the right word, rejected the other). Held-out numbers never occur in training."""
+    rng = random.Random(seed)
+    numbers = list(range(1000))
+    rng.shuffle(numbers)
+
+    def pairs(pool: list[int], n: int) -> list[dict]:
+        out = []
+        for i in range(n):
+            k = pool[i % len(pool)]
+            right, wrong = ("even", "odd") if k % 2 == 0 else ("odd", "even")
+            prompt = [{"role": "user", "content": rng.choice(PARITY_ASKS).format(n=k)}]
+            if i % 3 == 0:
+                prompt.insert(0, {"role": "system", "content": "Answer with one word."})
+            out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": right}],
+                        "rejected": [{"role": "assistant", "content": wrong}]})
+        return out
+
+    return pairs(numbers[:700], n_train), pairs(numbers[700:], n_held)
+
+
 # ----------------------------------------------------------------------------------------------
 # the record formats
 # ----------------------------------------------------------------------------------------------
@@ -187,9 +212,10 @@ def test_the_private_trl_hook_the_kit_overrides_is_guarded():
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
-def _independent_accuracy(base_dir: Path, adapter: Path, rows: list[dict]) -> tuple[float, float]:
-    """Preference accuracy of base and base + adapter, recomputed with plain transformers + peft:
-    full logits, the tokenizer's own chat template, completion = tokens after the rendered prompt."""
+def _independent_logps(base_dir: Path, adapter: Path, rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """(log p(chosen), log p(rejected)) per pair under base and base + adapter, recomputed with plain
+    transformers + peft: full logits, the adapter's tokenizer and its own chat template, the
+    completion = the tokens after the rendered prompt up to the end-of-turn token."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -208,38 +234,44 @@ def _independent_accuracy(base_dir: Path, adapter: Path, rows: list[dict]) -> tu
             lp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
         return float(lp[torch.arange(n - 1, len(ids) - 1), x[0, n:]].sum())
 
-    def accuracy() -> float:
-        return sum(logp(r["prompt"], r["chosen"]) > logp(r["prompt"], r["rejected"]) for r in rows) / len(rows)
+    def score() -> list[tuple[float, float]]:
+        return [(logp(r["prompt"], r["chosen"]), logp(r["prompt"], r["rejected"])) for r in rows]
 
     with model.disable_adapter():
-        base = accuracy()
-    return base, accuracy()
+        base = score()
+    return {"base": base, "tuned": score()}
 
 
 @pytest.mark.slow
-def test_dpo_with_lora_makes_the_model_prefer_the_right_price(tiny_model, tmp_path):
+def test_dpo_with_lora_makes_the_model_prefer_the_right_answer(tiny_model, tmp_path):
     from finetune.config import load_config
     from finetune.evaluate import evaluate
     from finetune.train import train
 
-    train_rows, held_out = price_pairs(480, 0), price_pairs(60, 1)
+    train_rows, held_out = parity_pairs(480, 60)
     train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)
     eval_path = write_jsonl(tmp_path / "eval.jsonl", held_out)
     run = tmp_path / "run"
     train(load_config(None, [
-        f"model={tiny_model}", f"data.train={train_path}", f"output_dir={run}", "method=dpo", "dpo.beta=0.1",
-        "max_length=256", "training.epochs=3", "training.batch_size=8", "training.learning_rate=3e-3",
-        "training.report_to=[none]", "lora.r=16", "seed=0"]))
+        f"model={tiny_model}", f"data.train={train_path}", f"output_dir={run}", "method=dpo", "dpo.beta=0.2",
+        "max_length=128", "training.epochs=4", "training.batch_size=8", "training.learning_rate=2e-3",
+        "training.report_to=[none]", "lora.r=16", "lora.dropout=0", "seed=0"]))
     adapter = run / "adapter"
     assert not (adapter / "ref").exists()  # the frozen reference copy is not exported
     assert json.loads((adapter / "finetune.json").read_text())["method"] == "dpo"
     report = evaluate(data=eval_path, adapter=adapter, output=tmp_path / "eval", distributed=False)
     base, tuned = report["models"]["base"]["preference"], report["models"]["tuned"]["preference"]
-    assert abs(base["preference_accuracy"] - 0.5) <= 0.2, base
+    assert abs(base["preference_accuracy"] - 0.5) <= 0.15, base
     assert tuned["preference_accuracy"] >= 0.9, tuned
     assert tuned["reward_margin"] > 0 and tuned["reward_accuracy"] >= 0.9, tuned
-    ind_base, ind_tuned = _independent_accuracy(tiny_model, adapter, held_out)
-    assert (ind_base, ind_tuned) == (base["preference_accuracy"], tuned["preference_accuracy"])
+    # the same log-probabilities, pair by pair, from plain transformers + peft
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    independent = _independent_logps(tiny_model, adapter, held_out)
+    for label in ("base", "tuned"):
+        kit = [x for r in rows if r["model"] == label for x in (r["logp_chosen"], r["logp_rejected"])]
+        assert kit == pytest.approx([x for pair in independent[label] for x in pair], abs=1e-3), label
+        acc = sum(c > r for c, r in independent[label]) / len(held_out)
+        assert acc == report["models"][label]["preference"]["preference_accuracy"], label
 
 
 def test_preview_and_validate_read_preference_files_as_training_does(tiny_model, tmp_path):
@@ -329,3 +361,25 @@ def test_qlora_dpo_trains_and_exports_a_plain_peft_adapter(tiny_model, tmp_path)
     _dpo_trained(run, 4)
     _check_adapter(run, tiny_model)
     assert json.loads((run / "adapter" / "finetune.json").read_text())["adapter"] == "qlora"
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_dpo_precomputed_reference_equals_a_reference_model(tiny_model, tmp_path):
+    """Full fine-tuning: the reference is a second model loaded from the same path, or its log-probs
+    computed once before training (dpo.precompute_ref_log_probs): the losses are the same."""
+    from finetune.config import load_config
+    from finetune.train import train
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", price_pairs(48, 0))
+    losses = {}
+    for pre in (False, True):
+        run = tmp_path / f"run-{pre}"
+        train(load_config(None, [f"model={tiny_model}", f"data.train={pairs}", f"output_dir={run}", "method=dpo",
+                                 "adapter=full", f"dpo.precompute_ref_log_probs={str(pre).lower()}", "max_length=256",
+                                 "training.max_steps=3", "training.batch_size=4", "training.logging_steps=1",
+                                 "training.report_to=[none]", "seed=0"]))
+        losses[pre] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in r]
+        assert (run / "model" / "config.json").is_file()
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], abs=1e-5), losses
+    assert losses[True][-1] != pytest.approx(0.6931, abs=1e-4)  # the third step's policy differs from the reference
