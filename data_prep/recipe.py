@@ -6,7 +6,6 @@ problem at once (unknown keys, wrong types, missing files) with dotted key names
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_prep import storage
 from data_prep.readers.text import DEFAULT_SPEAKERS
 from data_prep.steps.filters import ChatThresholds, GopherThresholds
 from data_prep.steps.redact import PII_TYPES
@@ -50,7 +50,11 @@ class SourceConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str) -> str:
-        if not (os.path.exists(path) or glob.glob(path, recursive=True)):
+        try:
+            found = storage.exists(path)
+        except ImportError as err:  # s3:// without s3fs, ...: fsspec names the package
+            raise ValueError(str(err)) from None
+        if not found:
             raise ValueError(f"no such file, directory or glob match: {path}")
         return path
 
@@ -159,6 +163,13 @@ class Recipe(_Strict):
         if path is not None and not Path(path).is_dir():
             raise ValueError(f"no such directory: {path}")
         return path
+
+    @model_validator(mode="after")
+    def _local_output(self) -> Recipe:
+        # the local engine writes through temp files renamed into place, which object stores lack
+        if storage.is_url(self.output_dir):
+            raise ValueError(f"output_dir {self.output_dir}: outputs are written to a local or shared path")
+        return self
 
 
 class RecipeError(ValueError):
