@@ -85,6 +85,10 @@ def build(
 
 def run_recipe(recipe: Recipe) -> dict[str, Any]:
     """Run a validated recipe (what `data-prep run` does after loading the YAML)."""
+    if recipe.engine == "ray":
+        from data_prep.ray_engine import run_on_ray
+
+        return run_on_ray(recipe)
     return Builder(recipe).run()
 
 

@@ -139,12 +139,45 @@ class TranscriptConfig(_Strict):
     )
 
 
+class RayConfig(_Strict):
+    """Settings of `engine: ray` (ignored by the local engine)."""
+
+    address: str | None = Field(
+        None,
+        description="cluster to run on: unset starts Ray on this machine (or uses the one this process "
+        "already started), `auto` joins the cluster of `ray start`, `ray://HOST:10001` goes through Ray Client",
+    )
+    parallelism: int | None = Field(
+        None,
+        ge=1,
+        description="blocks, shuffle partitions and concurrent tasks (default: the cluster's CPUs)",
+    )
+    shard_records: int = Field(50_000, ge=1, description="about this many lines per output shard")
+    shuffle: Literal["sort", "hash"] = Field(
+        "sort",
+        description="Ray Data's shuffle for the groupbys: sort (tasks only; far less start-up on "
+        "small and medium builds) or hash (aggregator actors)",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and v != "auto" and ":" not in v:
+            raise ValueError(f"expected auto, ray://HOST:10001 or HOST:PORT, got {v!r}")
+        return v
+
+
 class Recipe(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     output_dir: str
     overwrite: bool = False
     provenance: bool = True
     system: str | None = None
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="local: processes on this machine (`workers`); ray: a Ray cluster (the `ray` extra)",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
     workers: int = Field(1, ge=1)
     tokenizer: str | None = Field(None, description="local tokenizer dir for context budget and length stats")
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
@@ -165,10 +198,20 @@ class Recipe(_Strict):
         return path
 
     @model_validator(mode="after")
-    def _local_output(self) -> Recipe:
+    def _engine_paths(self) -> Recipe:
         # the local engine writes through temp files renamed into place, which object stores lack
-        if storage.is_url(self.output_dir):
-            raise ValueError(f"output_dir {self.output_dir}: outputs are written to a local or shared path")
+        if self.engine == "local" and storage.is_url(self.output_dir):
+            raise ValueError(
+                f"output_dir {self.output_dir}: the local engine writes to a local or shared path; "
+                "use engine: ray for a URL"
+            )
+        # fsspec's memory:// lives inside one process: Ray's workers would find nothing there
+        if self.engine == "ray":
+            for p in [s.path for s in self.sources] + [self.output_dir]:
+                if p.startswith("memory://"):
+                    raise ValueError(
+                        f"{p}: memory:// is not shared with Ray's worker processes; use file:// or s3://"
+                    )
         return self
 
 

@@ -18,10 +18,13 @@ __all__ = [
     "exists",
     "is_url",
     "join",
+    "listdir",
     "open_read",
+    "open_write",
     "os_reason",
     "read_bytes",
     "read_head",
+    "remove",
     "url_fs",
     "write_bytes",
 ]
@@ -124,22 +127,48 @@ def join(base: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *names])
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """A whole file at once: atomically on a local path (temp file + rename); an object store
-    makes an object visible only once its upload completes."""
+@contextmanager
+def open_write(path: str) -> Iterator[IO[bytes]]:
+    """A new file, binary: atomic on a local path (temp file renamed into place when the block
+    ends); an object store makes an object visible only once its upload completes."""
     if not is_url(path):
         from kitcore.io import atomic_write
 
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with atomic_write(path, "wb") as fh:
-            fh.write(data)
+            yield fh  # type: ignore[misc]
         return
     fs, p = url_fs(path)
     parent = p.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
     with fs.open(p, "wb") as fh:
+        yield fh
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with open_write(path) as fh:
         fh.write(data)
+
+
+def listdir(path: str) -> list[str]:
+    """Names in a directory (empty when it does not exist)."""
+    if not is_url(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    fs, p = url_fs(path)
+    if not fs.isdir(p):
+        return []
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
+
+
+def remove(path: str) -> None:
+    if not is_url(path):
+        if os.path.isfile(path):
+            os.remove(path)
+        return
+    fs, p = url_fs(path)
+    if fs.isfile(p):
+        fs.rm(p)
 
 
 def os_reason(err: OSError) -> str:
