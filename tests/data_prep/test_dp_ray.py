@@ -6,6 +6,7 @@ One in-process Ray (2 CPUs) serves the whole module: its start-up is most of the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -171,3 +172,35 @@ def test_missing_ray_says_what_to_install(monkeypatch, corpus, tmp_path, capsys)
     argv = ["build", str(corpus[0]), "--output-dir", str(tmp_path / "o"), "--engine", "ray"]
     assert main(argv) == 2
     assert "pip install 'finetune-kit[ray]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_prepare_and_train_read_the_shard_directory(runs, tiny_model, tmp_path) -> None:
+    from finetune.config import load_config
+    from finetune.data_cache import prepared_split
+    from finetune.modeling import load_tokenizer
+    from finetune.prepare import prepare
+    from finetune.train import train
+
+    out, report = runs["drop", 2]
+    local, _ = runs["drop", "local"]
+    over = [f"model={tiny_model}", f"data.train={out / 'train'}", f"data.eval={out / 'val'}",
+            f"output_dir={tmp_path / 'run'}", "training.max_steps=3", "training.batch_size=4",
+            "training.report_to=[none]", "max_length=128", "data.loss_on=all", "lora.r=4",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(None, over)
+    stats = prepare(cfg)
+    assert stats["train"]["examples"] == report["counts"]["train"] and stats["eval"]["examples"] == report["counts"]["val"]
+    # the shards tokenize to exactly what the local engine's single train.jsonl gives
+    tok = load_tokenizer(str(tiny_model))
+    shards, _, _ = prepared_split(cfg, tok, str(out / "train"))
+    single, _, _ = prepared_split(load_config(None, [*over[:1], f"data.train={local / 'train.jsonl'}", *over[2:]]),
+                                  tok, str(local / "train.jsonl"))
+    assert shards["input_ids"] == single["input_ids"] and shards["labels"] == single["labels"]
+    run = train(cfg)
+    assert (run / "adapter").is_dir()
+    info = json.loads((run / "run.json").read_text())
+    assert info["data_stats"]["train"]["examples"] == report["counts"]["train"]
+    # run.json names the shards by the hash of their concatenation: the local engine's train.jsonl
+    assert info["data"]["train"]["sha256"] == hashlib.sha256((local / "train.jsonl").read_bytes()).hexdigest()
+    assert info["data"]["train"]["files"] == len(json.loads((out / "train" / "manifest.json").read_text())["shards"])
