@@ -84,7 +84,8 @@ def _import_ray():
 
 # ---- columns ----------------------------------------------------------------------------------
 # One schema for everything the per-file maps emit, so that their outputs can be unioned:
-# kind is "record", "reject" (line = the reject's JSON), "context" or "tally" (line = JSON).
+# kind is "record", "reject" (line = the reject's JSON), "context" or "tally" (line = JSON; id =
+# the node that ran the task).
 def _item_schema():
     import pyarrow as pa
 
@@ -166,7 +167,9 @@ def _process_files(batch, *, token: str, recipe: Recipe, files: list[SourceFile]
                 add(order=order, kind="reject", line=json.dumps(item.to_json(), ensure_ascii=False))
                 continue
             add(**_record_columns(w, item, order))
-    add(order=-1, kind="tally", line=total.to_json())
+    import ray
+
+    add(order=-1, kind="tally", id=ray.get_runtime_context().get_node_id(), line=total.to_json())
     return pa.table(rows, schema=_item_schema())
 
 
@@ -521,6 +524,7 @@ class _Run:
         self.p = recipe.ray.parallelism or max(1, cpus)
         self.token = f"{time.time_ns()}-{id(self)}"
         self.stages = _Stages()
+        self.read_nodes: set[str] = set()
 
     # ---- table of contents ------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -595,7 +599,12 @@ class _Run:
                 "stages_s": self.stages.seconds,
             },
         )
-        report["engine"] = {"name": "ray", "parallelism": self.p, "nodes": len(self.ray.nodes())}
+        report["engine"] = {
+            "name": "ray",
+            "parallelism": self.p,
+            "nodes": sum(n["Alive"] for n in self.ray.nodes()),
+            "nodes_that_read": len(self.read_nodes),
+        }
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         storage.write_bytes(
             storage.join(r.output_dir, "report.json"),
@@ -647,6 +656,7 @@ class _Run:
         for row in sorted(side, key=lambda row: row["order"]):
             if row["kind"] == "tally":
                 tally.merge(Tally.from_json(row["line"]))
+                self.read_nodes.add(row["id"])
             else:
                 contexts.add(*json.loads(row["line"]))
         return ds.filter(expr="kind == 'record' or kind == 'reject'")
