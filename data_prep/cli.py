@@ -43,8 +43,8 @@ def _add_build(sub) -> None:
     p.add_argument(
         "--address",
         default=None,
-        help="with --engine ray: `auto` (the cluster of `ray start`) or ray://HOST:10001; "
-        "default: start Ray on this machine",
+        help="with --engine ray: `auto` (the cluster of `ray start`), HOST:PORT or ray://HOST:10001; "
+        "default: $RAY_ADDRESS, else Ray started on this machine for this build",
     )
     p.add_argument(
         "--format",

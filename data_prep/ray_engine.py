@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -70,6 +71,7 @@ __all__ = ["run_on_ray"]
 log = logging.getLogger(__name__)
 
 INSTALL = "the ray engine needs Ray Data: pip install 'finetune-kit[ray]' (or: pip install 'ray[data]')"
+NODE_WAIT_S = 600  # ray.wait_for_nodes: long enough for a Slurm or KubeRay worker to start
 PAGES_PER_TASK = 32  # ~0.1 s of extraction each: enough to amortize a task, small enough to balance
 
 
@@ -482,12 +484,10 @@ def _connect(ray, address: str | None) -> bool:
     """Join or start Ray; True when this call started it (and so shuts it down)."""
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"address": address} if address else {}
-    # an unset address would otherwise pick up a cluster of `ray start` on this machine: here
-    # unset means this machine, in this process
-    if address is None:
-        kwargs["address"] = "local"
-    ray.init(**kwargs, logging_level=logging.WARNING, log_to_driver=False)
+    # Unset: RAY_ADDRESS when Ray set it (a driver of `ray job submit`), else a new Ray in this
+    # process; never silently a cluster some earlier `ray start` left running on this machine.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     return True
 
 
@@ -517,9 +517,23 @@ def run_on_ray(recipe: Recipe) -> dict[str, Any]:
             ray.shutdown()
 
 
+def _wait_for_nodes(ray, n: int, timeout_s: float = NODE_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (alive := sum(node["Alive"] for node in ray.nodes())) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the Ray cluster has {alive} of the {n} nodes of ray.wait_for_nodes after {timeout_s:.0f} s; "
+                "check that `ray start --address ...` ran on every node"
+            )
+        time.sleep(1.0)
+
+
 class _Run:
     def __init__(self, ray, recipe: Recipe) -> None:
         self.ray, self.rd, self.r = ray, ray.data, recipe
+        if recipe.ray.wait_for_nodes:
+            _wait_for_nodes(ray, recipe.ray.wait_for_nodes)
+        # the parallelism follows the CPUs present now: nodes that join later get no blocks
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.p = recipe.ray.parallelism or max(1, cpus)
         self.token = f"{time.time_ns()}-{id(self)}"

@@ -144,13 +144,20 @@ class RayConfig(_Strict):
 
     address: str | None = Field(
         None,
-        description="cluster to run on: unset starts Ray on this machine (or uses the one this process "
-        "already started), `auto` joins the cluster of `ray start`, `ray://HOST:10001` goes through Ray Client",
+        description="cluster to run on: unset uses RAY_ADDRESS (set for `ray job submit` drivers) or "
+        "else starts Ray in this process (or uses the one this process already started); `auto` joins the "
+        "cluster of `ray start` on this machine, HOST:PORT a cluster's head, `ray://HOST:10001` Ray Client",
     )
     parallelism: int | None = Field(
         None,
         ge=1,
         description="blocks, shuffle partitions and concurrent tasks (default: the cluster's CPUs)",
+    )
+    wait_for_nodes: int | None = Field(
+        None,
+        ge=1,
+        description="wait (up to 10 minutes) until the cluster has this many nodes before planning: "
+        "a Slurm or KubeRay cluster whose workers are still joining",
     )
     shard_records: int = Field(50_000, ge=1, description="about this many lines per output shard")
     shuffle: Literal["sort", "hash"] = Field(

@@ -204,3 +204,11 @@ def test_finetune_prepare_and_train_read_the_shard_directory(runs, tiny_model, t
     # run.json names the shards by the hash of their concatenation: the local engine's train.jsonl
     assert info["data"]["train"]["sha256"] == hashlib.sha256((local / "train.jsonl").read_bytes()).hexdigest()
     assert info["data"]["train"]["files"] == len(json.loads((out / "train" / "manifest.json").read_text())["shards"])
+
+
+def test_waiting_for_nodes_that_never_join_fails_with_the_count(ray_session) -> None:
+    from data_prep.ray_engine import _wait_for_nodes
+
+    _wait_for_nodes(ray_session, 1, timeout_s=5)  # this session's one node: no wait
+    with pytest.raises(RuntimeError, match="has 1 of the 2 nodes of ray.wait_for_nodes after 1 s"):
+        _wait_for_nodes(ray_session, 2, timeout_s=1)
