@@ -174,6 +174,7 @@ class Builder:
             for w in writers.values():
                 w.commit()
             self.rejects.commit()
+            report["engine"] = {"name": "local", "workers": self.r.workers}
             report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
             write_json(out / "report.json", report)
         except BaseException:

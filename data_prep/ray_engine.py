@@ -63,7 +63,7 @@ from data_prep.steps.dedup import (
     resolve_near,
     similarity,
 )
-from data_prep.tokens import distribution_of_counts
+from data_prep.tokens import Lengths, distribution_of_counts
 from data_prep.writers import SHARD_DIRS, check_output_url, shard_name, write_manifest, write_shard
 
 __all__ = ["run_on_ray"]
@@ -148,6 +148,7 @@ class _Worker:
 # ---- 1, 2: read + per-record steps ------------------------------------------------------------
 def _process_files(batch, *, token: str, recipe: Recipe, files: list[SourceFile], contexts: ContextStore):
     import pyarrow as pa
+    import ray
 
     w: _Worker = _cached(token, lambda: _Worker(recipe, contexts))
     rows: dict[str, list] = {name: [] for name in _item_schema().names}
@@ -155,7 +156,7 @@ def _process_files(batch, *, token: str, recipe: Recipe, files: list[SourceFile]
 
     def add(**kw) -> None:
         for name in rows:
-            rows[name].append(kw.get(name, "" if name in ("dup_of",) else None))
+            rows[name].append(kw.get(name, {"dup_of": "", "n_dups": 0}.get(name)))
 
     for number in batch.column("number").to_pylist():
         f = files[number]
@@ -169,8 +170,6 @@ def _process_files(batch, *, token: str, recipe: Recipe, files: list[SourceFile]
                 add(order=order, kind="reject", line=json.dumps(item.to_json(), ensure_ascii=False))
                 continue
             add(**_record_columns(w, item, order))
-    import ray
-
     add(order=-1, kind="tally", id=ray.get_runtime_context().get_node_id(), line=total.to_json())
     return pa.table(rows, schema=_item_schema())
 
@@ -279,8 +278,10 @@ def _node_rows(batch):
 
 
 def _split_node(group):
-    node = [r for r in group.to_pylist() if r["other"] == -1]
-    return (node[0] if node else None), [r for r in group.to_pylist() if r["other"] != -1]
+    """(the record's own row or None, the rows of its pairs)."""
+    rows = group.to_pylist()
+    node = [r for r in rows if r["other"] == -1]
+    return (node[0] if node else None), [r for r in rows if r["other"] != -1]
 
 
 def _half_edges(group):
@@ -293,10 +294,10 @@ def _half_edges(group):
     return pa.table(
         {
             "key": pa.array(others, pa.int64()),
-            "other": pa.array([node["key"]] * n if n else [], pa.int64()),
-            "sig": pa.array([node["sig"]] * n if n else [], pa.binary()),
-            "id": pa.array([node["id"]] * n if n else [], pa.string()),
-            "group": pa.array([node["group"]] * n if n else [], pa.string()),
+            "other": pa.array([node["key"]] * n if node else [], pa.int64()),
+            "sig": pa.array([node["sig"]] * n if node else [], pa.binary()),
+            "id": pa.array([node["id"]] * n if node else [], pa.string()),
+            "group": pa.array([node["group"]] * n if node else [], pa.string()),
         },
         schema=_node_schema(),
     )
@@ -553,10 +554,10 @@ class _Run:
         self.stages.done("plan")
         tally = Tally()
         docs = [f for f in plan.files if f.fmt in ("html", "text", "transcript")]
-        first = self._read(plan.files, docs, contexts, tally, PAGES_PER_TASK)
+        first = self._read("pages", plan.files, docs, contexts, tally, PAGES_PER_TASK)
         self.stages.done("read pages")
         pages_s = self.stages.seconds["read pages"]
-        second = self._read(plan.files, tables, contexts, tally, 1)
+        second = self._read("rows", plan.files, tables, contexts, tally, 1)
         self.stages.done("read annotations")
         parts = [d for d in (first, second) if d is not None]
         items = parts[0].union(*parts[1:]).materialize() if parts else None
@@ -602,7 +603,7 @@ class _Run:
             split=split_report(r, groups_per_split),
             leakage=self._leakage(edges, outcome.dropped, roots, cuts),
             lengths={
-                "unit": DocWork(r, contexts).lengths.unit,
+                "unit": Lengths(r.tokenizer).unit,
                 **{s: distribution_of_counts(hist[s]) for s in SPLITS},
             },
             timings={
@@ -644,7 +645,7 @@ class _Run:
         )
         return [row["key"] for row in ds.take_all()]
 
-    def _read(self, all_files, files, contexts: ContextStore, tally: Tally, per_task: int):
+    def _read(self, stage: str, all_files, files, contexts: ContextStore, tally: Tally, per_task: int):
         """Files -> items (materialized); their context pages join `contexts` in document order,
         their counters `tally`."""
         if not files:
@@ -657,7 +658,7 @@ class _Run:
                 batch_size=per_task,
                 batch_format="pyarrow",
                 fn_kwargs={
-                    "token": f"{self.token}-{len(contexts.docs)}",
+                    "token": f"{self.token}-{stage}",
                     "recipe": self.r,
                     "files": all_files,
                     "contexts": contexts,

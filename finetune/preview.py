@@ -41,9 +41,8 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
 def _preference_examples(tok, path: str, n: int) -> list[dict]:
     """Per pair, two sequences: prompt + chosen and prompt + rejected; the scored tokens are the
     completion's (chat_template.encode_completion, what the data cache stores). Reads n records only."""
-    from kitcore.preference import normalize_preference
-
     from finetune.data import data_files
+    from kitcore.preference import normalize_preference
 
     out = []
     for file in data_files(path).files:  # a file, or the shards of a dataset in order
