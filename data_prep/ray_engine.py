@@ -6,10 +6,11 @@ Table of contents (`run_on_ray`); the driver plans and decides, the cluster does
     1 map    pages and texts -> DocWork.process -> records, rejects, context pages, counters
     driver   context pages -> ContextStore, in document order (what rows join on)
     2 map    annotated files -> DocWork.process with that store
-    3 shuffle exact dedup: groupby(digest); the first in document order is kept, the others are
-             rejected naming it
-    4 shuffle near dedup: groupby(band hash, context key) -> candidate pairs; each pair confirmed on
-             the two full signatures (one groupby per side of the pair) -> edges
+    3 shuffle exact dedup: groupby(digest) -> count and first (in document order) per digest;
+             digests with copies -> driver (the copies are rejected naming the first)
+    4 shuffle near dedup: band hashes of every signature -> groupby(band hash, context key) ->
+             count per bucket; the records of buckets of two or more -> driver: candidate
+             pairs, confirmed on the two full signatures -> edges
     driver   resolve_near on the edges (the local rule: drop, or join split groups) and union-find
              on the joined groups
     5 map    records per split key (partial counts) -> driver: SplitCuts
@@ -25,6 +26,7 @@ number of workers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -75,6 +77,13 @@ NODE_WAIT_S = 600  # ray.wait_for_nodes: long enough for a Slurm or KubeRay work
 PAGES_PER_TASK = 32  # ~0.1 s of extraction each: enough to amortize a task, small enough to balance
 
 
+def _col(name: str):
+    """A column in a Ray Data filter expression (imported here: Ray is optional)."""
+    from ray.data.expressions import col
+
+    return col(name)
+
+
 def _import_ray():
     try:
         import ray
@@ -104,23 +113,6 @@ def _item_schema():
             ("length", pa.int64()),
             ("digest", pa.binary()),
             ("sig", pa.binary()),  # num_perm x uint32; null without words or without near dedup
-            ("dup_of", pa.string()),  # set by exact dedup
-            ("n_dups", pa.int64()),  # exact duplicates of this record (set on the kept one)
-        ]
-    )
-
-
-def _node_schema():
-    """Rows of the confirmation groupbys: a record (other = -1) or one side of a candidate pair."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("key", pa.int64()),
-            ("other", pa.int64()),
-            ("sig", pa.binary()),
-            ("id", pa.string()),
-            ("group", pa.string()),
         ]
     )
 
@@ -156,7 +148,7 @@ def _process_files(batch, *, token: str, recipe: Recipe, files: list[SourceFile]
 
     def add(**kw) -> None:
         for name in rows:
-            rows[name].append(kw.get(name, {"dup_of": "", "n_dups": 0}.get(name)))
+            rows[name].append(kw.get(name))
 
     for number in batch.column("number").to_pylist():
         f = files[number]
@@ -189,8 +181,6 @@ def _record_columns(w: _Worker, rec: Record, order: int) -> dict[str, Any]:
         "length": w.work.example_length(rec.messages),
         "digest": exact_digest(text, rec.context_key) if w.dedup.exact else None,
         "sig": None if sig is None else sig.tobytes(),
-        "dup_of": "",
-        "n_dups": 0,
     }
 
 
@@ -202,143 +192,79 @@ def _join_keys(batch, *, files: list[SourceFile]):
 
 
 # ---- 3: exact dedup -----------------------------------------------------------------------------
-def _mark_exact(group):
-    """One digest: the first record in document order is kept, the others name it."""
+# digest (hex) -> (document order, id) of the first record with it, for the digests with copies
+Exact = dict[str, tuple[int, str]]
+
+
+def _first_keys(batch):
+    """The digest, and document order + id as one string: its minimum names the first record."""
     import pyarrow as pa
 
-    group = group.sort_by("order")
-    ids = group.column("id").to_pylist()
-    dup_of = [""] + [ids[0]] * (len(ids) - 1)
-    n_dups = [len(ids) - 1] + [0] * (len(ids) - 1)
-    group = group.set_column(group.schema.get_field_index("dup_of"), "dup_of", pa.array(dup_of, pa.string()))
-    return group.set_column(group.schema.get_field_index("n_dups"), "n_dups", pa.array(n_dups, pa.int64()))
+    orders, ids = batch.column("order").to_pylist(), batch.column("id").to_pylist()
+    # hex: Ray's aggregation sorts its keys, and it keeps bytes values as pickled objects
+    digests = [d.hex() for d in batch.column("digest").to_pylist()]
+    return pa.table(
+        {
+            "digest": pa.array(digests, pa.string()),
+            "first": pa.array([f"{o:020d} {i}" for o, i in zip(orders, ids)]),
+        }
+    )
+
+
+def _copy_of(digest: bytes | None, order: int, exact: Exact) -> str | None:
+    """The id of the record this one is an exact copy of, or None."""
+    first = exact.get(digest.hex()) if digest is not None and exact else None
+    return first[1] if first is not None and first[0] != order else None
 
 
 # ---- 4: near dedup ------------------------------------------------------------------------------
-def _band_rows(batch, *, token: str, recipe: Recipe):
+def _ctx_salt(ctx: str) -> int:
+    return int.from_bytes(hashlib.blake2b(ctx.encode(), digest_size=8).digest(), "big")
+
+
+def _bucket_rows(batch, *, token: str, recipe: Recipe, exact: Exact):
+    """One row per band of every signature (exact copies excluded, as locally): bucket = band hash
+    mixed with the context key, so that only records of one context key share a bucket (a rare
+    collision of two keys only adds a candidate, which the confirmation rejects)."""
     import pyarrow as pa
 
     w: _Worker = _cached(token, lambda: _Worker(recipe, ContextStore()))
-    bands, ctxs, orders = [], [], []
-    for order, ctx, sig in zip(
-        batch.column("order").to_pylist(), batch.column("ctx").to_pylist(), batch.column("sig").to_pylist()
-    ):
-        if sig is None:
+    buckets, orders = [], []
+    cols = (batch.column(n).to_pylist() for n in ("order", "ctx", "sig", "digest"))
+    for order, ctx, sig, digest in zip(*cols):
+        if sig is None or _copy_of(digest, order, exact) is not None:
             continue
-        hashes = w.dedup.band_hashes(np.frombuffer(sig, np.uint32))
-        bands += hashes.tolist()
-        ctxs += [ctx] * len(hashes)
-        orders += [order] * len(hashes)
+        hashes = w.dedup.band_hashes(np.frombuffer(sig, np.uint32)) ^ np.uint64(_ctx_salt(ctx))
+        # as int64 (the same bits): Ray's aggregation keeps uint64 keys above 2^63 as Python objects
+        buckets.append(hashes.view(np.int64))
+        orders.append(np.full(len(hashes), order, np.int64))
     return pa.table(
         {
-            "band": pa.array(bands, pa.uint64()),
-            "ctx": pa.array(ctxs, pa.string()),
-            "order": pa.array(orders, pa.int64()),
+            "bucket": pa.array(np.concatenate(buckets) if buckets else np.empty(0, np.int64), pa.int64()),
+            "order": pa.array(np.concatenate(orders) if orders else np.empty(0, np.int64), pa.int64()),
         }
     )
 
 
-def _candidate_pairs(group):
-    """Records that share a band hash (and a context key, as the local index requires) are
-    candidates: every pair once, the earlier record first."""
-    import pyarrow as pa
-
-    orders = sorted(set(group.column("order").to_pylist()))
-    a = [x for i, x in enumerate(orders) for _ in orders[i + 1 :]]
-    b = [y for i, _ in enumerate(orders) for y in orders[i + 1 :]]
-    n = len(a)
-    return pa.table(
-        {
-            "key": pa.array(a, pa.int64()),
-            "other": pa.array(b, pa.int64()),
-            "sig": pa.nulls(n, pa.binary()),
-            "id": pa.array([""] * n, pa.string()),
-            "group": pa.array([""] * n, pa.string()),
-        },
-        schema=_node_schema(),
-    )
+def _in_buckets(batch, *, buckets: np.ndarray):
+    return batch.filter(np.isin(batch.column("bucket").to_numpy(), buckets))
 
 
-def _node_rows(batch):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    batch = batch.filter(pc.is_valid(batch.column("sig")))
-    n = batch.num_rows
-    return pa.table(
-        {
-            "key": batch.column("order"),
-            "other": pa.array([-1] * n, pa.int64()),
-            "sig": batch.column("sig"),
-            "id": batch.column("id"),
-            "group": batch.column("group"),
-        },
-        schema=_node_schema(),
-    )
-
-
-def _split_node(group):
-    """(the record's own row or None, the rows of its pairs)."""
-    rows = group.to_pylist()
-    node = [r for r in rows if r["other"] == -1]
-    return (node[0] if node else None), [r for r in rows if r["other"] != -1]
-
-
-def _half_edges(group):
-    """Key a: hand a's signature to each of its candidates b (keyed by b)."""
-    import pyarrow as pa
-
-    node, pairs = _split_node(group)
-    others = sorted({p["other"] for p in pairs}) if node is not None else []
-    n = len(others)
-    return pa.table(
-        {
-            "key": pa.array(others, pa.int64()),
-            "other": pa.array([node["key"]] * n if node else [], pa.int64()),
-            "sig": pa.array([node["sig"]] * n if node else [], pa.binary()),
-            "id": pa.array([node["id"]] * n if node else [], pa.string()),
-            "group": pa.array([node["group"]] * n if node else [], pa.string()),
-        },
-        schema=_node_schema(),
-    )
-
-
-def _confirm(group, *, threshold: float):
-    """Key b: compare b's signature with each candidate a's; keep the pairs at the threshold."""
-    import pyarrow as pa
-
-    node, halves = _split_node(group)
-    out: dict[str, list] = {k: [] for k in ("a", "b", "est", "a_id", "b_id", "a_group", "b_group")}
-    if node is not None:
-        sig_b = np.frombuffer(node["sig"], np.uint32)
-        for h in halves:
-            est = similarity(np.frombuffer(h["sig"], np.uint32), sig_b)
-            if est >= threshold:
-                for k, v in zip(
-                    out, (h["other"], node["key"], est, h["id"], node["id"], h["group"], node["group"])
-                ):
-                    out[k].append(v)
-    return pa.table(
-        {
-            "a": pa.array(out["a"], pa.int64()),
-            "b": pa.array(out["b"], pa.int64()),
-            "est": pa.array(out["est"], pa.float64()),
-            "a_id": pa.array(out["a_id"], pa.string()),
-            "b_id": pa.array(out["b_id"], pa.string()),
-            "a_group": pa.array(out["a_group"], pa.string()),
-            "b_group": pa.array(out["b_group"], pa.string()),
-        }
-    )
+def _candidates(batch, *, orders: np.ndarray):
+    """The records of candidate pairs, with what confirming and resolving them needs."""
+    keep = np.isin(batch.column("order").to_numpy(), orders)
+    return batch.filter(keep).select(["order", "id", "group", "ctx", "sig"])
 
 
 # ---- 5: split -----------------------------------------------------------------------------------
-def _split_keys(batch, *, roots: dict[str, str], seed: int, dropped: set[int]):
+def _split_keys(batch, *, roots: dict[str, str], seed: int, dropped: set[int], exact: Exact):
     """Records per split key in this block (a partial count; the driver adds the blocks)."""
     import pyarrow as pa
 
     keys: Counter[int] = Counter()
-    for order, group in zip(batch.column("order").to_pylist(), batch.column("group").to_pylist()):
-        if order not in dropped:
+    cols = (batch.column(n).to_pylist() for n in ("order", "group", "digest"))
+    for order, group, digest in zip(*cols):
+        if order not in dropped and _copy_of(digest, order, exact) is None:
             keys[split_key(seed, roots.get(group, group))] += 1
     return pa.table(
         {"key": pa.array(list(keys), pa.uint64()), "n": pa.array(list(keys.values()), pa.int64())}
@@ -353,6 +279,7 @@ def _finalize(
     seed: int,
     cuts: SplitCuts,
     dropped: dict[int, str],
+    exact: Exact,
     provenance: bool,
     unit_bits: int,
 ):
@@ -361,16 +288,17 @@ def _finalize(
     dest, lines, lengths = [], [], []
     cols = {
         n: batch.column(n).to_pylist()
-        for n in ("order", "kind", "group", "source", "locator", "line", "length", "dup_of")
+        for n in ("order", "kind", "group", "source", "locator", "line", "length", "digest")
     }
-    for order, kind, group, source, locator, line, length, dup_of in zip(*cols.values()):
+    for order, kind, group, source, locator, line, length, digest in zip(*cols.values()):
         if kind == "reject":
             dest.append("rejects")
             lines.append(line)
             lengths.append(0)
             continue
         messages = json.loads(line)
-        reason = duplicate_reason(dup_of) if dup_of else dropped.get(order)
+        first = _copy_of(digest, order, exact)
+        reason = duplicate_reason(first) if first is not None else dropped.get(order)
         if reason is not None:
             rej = Reject(source, locator, "dedup", reason, record={"messages": messages})
             dest.append("rejects")
@@ -561,13 +489,13 @@ class _Run:
         self.stages.done("read annotations")
         parts = [d for d in (first, second) if d is not None]
         items = parts[0].union(*parts[1:]).materialize() if parts else None
-        rejects = items.filter(expr="kind == 'reject'") if items is not None else None
-        records = items.filter(expr="kind == 'record'").materialize() if items is not None else None
+        rejects = items.filter(expr=_col("kind") == "reject") if items is not None else None
+        records = items.filter(expr=_col("kind") == "record").materialize() if items is not None else None
         n_records = records.count() if records is not None else 0
 
-        records, exact_reps, n_exact = self._exact(records, n_records)
+        exact, exact_reps, n_exact = self._exact(records, n_records)
         self.stages.done("exact dedup")
-        outcome, edges = self._near(records)
+        outcome, edges = self._near(records, exact)
         self.stages.done("near dedup")
         # Union-find on the joined groups, on the driver: only near-duplicate edges join groups
         # (a document's own records share its group by name), and edges are few compared with
@@ -578,10 +506,10 @@ class _Run:
         for a, b in outcome.unions:
             uf.union(a, b)
         roots = {g: uf.find(g) for g in uf.parent}
-        cuts, groups_per_split = self._cuts(records, roots, set(outcome.dropped))
+        cuts, groups_per_split = self._cuts(records, roots, set(outcome.dropped), exact)
         self.stages.done("split")
         lines = None if records is None else rejects.union(records)
-        manifests, hist = self._write(lines, roots, cuts, outcome.dropped)
+        manifests, hist = self._write(lines, roots, cuts, outcome.dropped, exact)
         self.stages.done("write")
         self.stages.close()
 
@@ -667,73 +595,102 @@ class _Run:
             )
             .materialize()
         )
-        side = ds.filter(expr="kind == 'context' or kind == 'tally'").take_all()
+        side = ds.filter(expr=(_col("kind") == "context") | (_col("kind") == "tally")).take_all()
         for row in sorted(side, key=lambda row: row["order"]):
             if row["kind"] == "tally":
                 tally.merge(Tally.from_json(row["line"]))
                 self.read_nodes.add(row["id"])
             else:
                 contexts.add(*json.loads(row["line"]))
-        return ds.filter(expr="kind == 'record' or kind == 'reject'")
+        return ds.filter(expr=(_col("kind") == "record") | (_col("kind") == "reject"))
 
-    def _exact(self, records, n_records: int):
-        """(records with dup_of set, kept record id -> exact duplicates, number of duplicates)."""
+    def _exact(self, records, n_records: int) -> tuple[Exact, dict[str, int], int]:
+        """(the digests with copies, kept id -> its copies, number of copies)."""
+        from ray.data.aggregate import Count, Min
+
         if records is None or not n_records or not self.r.dedup.exact:
-            return records, {}, 0
-        marked = (
-            records.groupby("digest", num_partitions=self.p)
-            .map_groups(_mark_exact, batch_format="pyarrow")
-            .materialize()
+            return {}, {}, 0
+        rows = (
+            records.select_columns(["digest", "order", "id"])
+            .map_batches(_first_keys, batch_format="pyarrow")
+            .groupby("digest", num_partitions=self.p)
+            .aggregate(Count(alias_name="n"), Min("first", alias_name="first"))
+            .filter(expr=_col("n") > 1)
+            .take_all()
         )
-        reps = {
-            row["id"]: row["n_dups"]
-            for row in marked.filter(expr="n_dups > 0").select_columns(["id", "n_dups"]).take_all()
-        }
-        return marked, reps, sum(reps.values())
+        exact: Exact = {}
+        reps: dict[str, int] = {}
+        for row in rows:
+            order, rec_id = row["first"].split(" ", 1)
+            exact[row["digest"]] = (int(order), rec_id)
+            reps[rec_id] = row["n"] - 1
+        return exact, reps, sum(reps.values())
 
-    def _near(self, records):
-        """resolve_near's outcome on the corpus's confirmed edges (and the edges)."""
+    def _near(self, records, exact: Exact):
+        """resolve_near's outcome on the corpus's confirmed edges (and the edges).
+
+        The shuffle is a count per bucket; only the records of buckets of two or more, the
+        candidates, reach the driver, where each pair is confirmed on the two full signatures (as
+        the local index confirms its candidates). Candidates are the near-duplicates plus the
+        band collisions of LSH tuned for recall: few compared with documents, and each is 512
+        bytes of signature, so confirming them in one place costs less than two more shuffles.
+        """
+        from ray.data.aggregate import Count
+
         from data_prep.steps.dedup import NearOutcome
 
         if records is None or not self.r.dedup.near:
             return NearOutcome(), []
-        kept = records.filter(expr="dup_of == ''") if self.r.dedup.exact else records
-        kept = kept.select_columns(["order", "ctx", "sig", "id", "group"]).materialize()
-        pairs = (
-            kept.map_batches(
-                _band_rows, batch_format="pyarrow", fn_kwargs={"token": self.token, "recipe": self.r}
-            )
-            .groupby(["band", "ctx"], num_partitions=self.p)
-            .map_groups(_candidate_pairs, batch_format="pyarrow")
-            .materialize()
+        rows = records.select_columns(["order", "ctx", "sig", "digest"]).map_batches(
+            _bucket_rows,
+            batch_format="pyarrow",
+            fn_kwargs={"token": f"{self.token}-bands", "recipe": self.r, "exact": exact},
         )
-        if not pairs.count():
+        rows = rows.materialize()
+        shared = (
+            rows.groupby("bucket", num_partitions=self.p)
+            .aggregate(Count(alias_name="n"))
+            .filter(expr=_col("n") > 1)
+            .take_all()
+        )
+        if not shared:
             return resolve_near([], self.r.dedup.near_action), []
-        nodes = kept.map_batches(_node_rows, batch_format="pyarrow").materialize()
-        halves = (
-            nodes.union(pairs)
-            .groupby("key", num_partitions=self.p)
-            .map_groups(_half_edges, batch_format="pyarrow")
-        )
-        edges_ds = (
-            nodes.union(halves)
-            .groupby("key", num_partitions=self.p)
-            .map_groups(_confirm, batch_format="pyarrow", fn_kwargs={"threshold": self.r.dedup.threshold})
-        )
-        edges = sorted(NearEdge(**row) for row in edges_ds.take_all())
+        buckets = np.asarray(sorted(row["bucket"] for row in shared), np.int64)
+        members: dict[int, list[int]] = {}
+        for row in rows.map_batches(
+            _in_buckets, batch_format="pyarrow", fn_kwargs={"buckets": buckets}
+        ).take_all():
+            members.setdefault(row["bucket"], []).append(row["order"])
+        pairs = {(a, b) for orders in members.values() for a in orders for b in orders if a < b}
+        involved = np.asarray(sorted({o for pair in pairs for o in pair}), np.int64)
+        nodes = {
+            row["order"]: row
+            for row in records.map_batches(
+                _candidates, batch_format="pyarrow", fn_kwargs={"orders": involved}
+            ).take_all()
+        }
+        edges = []
+        for a, b in sorted(pairs):
+            na, nb = nodes[a], nodes[b]
+            if na["ctx"] != nb["ctx"]:
+                continue  # two context keys whose buckets collided
+            est = similarity(np.frombuffer(na["sig"], np.uint32), np.frombuffer(nb["sig"], np.uint32))
+            if est >= self.r.dedup.threshold:
+                edges.append(NearEdge(a, b, est, na["id"], nb["id"], na["group"], nb["group"]))
         return resolve_near(edges, self.r.dedup.near_action), edges
 
-    def _cuts(self, records, roots: dict[str, str], dropped: set[int]) -> tuple[SplitCuts, Counter]:
+    def _cuts(
+        self, records, roots: dict[str, str], dropped: set[int], exact: Exact
+    ) -> tuple[SplitCuts, Counter]:
         s = self.r.split
         if records is None:
             return SplitCuts(), Counter()
-        kept = records.filter(expr="dup_of == ''") if self.r.dedup.exact else records
         parts = (
-            kept.select_columns(["order", "group"])
+            records.select_columns(["order", "group", "digest"])
             .map_batches(
                 _split_keys,
                 batch_format="pyarrow",
-                fn_kwargs={"roots": roots, "seed": s.seed, "dropped": dropped},
+                fn_kwargs={"roots": roots, "seed": s.seed, "dropped": dropped, "exact": exact},
             )
             .take_all()
         )
@@ -742,7 +699,7 @@ class _Run:
         cuts = split_cuts(keys, sizes, s.val_fraction, s.test_fraction)
         return cuts, Counter(cuts.split_of(int(k)) for k in np.unique(keys))
 
-    def _write(self, lines, roots, cuts: SplitCuts, dropped: dict[int, str]):
+    def _write(self, lines, roots, cuts: SplitCuts, dropped: dict[int, str], exact: Exact):
         """Every line (records and rejects) to its output and shard; the manifests and the
         length histograms of the splits."""
         r = self.r
@@ -757,6 +714,7 @@ class _Run:
                     "seed": r.split.seed,
                     "cuts": cuts,
                     "dropped": dropped,
+                    "exact": exact,
                     "provenance": r.provenance,
                     "unit_bits": unit_bits(r.ray.shard_records),
                 },
