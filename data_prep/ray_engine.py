@@ -55,7 +55,7 @@ from data_prep.pipeline import (
 )
 from data_prep.recipe import Recipe
 from data_prep.record import Record, Reject
-from data_prep.split import SplitCuts, split_cuts, split_key
+from data_prep.split import SplitCuts, UnionFind, split_cuts, split_key
 from data_prep.steps.dedup import (
     Deduplicator,
     NearEdge,
@@ -69,8 +69,6 @@ from data_prep.tokens import Lengths, distribution_of_counts
 from data_prep.writers import SHARD_DIRS, check_output_url, shard_name, write_manifest, write_shard
 
 __all__ = ["run_on_ray"]
-
-log = logging.getLogger(__name__)
 
 INSTALL = "the ray engine needs Ray Data: pip install 'finetune-kit[ray]' (or: pip install 'ray[data]')"
 NODE_WAIT_S = 600  # ray.wait_for_nodes: long enough for a Slurm or KubeRay worker to start
@@ -488,27 +486,27 @@ class _Run:
         second = self._read("rows", plan.files, tables, contexts, tally, 1)
         self.stages.done("read annotations")
         parts = [d for d in (first, second) if d is not None]
-        items = parts[0].union(*parts[1:]).materialize() if parts else None
+        items = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize() if parts else None
         rejects = items.filter(expr=_col("kind") == "reject") if items is not None else None
         records = items.filter(expr=_col("kind") == "record").materialize() if items is not None else None
         n_records = records.count() if records is not None else 0
+        if not n_records:
+            records = None  # nothing to deduplicate or split (a shuffle of nothing is an error)
 
-        exact, exact_reps, n_exact = self._exact(records, n_records)
+        exact, exact_reps, n_exact = self._exact(records)
         self.stages.done("exact dedup")
         outcome, edges = self._near(records, exact)
         self.stages.done("near dedup")
         # Union-find on the joined groups, on the driver: only near-duplicate edges join groups
         # (a document's own records share its group by name), and edges are few compared with
         # documents, so the forest fits on one machine where the records would not.
-        from data_prep.split import UnionFind
-
         uf = UnionFind()
         for a, b in outcome.unions:
             uf.union(a, b)
         roots = {g: uf.find(g) for g in uf.parent}
         cuts, groups_per_split = self._cuts(records, roots, set(outcome.dropped), exact)
         self.stages.done("split")
-        lines = None if records is None else rejects.union(records)
+        lines = rejects if records is None else rejects.union(records)
         manifests, hist = self._write(lines, roots, cuts, outcome.dropped, exact)
         self.stages.done("write")
         self.stages.close()
@@ -604,11 +602,11 @@ class _Run:
                 contexts.add(*json.loads(row["line"]))
         return ds.filter(expr=(_col("kind") == "record") | (_col("kind") == "reject"))
 
-    def _exact(self, records, n_records: int) -> tuple[Exact, dict[str, int], int]:
+    def _exact(self, records) -> tuple[Exact, dict[str, int], int]:
         """(the digests with copies, kept id -> its copies, number of copies)."""
         from ray.data.aggregate import Count, Min
 
-        if records is None or not n_records or not self.r.dedup.exact:
+        if records is None or not self.r.dedup.exact:
             return {}, {}, 0
         rows = (
             records.select_columns(["digest", "order", "id"])
@@ -705,6 +703,7 @@ class _Run:
         r = self.r
         hist: dict[str, Counter] = {s: Counter() for s in SPLITS}
         entries: dict[str, list[dict]] = {d: [] for d in SHARD_DIRS}
+        final = None
         if lines is not None:
             final = lines.map_batches(
                 _finalize,
@@ -719,13 +718,17 @@ class _Run:
                     "unit_bits": unit_bits(r.ray.shard_records),
                 },
             ).materialize()
+        if final is not None and final.count():
             per: dict[str, Counter] = {d: Counter() for d in SHARD_DIRS}
             for row in final.map_batches(_lines_per_unit, batch_format="pyarrow").take_all():
                 per[row["dest"]][row["unit"]] += row["n"]
             starts = {d: shard_starts(per[d], r.ray.shard_records) for d in SHARD_DIRS}
+            # about one shard per partition: a reduce task holds its partition whole, so fewer
+            # partitions than shards would make a worker's memory grow with the corpus
+            n_shards = sum(len(v) for v in starts.values())
             written = (
                 final.map_batches(_with_shard, batch_format="pyarrow", fn_kwargs={"starts": starts})
-                .groupby(["dest", "shard"], num_partitions=self.p)
+                .groupby(["dest", "shard"], num_partitions=max(self.p, n_shards))
                 .map_groups(_write_group, batch_format="pyarrow", fn_kwargs={"out": r.output_dir})
                 .take_all()
             )

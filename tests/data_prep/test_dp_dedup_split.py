@@ -214,6 +214,7 @@ def test_near_action_group_joins_every_similar_record_not_only_the_closest(tmp_p
     # z (in c.jsonl) resembles x (a.jsonl) and y (b.jsonl), which do not resemble each other:
     # joining z to its closest match only would leave the other pair free to cross splits
     sources = write_near_dups(tmp_path / "near", n_triples=12)
+    used: set[str] = set()
     for seed in range(3):
         out = tmp_path / f"out{seed}"
         report = build(sources, out, test_fraction=0.3, val_fraction=0.2, seed=seed, dedup={"near_action": "group"})
@@ -222,10 +223,11 @@ def test_near_action_group_joins_every_similar_record_not_only_the_closest(tmp_p
             for ex in read_jsonl(out / f"{s}.jsonl"):
                 split_of.setdefault(ex["messages"][0]["content"].lower().strip("!"), set()).add(s)
         assert len(split_of) == 12 and all(len(v) == 1 for v in split_of.values()), split_of
-        assert len({s for v in split_of.values() for s in v}) >= 2
+        used |= {s for v in split_of.values() for s in v}
         assert report["leakage"]["near_dup_pairs_test_train"] == 0
         # z of x,y,z; z and y of x,z,y
         assert report["dedup"]["near_duplicates_kept_same_split"] == 6 * 1 + 6 * 2
+    assert len(used) >= 2  # the triples were really spread over splits (36 group draws)
 
 
 def test_near_action_drop_keeps_a_record_similar_only_to_a_dropped_one(tmp_path: Path) -> None:
