@@ -30,7 +30,22 @@ def _add_build(sub) -> None:
         "--test-fraction", type=float, default=0.1, help="share of examples in test.jsonl (default 0.1)"
     )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="processes for HTML extraction (default 1)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes for HTML extraction, local engine (default 1)"
+    )
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this machine (default); ray: a Ray cluster, outputs as shard directories "
+        "(pip install 'finetune-kit[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: `auto` (the cluster of `ray start`), HOST:PORT or ray://HOST:10001; "
+        "default: $RAY_ADDRESS, else Ray started on this machine for this build",
+    )
     p.add_argument(
         "--format",
         default="auto",
@@ -78,6 +93,8 @@ def _print_summary(report: dict[str, Any], out_dir: str) -> None:
         f"data-prep: {acc['records_in']} records in -> train {c['train']}, val {c['val']}, test {c['test']}, rejects {c['rejects']}"
         f" ({'balanced' if acc['balanced'] else 'NOT BALANCED'}) in {out_dir}"
     )
+    if report.get("engine", {}).get("name") == "ray":
+        print(f"  outputs: shard directories {', '.join(report['outputs'].values())} (each with manifest.json)")
     print(f"  context pages: {report['inputs']['context_pages']}, files: {report['inputs']['files']}")
     for name, s in report["steps"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items())
@@ -151,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer=args.tokenizer,
                 context={"budget": args.context_budget},
                 dedup={"threshold": args.near_dup_threshold},
+                engine=args.engine,
+                ray={"address": args.address},
             )
             _print_summary(report, args.output_dir)
             return 0 if report["accounting"]["balanced"] else 1
@@ -174,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(stats_file(args.file, args.tokenizer), indent=2))
             return 0
     except (RecipeError, OutputDirError, FileNotFoundError) as err:
+        print(f"data-prep: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        if "pip install" not in str(err):  # a missing optional extra says what to install; a bug does not
+            raise
         print(f"data-prep: error: {err}", file=sys.stderr)
         return 2
     return 2

@@ -6,7 +6,6 @@ problem at once (unknown keys, wrong types, missing files) with dotted key names
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_prep import storage
 from data_prep.readers.text import DEFAULT_SPEAKERS
 from data_prep.steps.filters import ChatThresholds, GopherThresholds
 from data_prep.steps.redact import PII_TYPES
@@ -50,7 +50,11 @@ class SourceConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str) -> str:
-        if not (os.path.exists(path) or glob.glob(path, recursive=True)):
+        try:
+            found = storage.exists(path)
+        except ImportError as err:  # s3:// without s3fs, ...: fsspec names the package
+            raise ValueError(str(err)) from None
+        if not found:
             raise ValueError(f"no such file, directory or glob match: {path}")
         return path
 
@@ -135,12 +139,52 @@ class TranscriptConfig(_Strict):
     )
 
 
+class RayConfig(_Strict):
+    """Settings of `engine: ray` (ignored by the local engine)."""
+
+    address: str | None = Field(
+        None,
+        description="cluster to run on: unset uses RAY_ADDRESS (set for `ray job submit` drivers) or "
+        "else starts Ray in this process (or uses the one this process already started); `auto` joins the "
+        "cluster of `ray start` on this machine, HOST:PORT a cluster's head, `ray://HOST:10001` Ray Client",
+    )
+    parallelism: int | None = Field(
+        None,
+        ge=1,
+        description="blocks, shuffle partitions and concurrent tasks (default: the cluster's CPUs)",
+    )
+    wait_for_nodes: int | None = Field(
+        None,
+        ge=1,
+        description="wait (up to 10 minutes) until the cluster has this many nodes before planning: "
+        "a Slurm or KubeRay cluster whose workers are still joining",
+    )
+    shard_records: int = Field(50_000, ge=1, description="about this many lines per output shard")
+    shuffle: Literal["sort", "hash"] = Field(
+        "sort",
+        description="Ray Data's shuffle for the groupbys: sort (tasks only; far less start-up on "
+        "small and medium builds) or hash (aggregator actors)",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and v != "auto" and ":" not in v:
+            raise ValueError(f"expected auto, ray://HOST:10001 or HOST:PORT, got {v!r}")
+        return v
+
+
 class Recipe(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     output_dir: str
     overwrite: bool = False
     provenance: bool = True
     system: str | None = None
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="local: processes on this machine (`workers`); ray: a Ray cluster (the `ray` extra)",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
     workers: int = Field(1, ge=1)
     tokenizer: str | None = Field(None, description="local tokenizer dir for context budget and length stats")
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
@@ -159,6 +203,23 @@ class Recipe(_Strict):
         if path is not None and not Path(path).is_dir():
             raise ValueError(f"no such directory: {path}")
         return path
+
+    @model_validator(mode="after")
+    def _engine_paths(self) -> Recipe:
+        # the local engine writes through temp files renamed into place, which object stores lack
+        if self.engine == "local" and storage.is_url(self.output_dir):
+            raise ValueError(
+                f"output_dir {self.output_dir}: the local engine writes to a local or shared path; "
+                "use engine: ray for a URL"
+            )
+        # fsspec's memory:// lives inside one process: Ray's workers would find nothing there
+        if self.engine == "ray":
+            for p in [s.path for s in self.sources] + [self.output_dir]:
+                if p.startswith("memory://"):
+                    raise ValueError(
+                        f"{p}: memory:// is not shared with Ray's worker processes; use file:// or s3://"
+                    )
+        return self
 
 
 class RecipeError(ValueError):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 _WORD = re.compile(r"\S+")
@@ -49,20 +52,35 @@ def _load_tokenizer(path: Path):
     return Tokenizer.from_file(str(file))
 
 
-def distribution(values: list[int]) -> dict[str, float]:
-    if not values:
+def distribution(values) -> dict[str, float]:
+    """n, min, mean, p50/p90/p99 and max of integer lengths."""
+    return distribution_of_counts(Counter(values))
+
+
+def distribution_of_counts(counts: Mapping[int, int]) -> dict[str, float]:
+    """`distribution` from a histogram (length -> how many): what shards written on different
+    workers can each count and add up, with the same figures as on the whole list."""
+    n = sum(counts.values())
+    if not n:
         return {"n": 0}
-    v = sorted(values)
+    items = sorted((int(k), int(c)) for k, c in counts.items() if c)
+    cum, total = [], 0
+    for _, c in items:
+        total += c
+        cum.append(total)
+
+    def at(i: int) -> int:  # the i-th smallest value (0-based)
+        return items[bisect.bisect_right(cum, i)][0]
 
     def pct(p: float) -> int:
-        return v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]
+        return at(min(n - 1, int(p * (n - 1) + 0.5)))
 
     return {
-        "n": len(v),
-        "min": v[0],
-        "mean": round(sum(v) / len(v), 1),
+        "n": n,
+        "min": items[0][0],
+        "mean": round(sum(v * c for v, c in items) / n, 1),
         "p50": pct(0.5),
         "p90": pct(0.9),
         "p99": pct(0.99),
-        "max": v[-1],
+        "max": items[-1][0],
     }

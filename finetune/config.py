@@ -13,6 +13,7 @@ A path given as `key=value` on the command line is read from the current directo
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -61,8 +62,11 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    train: str = Field(description="Chat JSONL for training (as `data-prep` writes it).")
-    eval: str | None = Field(None, description="Chat JSONL for evaluation during training.")
+    train: str = Field(description="Chat JSONL for training (as `data-prep` writes it): a file, a shard "
+                       "directory of `data-prep --engine ray` (read through its manifest.json), or a glob of "
+                       "JSONL shards.")
+    eval: str | None = Field(None, description="Chat JSONL for evaluation during training (a file, shard "
+                             "directory or glob, as data.train).")
     loss_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",
         description="Which tokens are trained: every assistant turn (content + end-of-turn token), "
@@ -94,7 +98,15 @@ class DataConfig(Section):
     @field_validator("train", "eval")
     @classmethod
     def _exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
+        if v is None:
+            return v
+        from finetune.data import DataError, data_files
+
+        try:
+            ds = data_files(v)
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+        if ds.single and not ds.files[0].is_file():
             raise ValueError(f"file not found: {v}")
         return v
 
@@ -326,7 +338,8 @@ def resolve_yaml_path(value: str, yaml_dir: Path) -> str:
     if not value or Path(value).is_absolute():
         return value
     candidate = yaml_dir / value
-    return os.path.abspath(candidate) if candidate.exists() else value
+    found = candidate.exists() or (glob.has_magic(value) and glob.glob(str(candidate)))
+    return os.path.abspath(candidate) if found else value
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:

@@ -4,12 +4,13 @@
     every rank: datasets.Dataset.from_file(shard) (memory-mapped) -> the Trainer
 
 The cache is keyed by everything that changes the tokens: the data file (its SHA-256, or its size
-and mtime with `data.cache_key: stat`), the tokenizer (its full serialized state, added tokens and
+and mtime with `data.cache_key: stat`; for a dataset of shards, every shard's, in order), the tokenizer (its full serialized state, added tokens and
 special tokens), the chat template, `max_length`, `data.loss_on`, `data.too_long`, `packing`, and
 FORMAT_VERSION. A changed input gives another key, so a stale cache is never read; the old one is
 simply not used (see "clearing" below).
 
-Where: `data.cache_dir`, by default `.finetune-cache/` next to the data file, so every run and
+Where: `data.cache_dir`, by default `.finetune-cache/` next to the data file (next to the shard
+directory for shards), so every run and
 every sweep trial on the same data and tokenizer shares one build; when that directory is not
 writable, `<output_dir>/data-cache/`. Layout: `<cache_dir>/<file stem>-<key[:16]>/` holding
 `shard-NNNNN.arrow` (Arrow IPC streams of input_ids, labels, length, line), `meta.json` (the key's
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.chat_template import IGNORE_INDEX, ChatFormatError, assistant_spans
-from finetune.data import DataStats
+from finetune.data import DataFiles, DataStats, data_files
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class CacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """What decides the tokens of one data file."""
+    """What decides the tokens of one dataset (a file, or shards: see finetune.data.data_files)."""
 
     path: str
     max_length: int
@@ -83,10 +84,11 @@ class ShardResult(DataStats):
 
     bad_lines: int = 0
     problems: list[str] = field(default_factory=list)  # the first MAX_SHOWN_PROBLEMS bad lines
-    untrained: list[int] = field(default_factory=list)  # line numbers
+    untrained: list[str] = field(default_factory=list)  # as "file:line"
     format_error: str | None = None  # the first example the chat template cannot render
     rows: int = 0
     file: str | None = None
+    source: str = ""  # the data file (or shard) this byte range is from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,10 +186,27 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+def _data_identity(ds: DataFiles, mode: str) -> dict[str, Any]:
+    """A single file keys as it always has; shards by each one's identity, in order. A shard that
+    no longer matches the SHA-256 its manifest recorded is an error, not a new key."""
+    if ds.single:
+        return _file_identity(ds.files[0], mode)
+    out = []
+    for f, recorded in zip(ds.files, ds.sha256):
+        ident = _file_identity(f, mode)
+        if recorded and "sha256" in ident and ident["sha256"] != recorded:
+            from finetune.data import DataError
+
+            raise DataError(f"{f}: its SHA-256 differs from the one in {f.parent / 'manifest.json'}; the shard "
+                            "changed after data-prep wrote it (rebuild the dataset, or remove the manifest entry)")
+        out.append({"file": str(f.relative_to(ds.home)) if f.is_relative_to(ds.home) else str(f), **ident})
+    return {"shards": out}
+
+
 def cache_key(spec: CacheSpec, tokenizer: Any) -> tuple[str, dict[str, Any]]:
     inputs = {
         "format_version": FORMAT_VERSION,
-        "data": _file_identity(Path(spec.path), spec.key_mode),
+        "data": _data_identity(data_files(spec.path), spec.key_mode),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": spec.max_length,
         "loss_on": spec.loss_on,
@@ -241,20 +260,24 @@ def iter_lines(path: Path, shard: tuple[int, int, int]):
                 yield lineno, line
 
 
-def _build_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, int, int], out_file: str) -> ShardResult:
-    """Read one byte range, check and encode its lines, write them as one Arrow stream."""
+def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int, int, int],
+                 out_file: str) -> ShardResult:
+    """Read one byte range of the data file `source` (the dataset itself, or one of its shards),
+    check and encode its lines, write them as one Arrow stream."""
     if spec.kind != "sft":
+        from dataclasses import replace
+
         from finetune.preference_data import build_preference_shard
 
-        return build_preference_shard(tokenizer, spec, shard, out_file)
+        return build_preference_shard(tokenizer, replace(spec, path=source), shard, out_file)
     import numpy as np
     import pyarrow as pa
 
     from kitcore.schema import training_problem
 
-    path = Path(spec.path)
+    path = Path(source)
     start, end, first_line = shard
-    res = ShardResult(file=out_file)
+    res = ShardResult(file=out_file, source=source)
     schema = _schema()
     pending: list[tuple[int, list[dict]]] = []
 
@@ -274,7 +297,7 @@ def _build_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, int, int], o
                 res.dropped[enc] += 1
                 continue
             if enc["n_trained"] == 0:
-                res.untrained.append(lineno)
+                res.untrained.append(f"{path}:{lineno}")
                 continue
             res.truncated += enc["truncated"]
             n = len(enc["input_ids"])
@@ -350,7 +373,8 @@ def _merge_and_check(spec: CacheSpec, results: list[ShardResult]) -> dict[str, A
     if bad:
         shown = [p for r in results for p in r.problems][:MAX_SHOWN_PROBLEMS]
         more = f" (the first {len(shown)} shown)" if bad > len(shown) else ""
-        raise DataError(f"{bad} bad line(s) in {path}{more}; fix them or run `data-prep validate {path}`:\n  "
+        first_bad = next(r.source for r in results if r.bad_lines)
+        raise DataError(f"{bad} bad line(s) in {path}{more}; fix them or run `data-prep validate {first_bad}`:\n  "
                         + "\n  ".join(shown))
     fmt = next((r.format_error for r in results if r.format_error), None)
     if fmt:
@@ -360,7 +384,7 @@ def _merge_and_check(spec: CacheSpec, results: list[ShardResult]) -> dict[str, A
         raise DataError(f"{path} holds no examples (an empty dataset cannot be trained on)")
     untrained = [n for r in results for n in r.untrained]
     if untrained:
-        raise untrained_error(path, untrained, spec.max_length)
+        raise untrained_error(untrained, spec.max_length)
     dropped: Counter = Counter()
     for r in results:
         dropped.update(r.dropped)
@@ -387,14 +411,19 @@ def build_cache(spec: CacheSpec, tokenizer: Any, final: Path, key: str, key_inpu
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t0 = time.perf_counter()
-    size = Path(spec.path).stat().st_size
+    ds = data_files(spec.path)
+    sizes = [f.stat().st_size for f in ds.files]
+    size = sum(sizes)
     workers = num_proc or default_num_proc()
     # Small files are not worth a worker's start-up (it imports transformers to unpickle the
     # tokenizer, ~2 s); a worker gets several shards so that uneven line lengths even out.
     if size < PARALLEL_MIN_BYTES:
         workers = 1
-    shards = _shards(Path(spec.path), workers * 4 if workers > 1 else 1)
-    jobs = [(tokenizer, spec, sh, str(tmp / f"shard-{i:05d}.arrow")) for i, sh in enumerate(shards)]
+    target = workers * 4 if workers > 1 else 1
+    # byte ranges per data file in proportion to its size (at least one each), in file order
+    ranges = [(str(f), sh) for f, n in zip(ds.files, sizes)
+              for sh in _shards(f, max(1, round(target * n / max(size, 1))))]
+    jobs = [(tokenizer, spec, src, sh, str(tmp / f"shard-{i:05d}.arrow")) for i, (src, sh) in enumerate(ranges)]
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenizing {Path(spec.path).name}",
                disable=not progress)
     try:
@@ -402,20 +431,20 @@ def build_cache(spec: CacheSpec, tokenizer: Any, final: Path, key: str, key_inpu
             results = []
             for job in jobs:
                 results.append(_build_shard(*job))
-                bar.update(job[2][1] - job[2][0])
+                bar.update(job[3][1] - job[3][0])
         else:
             # spawn, not fork: the parent may hold torch/OpenMP and tokenizer thread pools.
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 results = []
                 for job, res in zip(jobs, pool.map(_build_shard_star, jobs)):
                     results.append(res)
-                    bar.update(job[2][1] - job[2][0])
+                    bar.update(job[3][1] - job[3][0])
         bar.close()
         stats = _merge_and_check(spec, results)
         meta = {"key": key, "inputs": key_inputs, "stats": stats, "seconds": round(time.perf_counter() - t0, 2),
                 "num_proc": workers,
-                "shards": [{"file": Path(r.file).name, "rows": r.rows, "bytes": Path(r.file).stat().st_size}
-                           for r in results]}
+                "shards": [{"file": Path(r.file).name, "rows": r.rows, "bytes": Path(r.file).stat().st_size,
+                            **({} if ds.single else {"source": r.source})} for r in results]}
         from kitcore.runtime import launch_env
 
         meta["builder"] = {"host": socket.gethostname(), "pid": os.getpid(), "rank": launch_env()[0]}
@@ -493,10 +522,10 @@ def _job_id() -> str:
         f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}")
 
 
-def _cache_root(cfg, data_path: str) -> Path:
+def _cache_root(cfg, ds: DataFiles) -> Path:
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir)
-    beside = Path(data_path).resolve().parent / ".finetune-cache"
+    beside = ds.home.resolve() / ".finetune-cache"
     try:
         beside.mkdir(exist_ok=True)
         if os.access(beside, os.W_OK):
@@ -520,7 +549,8 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
                      too_long=cfg.data.too_long, packing=cfg.packing, key_mode=cfg.data.cache_key,
                      kind=data_kind(cfg))
     key, inputs = cache_key(spec, tokenizer)
-    final = _cache_root(cfg, data_path) / f"{Path(data_path).stem}-{key[:16]}"
+    ds = data_files(data_path)
+    final = _cache_root(cfg, ds) / f"{ds.name}-{key[:16]}"
     if rt is None:
         from kitcore.runtime import current
 

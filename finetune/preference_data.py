@@ -64,7 +64,7 @@ def build_preference_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, in
 
     path = Path(spec.path)
     unpaired = spec.kind == "kto"
-    res = ShardResult(file=out_file)
+    res = ShardResult(file=out_file, source=spec.path)
     schema = _schema(spec.kind)
     cols: dict[str, list] = {name: [] for name in schema.names}
 
@@ -75,7 +75,7 @@ def build_preference_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, in
             return
         completions, truncated = fitted
         if not all(completions):
-            res.untrained.append(lineno)
+            res.untrained.append(f"{path}:{lineno}")
             return
         names = PAIR_COLUMNS[1:] if not unpaired else UNPAIRED_COLUMNS[1:]
         cols["prompt_ids"].append(prompt)

@@ -33,7 +33,7 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
             {"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]), "trained": lab != IGNORE_INDEX}
             for i, lab in zip(enc.input_ids, enc.labels)
         ]
-        out.append({"line": rec["line"], "file": path, "n_tokens": len(tokens), "n_trained": enc.n_trained,
+        out.append({"line": rec["line"], "file": rec.get("file", path), "n_tokens": len(tokens), "n_trained": enc.n_trained,
                     "truncated": enc.truncated, "tokens": tokens})
     return out
 
@@ -41,23 +41,25 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
 def _preference_examples(tok, path: str, n: int) -> list[dict]:
     """Per pair, two sequences: prompt + chosen and prompt + rejected; the scored tokens are the
     completion's (chat_template.encode_completion, what the data cache stores). Reads n records only."""
+    from finetune.data import data_files
     from kitcore.preference import normalize_preference
 
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if len(out) >= 2 * n:
-                break
-            if not line.strip():
-                continue
-            pref = normalize_preference(json.loads(line))
-            for side, completion in (("chosen", pref.chosen), ("rejected", pref.rejected)):
-                enc = encode_completion(tok, pref.prompt, completion)
-                ids = enc.prompt_ids + enc.completion_ids
-                tokens = [{"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]),
-                           "trained": k >= len(enc.prompt_ids)} for k, i in enumerate(ids)]
-                out.append({"line": lineno, "file": path, "side": side, "n_tokens": len(ids),
-                            "n_trained": len(enc.completion_ids), "truncated": False, "tokens": tokens})
+    for file in data_files(path).files:  # a file, or the shards of a dataset in order
+        with open(file, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if len(out) >= 2 * n:
+                    return out
+                if not line.strip():
+                    continue
+                pref = normalize_preference(json.loads(line))
+                for side, completion in (("chosen", pref.chosen), ("rejected", pref.rejected)):
+                    enc = encode_completion(tok, pref.prompt, completion)
+                    ids = enc.prompt_ids + enc.completion_ids
+                    tokens = [{"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]),
+                               "trained": k >= len(enc.prompt_ids)} for k, i in enumerate(ids)]
+                    out.append({"line": lineno, "file": str(file), "side": side, "n_tokens": len(ids),
+                                "n_trained": len(enc.completion_ids), "truncated": False, "tokens": tokens})
     return out
 
 

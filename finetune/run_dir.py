@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from finetune.callbacks import COMPLETE_MARKER
 from finetune.config import TrainConfig, dump_config
@@ -130,6 +131,17 @@ def check_resume_setup(run_dir: Path, now: dict[str, int]) -> None:
     rank0_print(f"Resuming across setups: {both}. Each step sees the same examples, so the run continues.")
 
 
+def _data_identity(spec: str) -> dict[str, Any]:
+    """Path and SHA-256 of a dataset; shards hash as their concatenation, i.e. as the single file
+    the local engine would have written, and are counted."""
+    from finetune.data import data_files, sha256_files
+
+    ds = data_files(spec)
+    if ds.single:
+        return {"path": str(Path(spec).resolve()), "sha256": sha256_file(spec)}
+    return {"path": str(Path(spec).resolve()), "sha256": sha256_files(ds.files), "files": len(ds.files)}
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -171,8 +183,7 @@ def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, rt) -> 
         "kernels": {"requested": cfg.training.kernels,
                     "liger": trainer.args.liger_kernel_config if trainer.args.use_liger_kernel else None},
         "model": model_ref(cfg.model),
-        "data": {k: {"path": str(Path(p).resolve()), "sha256": sha256_file(p)}
-                 for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
+        "data": {k: _data_identity(p) for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
         "data_stats": {k: v.as_dict() for k, v in data_stats.items()},
     }
     run_dir.mkdir(parents=True, exist_ok=True)

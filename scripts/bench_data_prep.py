@@ -3,6 +3,13 @@
 throughput and peak RSS, at N pages and at 2N pages (peak memory should stay flat).
 
     python scripts/bench_data_prep.py --pages 20000 --workers 2
+    python scripts/bench_data_prep.py --pages 20000 --workers 2 --engine ray   # local, then Ray
+
+With `--engine ray` every corpus goes through the local engine and then through the Ray engine
+(Ray started on this machine by data-prep, all its cores), and the two are printed side by side:
+pages/s per core, peak RSS of the whole process tree (Ray's own processes included), of the
+driver and of the largest worker. The outputs are compared too: the Ray shards, concatenated,
+must equal the local files.
 
 Pages are a few KB to tens of KB: navigation, cookie banner, inline scripts and styles, a
 sidebar and a footer around an article; some carry a <details> or JSON-LD FAQ, some are
@@ -139,8 +146,21 @@ def stage_rates(pages_dir: Path, sample: int) -> dict[str, float]:
     }
 
 
-def run_e2e(sources: list[Path], out: Path, workers: int) -> dict:
-    """`data-prep build` in a child process; peak RSS summed over it and its workers."""
+def _is_worker(p: psutil.Process, engine: str) -> bool:
+    """A process that runs pipeline work: a pool worker (local), a Ray worker (`ray::...`); Ray's
+    own daemons (gcs_server, raylet, agents) are counted in the total only."""
+    if engine == "local":
+        return True
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return p.name().startswith("ray::") or "default_worker.py" in cmd
+
+
+def run_e2e(sources: list[Path], out: Path, workers: int, engine: str = "local") -> dict:
+    """`data-prep build` in a child process; peak RSS summed over it and all its descendants,
+    of the driver alone, and of the largest worker."""
     cmd = [
         sys.executable,
         "-m",
@@ -151,26 +171,33 @@ def run_e2e(sources: list[Path], out: Path, workers: int) -> dict:
         str(out),
         "--workers",
         str(workers),
+        "--engine",
+        engine,
         "--overwrite",
     ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # output to files: a full pipe would block the child (Ray logs a lot to stderr)
+    log = open(out.parent / f"{out.name}.log", "w+")  # noqa: SIM115 - read back below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak = peak_main = peak_worker = 0
     while proc.poll() is None:
         try:
             main_rss = ps.memory_info().rss
-            workers = [c.memory_info().rss for c in ps.children(recursive=True)]
-            peak = max(peak, main_rss + sum(workers))
+            children = ps.children(recursive=True)
+            rss = {c.pid: c.memory_info().rss for c in children}
+            peak = max(peak, main_rss + sum(rss.values()))
             peak_main = max(peak_main, main_rss)
-            peak_worker = max([peak_worker, *workers])
+            peak_worker = max([peak_worker, *(rss[c.pid] for c in children if _is_worker(c, engine))])
         except psutil.Error:
             pass
         time.sleep(0.2)
     wall = time.perf_counter() - t0
-    stdout, stderr = proc.communicate()
+    log.seek(0)
+    output = log.read()
+    log.close()
     if proc.returncode != 0:
-        raise SystemExit(f"build failed ({proc.returncode}):\n{stdout}\n{stderr}")
+        raise SystemExit(f"build failed ({proc.returncode}):\n{output[-5000:]}")
     report = json.loads((out / "report.json").read_text())
     mb = 2**20
     return {
@@ -182,6 +209,16 @@ def run_e2e(sources: list[Path], out: Path, workers: int) -> dict:
     }
 
 
+def same_outputs(local: Path, ray: Path) -> bool:
+    """The Ray engine's shards, concatenated in manifest order, against the local files."""
+    for name in ("train", "val", "test", "rejects"):
+        manifest = json.loads((ray / name / "manifest.json").read_text())
+        data = b"".join((ray / name / s["file"]).read_bytes() for s in manifest["shards"])
+        if data != (local / f"{name}.jsonl").read_bytes():
+            return False
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -191,6 +228,10 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=500, help="pages for the per-stage measurements")
     ap.add_argument("--no-double", action="store_true", help="skip the 2N run")
     ap.add_argument("--keep", default=None, help="generate into this directory and keep it")
+    ap.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="ray: each corpus through local, then Ray"
+    )
+    ap.add_argument("--json", default=None, help="write the end-to-end figures here")
     args = ap.parse_args()
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_data_prep_"))
     a, b = tmp / "pages_a", tmp / "pages_b"
@@ -221,19 +262,36 @@ def main() -> None:
     runs = [("N", [a, tmp / "questions.csv"])]
     if not args.no_double:
         runs.append(("2N", [a, b, tmp / "questions.csv"]))
-    cores = min(args.workers, os.cpu_count() or 1)
-    print(f"\nend to end (data-prep build --workers {args.workers}, {cores} cores):")
+    engines = ["local", "ray"] if args.engine == "ray" else ["local"]
+    cores = {"local": min(args.workers, os.cpu_count() or 1), "ray": os.cpu_count() or 1}
+    print(
+        f"\nend to end (data-prep build; local: --workers {args.workers}, {cores['local']} cores"
+        + (f"; ray: Ray on this machine, {cores['ray']} cores" if "ray" in engines else "")
+        + "):"
+    )
+    results = []
     for label, sources in runs:
-        res = run_e2e(sources, tmp / f"out_{label}", args.workers)
-        n_pages = res["report"]["timings"]["pages"]
-        rate = n_pages / res["wall_s"]
-        c = res["report"]["counts"]
-        print(
-            f"  {label:>2}: {n_pages} pages in {res['wall_s']:.1f} s = {rate:.0f} pages/s = {rate / cores:.0f} pages/s/core; "
-            f"peak RSS {res['peak_rss_mb']:.0f} MB (all processes; main {res['main_mb']:.0f}, "
-            f"largest worker {res['worker_mb']:.0f}); train {c['train']} val {c['val']} test {c['test']} "
-            f"rejects {c['rejects']}; balanced={res['report']['accounting']['balanced']}"
-        )
+        for engine in engines:
+            res = run_e2e(sources, tmp / f"out_{label}_{engine}", args.workers, engine)
+            n_pages = res["report"]["timings"]["pages"]
+            rate = n_pages / res["wall_s"]
+            c = res["report"]["counts"]
+            extra = ""
+            if engine == "ray":
+                same = same_outputs(tmp / f"out_{label}_local", tmp / f"out_{label}_ray")
+                stages = res["report"]["timings"]["stages_s"]
+                extra = f"; outputs == local: {same}; stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+            print(
+                f"  {label:>2} {engine:<5}: {n_pages} pages in {res['wall_s']:.1f} s = {rate:.0f} pages/s = "
+                f"{rate / cores[engine]:.0f} pages/s/core; peak RSS {res['peak_rss_mb']:.0f} MB (all processes; "
+                f"main {res['main_mb']:.0f}, largest worker {res['worker_mb']:.0f}); train {c['train']} val {c['val']} "
+                f"test {c['test']} rejects {c['rejects']}; balanced={res['report']['accounting']['balanced']}{extra}"
+            )
+            results.append({"corpus": label, "engine": engine, "pages": n_pages, "cores": cores[engine],
+                            "pages_per_s_per_core": rate / cores[engine], **{k: v for k, v in res.items() if k != "report"},
+                            **({"same_as_local": same, "stages_s": stages} if engine == "ray" else {})})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     if not args.keep:
         print(f"(inputs left in {tmp}; delete when done)")
 

@@ -6,6 +6,8 @@ import glob
 import os
 from pathlib import Path
 
+from data_prep import storage
+
 EXTENSIONS = {
     ".html": "html",
     ".htm": "html",
@@ -28,8 +30,7 @@ EXTENSIONS = {
 def sniff_format(path: str) -> str:
     """Format of a file whose extension says nothing, from its first bytes."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
+        head = storage.read_head(path, 4096)
     except OSError:
         return "text"
     if head.startswith(b"PK\x03\x04"):
@@ -54,7 +55,10 @@ def discover(spec: str) -> tuple[list[tuple[str, str]], int]:
     """(path, root) pairs of a file, directory (recursive, sorted) or glob; and hidden files skipped.
 
     `root` is what a join key may be relative to (the directory given, or the file's parent).
+    A URL (`s3://`, `file://`, `memory://` ...) is listed through fsspec, in the same order.
     """
+    if storage.is_url(spec):
+        return storage.discover(spec)
     if os.path.isfile(spec):
         return [(spec, os.path.dirname(spec))], 0
     if os.path.isdir(spec):

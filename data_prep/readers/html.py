@@ -1,6 +1,6 @@
 """Scraped HTML page -> cleaned main text (trafilatura), join keys and structured Q/A pairs.
 
-`parse_page` is a pure function of a file path so that a process pool can run it.
+`parse_page` is a pure function of a file path (or URL) so that a process pool can run it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import lxml.html
 import trafilatura
 
+from data_prep import storage
 from data_prep.readers.decode import DecodeError, decode_bytes
 from data_prep.steps.clean import clean_text
 
@@ -214,10 +215,9 @@ def parse_page(path: str, opts: ExtractOptions | None = None) -> Page:
     """Read, decode and extract one HTML file; failures come back as `Page.error`."""
     opts = opts or ExtractOptions()
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = storage.read_bytes(path)
     except OSError as err:
-        return Page(source=path, error=f"unreadable: {err.strerror}")
+        return Page(source=path, error=f"unreadable: {storage.os_reason(err)}")
     try:
         html = decode_bytes(data)
     except DecodeError as err:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from data_prep import storage
 from data_prep.readers.decode import decode_bytes
 
 Row = dict[str, Any]
@@ -21,8 +22,7 @@ csv.field_size_limit(1 << 28)
 
 
 def read_csv(path: str, delimiter: str | None = None) -> Iterator[RowOrError]:
-    with open(path, "rb") as fh:
-        data = fh.read()
+    data = storage.read_bytes(path)
     # whole-file decode: csv needs a str stream, and a sheet rarely outgrows memory
     text = decode_bytes(data)
     sample = text[:65536]
@@ -70,7 +70,9 @@ def read_csv(path: str, delimiter: str | None = None) -> Iterator[RowOrError]:
 def read_xlsx(path: str) -> Iterator[RowOrError]:
     import openpyxl
 
-    wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    # openpyxl opens a path or a file object; a URL is fetched whole (a sheet rarely outgrows memory)
+    src = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+    wb = openpyxl.load_workbook(src, read_only=True, data_only=True)
     try:
         for ws in wb.worksheets:
             rows = ws.iter_rows(values_only=True)
@@ -88,7 +90,7 @@ def read_xlsx(path: str) -> Iterator[RowOrError]:
 
 
 def read_jsonl(path: str) -> Iterator[RowOrError]:
-    with open(path, "rb") as fh:
+    with storage.open_read(path) as fh:
         for i, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
@@ -104,12 +106,11 @@ def read_jsonl(path: str) -> Iterator[RowOrError]:
 
 
 def read_json(path: str) -> Iterator[RowOrError]:
-    with open(path, "rb") as fh:
-        try:
-            obj = json.loads(fh.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            yield "file", f"malformed_json: {err}"
-            return
+    try:
+        obj = json.loads(storage.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        yield "file", f"malformed_json: {err}"
+        return
     if isinstance(obj, dict):
         # {"data": [...]} / {"examples": [...]} wrappers, or a single example
         lists = [

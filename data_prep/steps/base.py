@@ -23,16 +23,34 @@ class Step:
     def process(self, rec: Record) -> str | None:
         raise NotImplementedError
 
+    def apply(self, rec: Record) -> str | None:
+        """`process` one record and count it: None (kept) or the reason it is dropped."""
+        self.n_in += 1
+        reason = self.process(rec)
+        if reason is None:
+            self.n_out += 1
+        else:
+            self.dropped[reason_kind(reason)] += 1
+        return reason
+
     def run(self, records: Iterable[Record], on_reject: OnReject) -> Iterator[Record]:
         for rec in records:
-            self.n_in += 1
-            reason = self.process(rec)
+            reason = self.apply(rec)
             if reason is None:
-                self.n_out += 1
                 yield rec
             else:
-                self.dropped[reason_kind(reason)] += 1
                 on_reject(rec, self.name, reason)
 
     def stats(self) -> dict:
         return {"in": self.n_in, "out": self.n_out, "dropped": dict(sorted(self.dropped.items()))}
+
+
+def add_stats(total: dict, part: dict) -> dict:
+    """Sum of two `Step.stats()` (a step that ran on several workers, or on several files)."""
+    dropped = Counter(total.get("dropped", {}))
+    dropped.update(part["dropped"])
+    return {
+        "in": total.get("in", 0) + part["in"],
+        "out": total.get("out", 0) + part["out"],
+        "dropped": dict(sorted(dropped.items())),
+    }

@@ -1,4 +1,4 @@
-"""The record-level steps of a build, in pipeline order: clean -> redact -> assemble -> chat filter -> dedup."""
+"""The record-level steps of a build, in pipeline order: clean -> redact -> chat filter -> assemble -> dedup."""
 
 from __future__ import annotations
 
@@ -81,9 +81,11 @@ class DedupStep(Step):
 
     def process(self, rec: Record) -> str | None:
         reason = self.dedup.check(rec.id, rec.dedup_text(), rec.context_key, rec.group)
-        if reason is None and self.dedup.last_match is not None:
-            # kept near-duplicate (near_action=group): its group joins the other record's group
+        if reason is None and self.dedup.last_matches:
+            # kept near-duplicate (near_action=group): its group joins the group of every kept
+            # record it resembles, not only the closest, so that no similar pair is split apart
             self.kept_near += 1
             if self.on_near_match is not None:
-                self.on_near_match(rec.group, self.dedup.last_match[1])
+                for _, group in self.dedup.last_matches:
+                    self.on_near_match(rec.group, group)
         return reason

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from datasketch import MinHash
@@ -29,6 +33,29 @@ def shingles(text: str, n: int = 5) -> set[bytes]:
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def exact_digest(text: str, context_key: str = "") -> bytes:
+    """What exact dedup compares: the normalized text within its context key (16 bytes)."""
+    return hashlib.blake2b((context_key + "\x00" + normalize_for_hash(text)).encode(), digest_size=16).digest()
+
+
+def similarity(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    """The MinHash estimate of the Jaccard similarity: the share of equal signature values."""
+    return float(np.mean(sig_a == sig_b))
+
+
+def best_first(match: tuple[float, str]) -> tuple[float, str]:
+    """Order of (estimate, id) matches: the most similar first, then the smallest id."""
+    return -match[0], match[1]
+
+
+def duplicate_reason(first: str) -> str:
+    return f"duplicate of {first}"
+
+
+def near_reason(first: str, est: float) -> str:
+    return f"near_duplicate of {first} (jaccard~{est:.2f})"
 
 
 class BandIndex:
@@ -118,10 +145,11 @@ class Deduplicator:
         near_action: str = "drop",
     ) -> None:
         self.exact, self.near = exact, near
-        # "drop": a near-duplicate is rejected; "group": it is kept and `last_match` names the
-        # kept record it resembles, so the caller can put both in one split group
+        # "drop": a near-duplicate is rejected; "group": it is kept and `last_matches` names the
+        # kept records it resembles (id, split group), best first, so that the caller can put
+        # them all in one split group
         self.near_action = near_action
-        self.last_match: tuple[str, str] | None = None
+        self.last_matches: list[tuple[str, str]] = []
         self.threshold, self.num_perm, self.shingle_size = threshold, num_perm, shingle_size
         self._exact: dict[bytes, str] = {}
         # candidates are confirmed on the signatures below, so tilt LSH towards recall (few misses)
@@ -145,6 +173,15 @@ class Deduplicator:
         m.update_batch(sh)
         return m
 
+    def signature(self, text: str) -> np.ndarray | None:
+        """The MinHash signature (num_perm x uint32) that near dedup compares; None without words."""
+        m = self.minhash(text)
+        return None if m is None else m.hashvalues.astype(np.uint32)
+
+    def band_hashes(self, sig: np.ndarray) -> np.ndarray:
+        assert self._lsh is not None
+        return self._lsh.band_hashes(sig)
+
     def _similar(self, sig: np.ndarray, hashes: np.ndarray, context_key: str,
                  exclude: int | None = None) -> list[tuple[float, str]]:
         assert self._lsh is not None
@@ -152,36 +189,32 @@ class Deduplicator:
         for n in self._lsh.query(hashes):
             if n == exclude or self._ctx[n] != context_key:
                 continue
-            est = float(np.mean(self._sig[n] == sig))
+            est = similarity(self._sig[n], sig)
             if est >= self.threshold:
                 out.append((est, self._ids[n]))
-        return sorted(out, key=lambda x: (-x[0], x[1]))
+        return sorted(out, key=best_first)
 
     def check(self, rec_id: str, text: str, context_key: str = "", group: str = "") -> str | None:
-        self.last_match = None
+        self.last_matches = []
         if self.exact:
-            digest = hashlib.blake2b(
-                (context_key + "\x00" + normalize_for_hash(text)).encode(), digest_size=16
-            ).digest()
+            digest = exact_digest(text, context_key)
             first = self._exact.get(digest)
             if first is not None:
                 self.clusters[first] = self.clusters.get(first, 0) + 1
-                return f"duplicate of {first}"
+                return duplicate_reason(first)
             self._exact[digest] = rec_id
         if self.near:
-            assert self._lsh is not None
-            m = self.minhash(text)
-            if m is None:
+            sig = self.signature(text)
+            if sig is None:
                 return None
-            sig = m.hashvalues.astype(np.uint32)
-            hashes = self._lsh.band_hashes(sig)
+            hashes = self.band_hashes(sig)
             similar = self._similar(sig, hashes, context_key)
             if similar:
                 est, first = similar[0]
                 self.clusters[first] = self.clusters.get(first, 0) + 1
                 if self.near_action == "drop":
-                    return f"near_duplicate of {first} (jaccard~{est:.2f})"
-                self.last_match = (first, self._group[self._num[first]])
+                    return near_reason(first, est)
+                self.last_matches = [(k, self._group[self._num[k]]) for _, k in similar]
             n = len(self._ids)
             if n == len(self._sig):
                 self._sig = np.concatenate([self._sig, np.empty_like(self._sig)])
@@ -211,3 +244,55 @@ class Deduplicator:
             return []
         sig = self._sig[n]
         return [k for _, k in self._similar(sig, self._lsh.band_hashes(sig), self._ctx[n], exclude=n)]
+
+
+class NearEdge(NamedTuple):
+    """Two records confirmed near-similar (same context key, estimate >= threshold); a < b in
+    document order. What a distributed build computes instead of querying a streaming index."""
+
+    a: int
+    b: int
+    est: float
+    a_id: str
+    b_id: str
+    a_group: str
+    b_group: str
+
+
+@dataclass
+class NearOutcome:
+    dropped: dict[int, str] = field(default_factory=dict)  # document order of a dropped record -> reason
+    matched: Counter = field(default_factory=Counter)  # kept record id -> records matched to it
+    kept_near: int = 0  # near-similar records kept (near_action=group)
+    unions: list[tuple[str, str]] = field(default_factory=list)  # split groups to join (group)
+
+
+def resolve_near(edges: Iterable[NearEdge], near_action: str = "drop") -> NearOutcome:
+    """`Deduplicator.check`'s near rule, applied at once to every confirmed edge of a corpus.
+
+    Records are visited in document order and compared with the earlier records that were kept,
+    as the streaming index does: under "drop" a record similar to one of them is dropped, naming
+    the best (most similar, then smallest id); a record that only resembles a dropped one is kept
+    (A~B, B~C, A!~C keeps A and C). Under "group" every record is kept and its split group is
+    joined with the group of every earlier record it resembles: connected components of the
+    edges, so no near-duplicate pair can end up in two splits.
+    """
+    earlier: dict[int, list[tuple[int, float, str, str]]] = defaultdict(list)
+    who: dict[int, tuple[str, str]] = {}
+    for e in edges:
+        earlier[e.b].append((e.a, e.est, e.a_id, e.a_group))
+        who[e.b] = (e.b_id, e.b_group)
+    out = NearOutcome()
+    for b in sorted(earlier):
+        kept = [(est, a_id, a_group) for a, est, a_id, a_group in earlier[b] if a not in out.dropped]
+        if not kept:
+            continue
+        kept.sort(key=lambda m: best_first((m[0], m[1])))
+        est, first, _ = kept[0]
+        out.matched[first] += 1
+        if near_action == "drop":
+            out.dropped[b] = near_reason(first, est)
+        else:
+            out.kept_near += 1
+            out.unions += [(who[b][1], a_group) for _, _, a_group in kept]
+    return out

@@ -106,3 +106,90 @@ def write_shop(
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---- near duplicates -----------------------------------------------------------------------------
+VOCAB = [f"w{i}" for i in range(5000)]
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    return [rng.choice(VOCAB) for _ in range(n)]
+
+
+def near_dup_triple(seed: int, threshold: float = 0.8) -> tuple[str, str, str]:
+    """(x, y, z): z is near-similar to x and to y, x and y are not (by the MinHash estimate the
+    pipeline uses, checked here). z is x's words with 2 words changed in its first half and y is
+    z with 2 changed in its second half, so J(x,z) ~ J(y,z) ~ 0.87 and J(x,y) ~ 0.76."""
+    from data_prep.steps.dedup import Deduplicator, similarity
+
+    d = Deduplicator(threshold=threshold)
+    for s in range(seed * 1000, seed * 1000 + 1000):
+        rng = random.Random(s)
+        z = _words(rng, 150)
+        x, y = list(z), list(z)
+        for i in rng.sample(range(10, 70), 2):
+            x[i] = f"x{s}_{i}"
+        for i in rng.sample(range(80, 140), 2):
+            y[i] = f"y{s}_{i}"
+        sx, sy, sz = (d.signature(" ".join(t)) for t in (x, y, z))
+        assert sx is not None and sy is not None and sz is not None
+        if min(similarity(sx, sz), similarity(sy, sz)) >= threshold + 0.02 > threshold - 0.02 > similarity(sx, sy):
+            return " ".join(x), " ".join(y), " ".join(z)
+    raise AssertionError("no seed gave the triple")
+
+
+def write_near_dups(root: Path, n_triples: int = 6) -> list[Path]:
+    """Three JSONL files (three sources, so every row is its own split group) whose answers are
+    near-duplicate triples across the files, plus exact copies:
+
+    - triples 0, 2, 4...: x in a.jsonl, y in b.jsonl, z (near both) in c.jsonl: under
+      near_action=group all three must share a split although z's closest match is only one;
+    - triples 1, 3, 5...: x in a, z in b, y in c: under drop, z is dropped as x's near-duplicate
+      and y, near only z, is kept;
+    - exact copies of x (case, punctuation and spacing changed) in c.jsonl.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
+    for t in range(n_triples):
+        x, y, z = near_dup_triple(t)
+        q = f"List number {t}"
+        order = (x, y, z) if t % 2 == 0 else (x, z, y)
+        for name, text in zip("abc", order):
+            rows[name].append({"question": q, "answer": text})
+        rows["c"].append({"question": q.upper() + "!", "answer": "  " + x.replace(" ", "  ").upper()})
+    paths = []
+    for name, rs in rows.items():
+        p = root / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rs))
+        paths.append(p)
+    return paths
+
+
+def write_mixed(root: Path) -> list[Path]:
+    """A corpus with every kind of input and of reject: the shop (pages + questions.csv), near
+    duplicates, a FAQ page, a transcript, PII, and records rejected at read, convert, join,
+    chat filter and dedup. Returns the sources to build."""
+    shop = write_shop(root / "shop", n_pages=24, rows_per_page=6, inline_rows=12)
+    (shop / "pages" / "orphan.html").write_text(
+        "<html><body><main><p>" + "An orphan page nobody asks about. " * 20 + "</p></main></body></html>"
+    )
+    faq = "".join(
+        f"<details><summary>Does the {n} ship abroad?</summary>Yes, write to help{n}@shop.example.com.</details>"
+        for n in NOUN[:4]
+    )
+    (shop / "pages" / "faq.html").write_text(f"<html><body><main>{faq}</main></body></html>")
+    with open(shop / "questions.csv", "a", encoding="utf-8") as fh:
+        fh.write("shop-999.html,,What is this?,Nothing.\n")  # join: page_not_found
+        fh.write(",,How much is the lamp?,\n")  # chat_filter: empty answer
+    texts = root / "texts"
+    texts.mkdir()
+    (texts / "call.txt").write_text(
+        "Customer: My order 1234 has not arrived, call me on +44 20 7946 0958.\n"
+        "Agent: Sorry about that. It ships tomorrow.\n---\n"
+        "Customer: Can I change the colour?\nAgent: Yes, until it ships.\n"
+    )
+    (texts / "notes.txt").write_text("Just some notes, not a conversation.\n")  # read: no_chat_structure
+    near = write_near_dups(root / "near")
+    bad = root / "bad.jsonl"
+    bad.write_text('{"question": "Q", "answer": 3}\n{broken\n{"question": "Is it fine?", "answer": "Yes."}\n')
+    return [shop / "pages", shop / "questions.csv", texts, *near, bad]

@@ -171,3 +171,77 @@ def test_leakage_check_reports_pairs_crossing_test_and_train(tmp_path: Path, mon
     assert report["leakage"]["near_dup_pairs_test_train"] == 20
     first = report["leakage"]["pairs"][0]
     assert "a.jsonl#line=" in first[0] and "b.jsonl#line=" in first[1]
+
+
+def _reference_assign(sizes, val_fraction, test_fraction, seed):
+    """The split as it was written before the cut points: groups in seeded-hash order fill test
+    then val. Kept here as the reference the cut points must reproduce."""
+    import hashlib
+
+    def key(g):
+        return hashlib.blake2b(f"{seed}\x00{g}".encode(), digest_size=8).digest()
+
+    total = sum(sizes.values())
+    order = sorted(sizes, key=key)
+    out, i = {}, 0
+    for name, target in [("test", test_fraction * total), ("val", val_fraction * total)]:
+        filled = 0
+        while i < len(order) and filled < target and (len(order) - i) > 1 and target >= 0.5:
+            out[order[i]] = name
+            filled += sizes[order[i]]
+            i += 1
+    for g in order[i:]:
+        out[g] = "train"
+    return out
+
+
+def test_split_cuts_reproduce_the_greedy_fill() -> None:
+    rng = random.Random(5)
+    cases = 0
+    for trial in range(300):
+        n = rng.choice([0, 1, 2, 3, 5, 20, 200])
+        sizes = {f"doc:{trial}/{i}": rng.choice([1, 1, 2, 3, 40]) for i in range(n)}
+        val, test = rng.choice([(0.0, 0.0), (0.05, 0.1), (0.2, 0.3), (0.0, 0.5), (0.45, 0.5)])
+        got = assign_splits(sizes, val, test, seed=trial)
+        assert got == _reference_assign(sizes, val, test, trial), (trial, n, val, test)
+        cases += len(set(got.values())) == 3
+    assert cases > 50  # the three-way case is really exercised
+
+
+def test_near_action_group_joins_every_similar_record_not_only_the_closest(tmp_path: Path) -> None:
+    from dp_fixtures import write_near_dups
+
+    # z (in c.jsonl) resembles x (a.jsonl) and y (b.jsonl), which do not resemble each other:
+    # joining z to its closest match only would leave the other pair free to cross splits
+    sources = write_near_dups(tmp_path / "near", n_triples=12)
+    used: set[str] = set()
+    for seed in range(3):
+        out = tmp_path / f"out{seed}"
+        report = build(sources, out, test_fraction=0.3, val_fraction=0.2, seed=seed, dedup={"near_action": "group"})
+        split_of: dict[str, set[str]] = {}
+        for s in ("train", "val", "test"):
+            for ex in read_jsonl(out / f"{s}.jsonl"):
+                split_of.setdefault(ex["messages"][0]["content"].lower().strip("!"), set()).add(s)
+        assert len(split_of) == 12 and all(len(v) == 1 for v in split_of.values()), split_of
+        used |= {s for v in split_of.values() for s in v}
+        assert report["leakage"]["near_dup_pairs_test_train"] == 0
+        # z of x,y,z; z and y of x,z,y
+        assert report["dedup"]["near_duplicates_kept_same_split"] == 6 * 1 + 6 * 2
+    assert len(used) >= 2  # the triples were really spread over splits (36 group draws)
+
+
+def test_near_action_drop_keeps_a_record_similar_only_to_a_dropped_one(tmp_path: Path) -> None:
+    from dp_fixtures import write_near_dups
+
+    sources = write_near_dups(tmp_path / "near", n_triples=4)
+    out = tmp_path / "out"
+    report = build(sources, out, test_fraction=0, val_fraction=0)
+    rejects = read_jsonl(out / "rejects.jsonl")
+    reasons = {(Path(r["source"]).name, r["locator"]): r["reason"] for r in rejects}
+    a = f"{sources[0]}#line="
+    # triple 0 (x, y, z in a, b, c): z is dropped; triple 1 (x, z, y): z dropped, y (near z only) kept
+    assert reasons[("c.jsonl", "line=1")].startswith("near_duplicate of " + a + "1 ")
+    assert reasons[("b.jsonl", "line=2")].startswith("near_duplicate of " + a + "2 ")
+    assert ("c.jsonl", "line=3") not in reasons  # the y of triple 1
+    assert reasons[("c.jsonl", "line=2")] == f"duplicate of {a}1"  # the exact copy of x
+    assert report["dedup"]["exact_duplicates"] == 4 and report["dedup"]["near_duplicates"] == 4

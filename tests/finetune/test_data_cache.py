@@ -197,6 +197,66 @@ def test_other_ranks_wait_for_the_builder_and_share_its_failure(tiny_model, tmp_
         prepared_split(cfg2, tok, str(bad), waiter)
 
 
+def _write_shards(root: Path, examples: list[dict], per_shard: int) -> Path:
+    """A shard directory as `data-prep --engine ray` writes it (its own writer functions)."""
+    from data_prep.writers import shard_name, write_manifest, write_shard
+
+    entries = [write_shard(str(root / shard_name(i)), [json.dumps(e) for e in examples[a:a + per_shard]])
+               for i, a in enumerate(range(0, len(examples), per_shard))]
+    write_manifest(str(root), root.name, entries)
+    return root
+
+
+def test_a_shard_directory_tokenizes_as_its_single_file_does(tiny_model, tmp_path, monkeypatch):
+    import finetune.data_cache as dc
+
+    examples = make_chat_examples(230, seed=12) + MULTILINGUAL
+    single = write_jsonl(tmp_path / "single" / "train.jsonl", examples)
+    shards = _write_shards(tmp_path / "out" / "train", examples, per_shard=50)
+    tok = _tok(tiny_model)
+    ref, ref_stats, ref_dir = prepared_split(_cfg(tiny_model, single, tmp_path), tok, str(single))
+    # the single-file case, as before: keyed by the file's own hash and size, cached beside it
+    assert ref_dir.parent == single.parent / ".finetune-cache"
+    assert set(json.loads((ref_dir / "meta.json").read_text())["inputs"]["data"]) == {"sha256", "size"}
+    # the directory (through its manifest), the manifest itself and a glob of the shards
+    for spec in (shards, shards / "manifest.json", f"{shards}/part-*.jsonl"):
+        cfg = _cfg(tiny_model, spec, tmp_path)
+        ds, stats, final = prepared_split(cfg, tok, str(spec))
+        assert _rows(ds) == _rows(ref) and stats.as_dict() == ref_stats.as_dict(), spec
+        assert final.parent == tmp_path / "out" / ".finetune-cache" and final.name.startswith("train-")
+    meta = json.loads((final / "meta.json").read_text())
+    assert [Path(m["source"]).name for m in meta["shards"]] == [f"part-{i:05d}.jsonl" for i in range(5)]
+    # a parallel build over several shards: the same rows, lines numbered within each shard
+    monkeypatch.setattr(dc, "PARALLEL_MIN_BYTES", 0)
+    cfg = _cfg(tiny_model, shards, tmp_path, f"data.cache_dir={tmp_path / 'par'}", "data.num_proc=2")
+    par, _, _ = prepared_split(cfg, tok, str(shards))
+    assert _rows(par) == _rows(ref)
+    assert [r["line"] for r in par][:52] == list(range(1, 51)) + [1, 2]
+    # one more shard in the manifest is a new dataset: a new key
+    _write_shards(tmp_path / "out" / "train", examples + examples[:10], per_shard=50)
+    ds, stats, again = prepared_split(_cfg(tiny_model, shards, tmp_path), tok, str(shards))
+    assert again != final and stats.examples == len(examples) + 10
+
+
+def test_shard_errors_name_the_shard_and_its_line(tiny_model, tmp_path):
+    from finetune.config import ConfigError
+
+    examples = make_chat_examples(60, seed=13)
+    shards = _write_shards(tmp_path / "out" / "train", examples, per_shard=20)
+    lines = (shards / "part-00001.jsonl").read_text().splitlines()
+    lines[6] = "{not json"
+    (shards / "part-00001.jsonl").write_text("\n".join(lines) + "\n")
+    tok = _tok(tiny_model)
+    with pytest.raises(DataError, match="SHA-256 differs from the one in .*manifest.json"):
+        prepared_split(_cfg(tiny_model, shards, tmp_path), tok, str(shards))
+    glob_spec = f"{shards}/part-*.jsonl"  # no manifest to check against: the line itself is named
+    with pytest.raises(DataError, match=r"(?s)1 bad line\(s\) in .*part-\*\.jsonl.*part-00001\.jsonl:7: malformed JSON"):
+        prepared_split(_cfg(tiny_model, glob_spec, tmp_path), tok, glob_spec)
+    (shards / "manifest.json").unlink()  # an interrupted build: refused, with the way out
+    with pytest.raises(ConfigError, match=r"data\.train: .*without manifest\.json.*give a glob: .*/\*\.jsonl"):
+        _cfg(tiny_model, shards, tmp_path)
+
+
 def test_sampler_order_is_unchanged_by_the_array_implementation():
     """The numpy sampler gives exactly the batches of the list-based one it replaced (so resumed
     runs and earlier results replay), here written out as the reference."""
