@@ -282,7 +282,9 @@ class TrainConfig(Section):
     @field_validator("dpo")
     @classmethod
     def _dpo_needs_method(cls, v: DPOSection, info: ValidationInfo) -> DPOSection:
-        if info.data.get("method") != "dpo":
+        # A saved config (config.yaml of a run or a sweep trial) holds every key with its default:
+        # only settings that differ from the defaults are a mistake without method: dpo.
+        if info.data.get("method") != "dpo" and v != DPOSection():
             raise ValueError(f"set, but method is {info.data.get('method')!r}; set method: dpo or remove this section")
         return v
 

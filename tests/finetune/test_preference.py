@@ -196,6 +196,12 @@ def test_method_keys_are_checked_before_anything_loads(tiny_model, chat_data, tm
     assert "packing: not supported with method 'dpo'" in msg and "dpo.loss_type: unknown DPO loss 'sigmod'" in msg
     with pytest.raises(ConfigError, match="method"):
         load_config(None, [*base, "method=rlhf"])
+    # a saved SFT config (every key, defaults included, as in a run's config.yaml) loads again
+    from finetune.config import dump_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(load_config(None, base)))
+    assert load_config(saved).method == "sft"
 
 
 def test_the_private_trl_hook_the_kit_overrides_is_guarded():
