@@ -276,7 +276,6 @@ def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int,
     from kitcore.schema import training_problem
 
     path = Path(source)
-    start, end, first_line = shard
     res = ShardResult(file=out_file, source=source)
     schema = _schema()
     pending: list[tuple[int, list[dict]]] = []
@@ -321,15 +320,10 @@ def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int,
                 schema=schema))
             res.rows += len(ids)
 
-    with open(out_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, path.open("rb") as fh:
-        fh.seek(start)
-        lineno = first_line - 1
-        while fh.tell() < end and res.format_error is None:
-            raw = fh.readline()
-            lineno += 1
-            line = raw.decode("utf-8", errors="strict") if raw else ""
-            if not line.strip():
-                continue
+    with open(out_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for lineno, line in iter_lines(path, shard):
+            if res.format_error is not None:
+                break
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
