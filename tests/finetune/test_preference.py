@@ -205,14 +205,19 @@ def test_method_keys_are_checked_before_anything_loads(tiny_model, chat_data, tm
 
 
 def test_the_private_trl_hook_the_kit_overrides_is_guarded():
-    import inspect
-
-    from trl import DPOTrainer
+    import subprocess
+    import sys
 
     import finetune.preference as pref
 
-    assert list(inspect.signature(DPOTrainer._prepare_dataset).parameters) == pref._PREPARE_HOOK
     assert "_prepare_dataset" in vars(pref.KitDPOTrainer)
+    # A TRL whose hook takes other arguments: importing the kit's trainer fails, naming the hook,
+    # instead of the override silently never being called.
+    code = ("from trl import DPOTrainer\nDPOTrainer._prepare_dataset = lambda self, dataset: dataset\n"
+            "import finetune.preference")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "ImportError" in out.stderr and "_prepare_dataset now takes" in out.stderr, \
+        out.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------
