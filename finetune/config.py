@@ -236,13 +236,45 @@ class DPOSection(Section):
         return v
 
 
+class ORPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term against the chosen reply's NLL "
+                        "(ORPO's lambda; TRL's ORPOConfig.beta).")
+
+
+class SimPOSection(Section):
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward (SimPO's beta).")
+    gamma: float = Field(0.5, ge=0, description="Target reward margin (SimPO's gamma; TRL's simpo_gamma).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of the chosen reply's NLL added to the loss "
+                              "(TRL's cpo_alpha; 0 is SimPO as published).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative (label-smoothed) SimPO.")
+
+
+class KTOSection(Section):
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (KTO's beta).")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="kto (with the KL estimate from mismatched pairs of each batch) or apo_zero_unpaired.")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable examples' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples' losses.")
+
+
+# The training methods, what their data holds and whether a reference model scores it.
+PAIRED_METHODS = ("dpo", "orpo", "simpo")
+REFERENCE_METHODS = ("dpo", "kto")
+METHOD_SECTIONS = {"dpo": DPOSection, "orpo": ORPOSection, "simpo": SimPOSection, "kto": KTOSection}
+
+
 class TrainConfig(Section):
     model: str = Field(description="Base model: a local directory or a hub id.")
     adapter: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained.")
-    method: Literal["sft", "dpo"] = Field(
-        "sft", description="sft: supervised on chat JSONL; dpo: direct preference optimisation on preference "
-        "JSONL (prompt/chosen/rejected, OpenAI's preference format, or chosen/rejected conversations).")
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="sft: supervised on chat JSONL; dpo, orpo, simpo: preference tuning on preference "
+        "pairs (prompt/chosen/rejected, OpenAI's preference format, or chosen/rejected conversations); dpo and "
+        "kto train against a reference (the starting model), orpo and simpo need none; kto: unpaired examples "
+        "(prompt, completion, label) or pairs, read as a desirable and an undesirable example.")
     dpo: DPOSection = Field(default_factory=DPOSection)
+    orpo: ORPOSection = Field(default_factory=ORPOSection)
+    simpo: SimPOSection = Field(default_factory=SimPOSection)
+    kto: KTOSection = Field(default_factory=KTOSection)
     init_adapter: str | None = Field(
         None, description="A LoRA adapter directory to continue training (e.g. an SFT run's adapter/ before "
         "DPO, which then also serves as the reference).")
@@ -279,13 +311,15 @@ class TrainConfig(Section):
             raise ValueError(f"no adapter_config.json in {v} (expected a PEFT adapter directory, e.g. RUN/adapter)")
         return v
 
-    @field_validator("dpo")
+    @field_validator(*METHOD_SECTIONS)
     @classmethod
-    def _dpo_needs_method(cls, v: DPOSection, info: ValidationInfo) -> DPOSection:
+    def _section_needs_method(cls, v: Section, info: ValidationInfo) -> Section:
         # A saved config (config.yaml of a run or a sweep trial) holds every key with its default:
-        # only settings that differ from the defaults are a mistake without method: dpo.
-        if info.data.get("method") != "dpo" and v != DPOSection():
-            raise ValueError(f"set, but method is {info.data.get('method')!r}; set method: dpo or remove this section")
+        # only settings that differ from the defaults are a mistake under another method.
+        name = info.field_name
+        if info.data.get("method") != name and v != METHOD_SECTIONS[name]():
+            raise ValueError(f"set, but method is {info.data.get('method')!r}; set method: {name} or remove this "
+                             "section")
         return v
 
     @field_validator("packing")

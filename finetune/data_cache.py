@@ -531,8 +531,10 @@ def _cache_root(cfg, ds: DataFiles) -> Path:
 
 def data_kind(cfg) -> str:
     """What a training file of this run holds: chat JSONL, preference pairs, or unpaired examples."""
+    from finetune.config import PAIRED_METHODS
+
     method = getattr(cfg, "method", "sft")
-    return {"dpo": "preference", "kto": "kto"}.get(method, "sft")
+    return "preference" if method in PAIRED_METHODS else "kto" if method == "kto" else "sft"
 
 
 def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | None = None,

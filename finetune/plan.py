@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.config import PAIRED_METHODS, REFERENCE_METHODS
+
 __all__ = [
     "ModelShape",
     "Setup",
@@ -291,7 +293,7 @@ class Setup:
     gradient_checkpointing: bool = False
     loss: str = "chunked"  # chunked | full (training.loss)
     kernels: str = "none"  # none | liger (training.kernels; GPU only)
-    method: str = "sft"  # sft | dpo
+    method: str = "sft"  # sft | dpo | orpo | simpo | kto
     precompute_ref: bool = False  # dpo.precompute_ref_log_probs
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     device: str = "gpu"  # gpu | cpu (cpu: the validation target, fp32, process RSS)
@@ -469,10 +471,11 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
                      seq_len: int | None = None) -> dict[str, float]:
     """Activations at the start of backward (their peak), per device, for one micro-batch.
 
-    DPO runs chosen and rejected of every pair in one forward (TRL concatenates them): twice the
-    sequences of the micro-batch. The reference's forward runs without gradients (its activations
-    are freed layer by layer), so it adds no saved activations."""
-    b = (micro_batch or s.micro_batch) * (2 if s.method == "dpo" else 1)
+    DPO, ORPO and SimPO run chosen and rejected of every pair in one forward (TRL concatenates
+    them): twice the sequences of the micro-batch. The reference's forward, and KTO's forward of
+    the mismatched (KL) pairs, run without gradients (their activations are freed layer by layer),
+    so they add no saved activations."""
+    b = (micro_batch or s.micro_batch) * (2 if s.method in PAIRED_METHODS else 1)
     t = seq_len or s.seq_len
     s2 = dataclasses.replace(s, micro_batch=b, seq_len=t)
     tokens = b * t
@@ -584,14 +587,14 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
         trainable = P["total"]
         place("weights (trainable)", trainable * w16 / p_div, p_host,
               f"{fmt_count(P['total'])} params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
-        if s.method == "dpo" and not s.precompute_ref:
+        if s.method in REFERENCE_METHODS and not s.precompute_ref:
             # TRL loads the reference from the same path in the compute dtype, prepared by DeepSpeed
             # in evaluation mode (ZeRO-3: partitioned like the policy). With LoRA the reference is a
             # frozen copy of the adapter: no second copy of the weights.
             ref_b = 2 if half else _BYTES[s.weight_dtype]
-            place("reference model (DPO, frozen)", P["total"] * ref_b / p_div, p_host,
+            place(f"reference model ({s.method.upper()}, frozen)", P["total"] * ref_b / p_div, p_host,
                   f"{fmt_count(P['total'])} params x {ref_b} B" + (f" / {N} (ZeRO-3)" if st == 3 else "")
-                  + "; dpo.precompute_ref_log_probs=true drops it")
+                  + ("; dpo.precompute_ref_log_probs=true drops it" if s.method == "dpo" else ""))
     else:
         trainable = lora_trainable_params(shape, s.lora_r, s.lora_targets, s.modules_to_save)
         if s.adapter == "qlora":
@@ -628,9 +631,9 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
         place("trainable params (adapters)", trainable * lora_b / p_div, p_host,
               f"{fmt_count(trainable)} x {lora_b} B" + (f" (incl. {fmt_count(copies)} modules_to_save copies)"
                                                          if copies else ""))
-        if s.method == "dpo":
+        if s.method in REFERENCE_METHODS:
             # TRL's reference for a PEFT model: a frozen copy of the starting adapter ("ref").
-            place("reference adapter (DPO, frozen)", trainable * lora_b / p_div, p_host,
+            place(f"reference adapter ({s.method.upper()}, frozen)", trainable * lora_b / p_div, p_host,
                   f"{fmt_count(trainable)} x {lora_b} B, a copy of the starting adapter")
     Pt = trainable
     if s.deepspeed:
@@ -756,7 +759,8 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     note_ckpt = "checkpointing on" if s.gradient_checkpointing else "no checkpointing"
     if s.liger:
         note_ckpt += ", Liger RMSNorm/SwiGLU"
-    rows = (f"{s.micro_batch} pairs = {2 * s.micro_batch} sequences (chosen + rejected)" if s.method == "dpo"
+    rows = (f"{s.micro_batch} pairs = {2 * s.micro_batch} sequences (chosen + rejected)"
+            if s.method in PAIRED_METHODS
             else f"{s.micro_batch}")
     lines.append(Line("activations: decoder layers", act["layers"], 0.0, f"{rows} x {s.seq_len} tokens, {note_ckpt}"))
     if s.liger_fused_loss:

@@ -24,8 +24,8 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
     path = cfg.data.train if split == "train" else cfg.data.eval
     if path is None:
         raise ValueError("data.eval is not set, so there is no eval split to preview")
-    if cfg.method == "dpo":
-        return _preference_examples(tok, path, n)
+    if cfg.method != "sft":
+        return _preference_examples(tok, path, n, unpaired=cfg.method == "kto")
     out = []
     for rec in read_chat_jsonl(path)[:n]:
         enc = encode_chat(tok, rec["messages"], max_length=cfg.max_length, loss_on=cfg.data.loss_on)
@@ -38,9 +38,10 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
     return out
 
 
-def _preference_examples(tok, path: str, n: int) -> list[dict]:
-    """Per pair, two sequences: prompt + chosen and prompt + rejected; the scored tokens are the
-    completion's (chat_template.encode_completion, what the data cache stores). Reads n records only."""
+def _preference_examples(tok, path: str, n: int, unpaired: bool = False) -> list[dict]:
+    """Per pair, two sequences: prompt + chosen and prompt + rejected (an unpaired KTO example: one,
+    desirable or undesirable); the scored tokens are the completion's (chat_template.encode_completion,
+    what the data cache stores). Reads n records only."""
     from finetune.data import data_files
     from kitcore.preference import normalize_preference
 
@@ -52,8 +53,10 @@ def _preference_examples(tok, path: str, n: int) -> list[dict]:
                     return out
                 if not line.strip():
                     continue
-                pref = normalize_preference(json.loads(line))
-                for side, completion in (("chosen", pref.chosen), ("rejected", pref.rejected)):
+                pref = normalize_preference(json.loads(line), unpaired=unpaired)
+                sides = ((("chosen", pref.chosen), ("rejected", pref.rejected)) if pref.paired
+                         else ((("desirable" if pref.label else "undesirable"), pref.chosen),))
+                for side, completion in sides:
                     enc = encode_completion(tok, pref.prompt, completion)
                     ids = enc.prompt_ids + enc.completion_ids
                     tokens = [{"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]),

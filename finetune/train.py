@@ -26,7 +26,7 @@ from typing import Any
 from transformers import Trainer
 
 from finetune.callbacks import PREEMPTED_EXIT_CODE, CheckpointMarker, MetricsLogger, Preemption
-from finetune.config import ConfigError, TrainConfig
+from finetune.config import PAIRED_METHODS, ConfigError, TrainConfig
 from finetune.data import DataStats, LengthGroupedShuffledSampler, pad_collate
 from finetune.errors import CheckpointWriteError, Preempted, RunDirError
 from finetune.modeling import load_base_model, load_tokenizer
@@ -197,12 +197,13 @@ def _check_plan(cfg: TrainConfig, rt) -> None:
 def _setup_data(cfg: TrainConfig, tokenizer, rt=None):
     """The tokenized splits, memory-mapped from the data cache (finetune.data_cache): built once by
     one process per node (or job), then read by every rank; nothing is held as Python objects."""
-    from finetune.data_cache import prepared_split
+    from finetune.data_cache import data_kind, prepared_split
 
     train_ds, train_stats, _ = prepared_split(cfg, tokenizer, cfg.data.train, rt)
     stats = {"train": train_stats}
     eval_ds = None
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if cfg.method == "dpo" else ["input_ids", "labels"]
+    columns = {"preference": ["prompt_ids", "chosen_ids", "rejected_ids"], "kto": ["prompt_ids", "completion_ids", "label"],
+               "sft": ["input_ids", "labels"]}[data_kind(cfg)]
     if cfg.data.eval:
         eval_ds, stats["eval"], _ = prepared_split(cfg, tokenizer, cfg.data.eval, rt)
         eval_ds = eval_ds.select_columns(columns)
@@ -290,10 +291,10 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels:
     from transformers import TrainingArguments
 
     args_class, method_args = TrainingArguments, {}
-    if cfg.method == "dpo":
-        from finetune.preference import dpo_arguments
+    if cfg.method != "sft":
+        from finetune.preference import method_arguments
 
-        args_class, method_args = dpo_arguments(cfg)
+        args_class, method_args = method_arguments(cfg)
     t = cfg.training
     strategy = "steps" if (t.eval_steps or t.save_steps) else "epoch"
     eval_every = t.eval_steps or t.save_steps
@@ -343,7 +344,8 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels:
         bf16=bf16,
         fp16=fp16,
         activation_checkpointing=False,  # enabled on the model in _setup_model (PEFT needs it there)
-        train_sampling_strategy="random",  # group_by_length: KitTrainer._get_train_sampler
+        train_sampling_strategy=method_args.pop("train_sampling_strategy", "random"),  # group_by_length: the
+        # kit's sampler (LengthGroupedSampling._get_train_sampler)
         remove_unused_columns=False,
         prediction_loss_only=True,  # eval during training needs eval_loss only (the chunked loss has no logits)
         dataloader_num_workers=t.num_workers,
@@ -382,10 +384,10 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                   callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window)
     common["data_collator"] = make_collator(cfg, tokenizer)
-    if cfg.method == "dpo":
-        from finetune.preference import KitDPOTrainer
+    if cfg.method != "sft":
+        from finetune.preference import method_trainer
 
-        return KitDPOTrainer(**common)
+        return method_trainer(cfg, **common)
     return KitTrainer(**common)
 
 
@@ -456,11 +458,15 @@ def make_collator(cfg: TrainConfig, tokenizer):
     does: with a cache, transformers' sdpa path lets the second sequence attend to the first
     (logits off by 0.77, measured on CPU).
     """
-    if cfg.method == "dpo":
+    if cfg.method in PAIRED_METHODS:
         # TRL's: prompt + chosen and prompt + rejected of each pair, padded, with completion masks.
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
         return DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length)
+    if cfg.method == "kto":
+        from finetune.preference import KTOBatchCollator
+
+        return KTOBatchCollator(tokenizer.pad_token_id, cfg.max_length, kl=cfg.kto.loss_type == "kto")
     if not cfg.packing:
         return pad_collate(tokenizer.pad_token_id)
     from transformers import DataCollatorWithFlattening

@@ -69,6 +69,9 @@ def test_bench_memory_smoke(tmp_path):
     assert dpo["trainable"] == lora["trainable"] and dpo["grads"] == lora["grads"]
     assert dpo["frozen weights"] == lora["frozen weights"] + lora["trainable"]
     assert res["lora_dpo"]["peak"] > 0 and "LoRA DPO peak RSS / LoRA SFT peak RSS" in stdout
+    # the SFT run with the sequences of DPO's forward: the same state as LoRA's, more activations
+    assert res["lora_2x"]["model_state"] == lora and res["lora_2x"]["peak"] > 0
+    assert res["lora_dpo_over_lora_2x"] > 0 and "same sequences per forward" in stdout
 
 
 @pytest.mark.slow

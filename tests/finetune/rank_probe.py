@@ -44,9 +44,16 @@ class RankProbe(TrainerCallback):
     def collate(self, rows: list[dict]) -> dict[str, Any]:
         if len(self.info["batches"]) < self.BATCHES:
             self.info["batches"].append(
-                [hashlib.sha1(str(r["input_ids"] if "input_ids" in r else (r["prompt_ids"], r["chosen_ids"]))
-                              .encode()).hexdigest()[:12] for r in rows])
+                [hashlib.sha1(str(self._identity(r)).encode()).hexdigest()[:12] for r in rows])
         return self._collate(rows)
+
+    @staticmethod
+    def _identity(row: dict) -> Any:
+        """What identifies a row: its tokens (SFT), its prompt and chosen reply (pairs), its prompt and
+        completion (KTO's unpaired examples)."""
+        if "input_ids" in row:
+            return row["input_ids"]
+        return row["prompt_ids"], row.get("chosen_ids", row.get("completion_ids"))
 
     def _write(self, args) -> None:
         atomic_write_text(self.out_dir / f"rank-{args.process_index}.json", json.dumps(self.info))

@@ -394,3 +394,194 @@ def test_full_fine_tuning_dpo_precomputed_reference_equals_a_reference_model(tin
         assert (run / "model" / "config.json").is_file()
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], abs=1e-5), losses
     assert losses[True][-1] != pytest.approx(0.6931, abs=1e-4)  # the third step's policy differs from the reference
+    # The precomputed log-probs are stored with the data cache (TRL writes them beside the cached
+    # Arrow data, keyed by the data's and the reference model's fingerprints) and read back by the
+    # next run with the same data and reference instead of being computed again.
+    cache = tmp_path / ".finetune-cache"
+    stored = sorted(cache.rglob("cache-*.arrow"))
+    assert stored, sorted(p.name for p in cache.rglob("*"))
+    before = {p: p.stat().st_mtime_ns for p in stored}
+    import finetune.preference as pref
+
+    calls = []
+    original = pref.KitDPOTrainer.compute_ref_log_probs
+    pref.KitDPOTrainer.compute_ref_log_probs = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        train(load_config(None, [f"model={tiny_model}", f"data.train={pairs}", f"output_dir={tmp_path / 'again'}",
+                                 "method=dpo", "adapter=full", "dpo.precompute_ref_log_probs=true", "max_length=256",
+                                 "training.max_steps=1", "training.batch_size=4", "training.report_to=[none]",
+                                 "seed=0"]))
+    finally:
+        pref.KitDPOTrainer.compute_ref_log_probs = original
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in sorted(cache.rglob("cache-*.arrow"))} == before
+
+
+# ----------------------------------------------------------------------------------------------
+# ORPO, SimPO (reference-free) and KTO (unpaired)
+# ----------------------------------------------------------------------------------------------
+def _first_step(tiny_model, tmp_path, rows, method, *extra, name: str = ""):
+    """Train one step on exactly one batch of these rows; the logged first-step record (its loss
+    comes from the forward pass before the update, on the untouched base: a fresh adapter is 0)."""
+    from finetune.config import load_config
+    from finetune.train import train
+
+    path = write_jsonl(tmp_path / f"{method}{name}.jsonl", rows)
+    run = tmp_path / f"run-{method}{name}"
+    train(load_config(None, [f"model={tiny_model}", f"data.train={path}", f"output_dir={run}", f"method={method}",
+                             "max_length=128", f"training.batch_size={len(rows)}", "training.max_steps=1",
+                             "training.logging_steps=1", "training.report_to=[none]", "lora.dropout=0", "seed=0",
+                             *extra]))
+    return next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
+
+
+def _hand_completion_logps(tiny_model, rows):
+    """Per pair: (sum, count) of log p over the chosen and the rejected completion tokens, from full
+    logits of the plain base model; the completion as the kit's chat template splits it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    out = []
+    for r in rows:
+        pair = []
+        for side in ("chosen", "rejected"):
+            enc = encode_completion(tok, r["prompt"], r[side])
+            ids = torch.tensor([enc.prompt_ids + enc.completion_ids])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            n = len(enc.prompt_ids)
+            tokens = lp[torch.arange(n - 1, ids.size(1) - 1), ids[0, n:]]
+            pair.append((float(tokens.sum()), len(enc.completion_ids)))
+        out.append(pair)
+    return out
+
+
+def test_orpo_and_simpo_losses_equal_a_hand_computation_on_the_completion_tokens(tiny_model, tmp_path):
+    import math
+
+    rows = price_pairs(6, 3)
+    hand = _hand_completion_logps(tiny_model, rows)
+    avg = [(c / nc, r / nr) for (c, nc), (r, nr) in hand]
+    nll = -sum(c for (c, _), _ in hand) / sum(n for (_, n), _ in hand)  # chosen completion tokens only
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    log1mexp = lambda x: math.log(-math.expm1(x))  # noqa: E731  log(1 - e^x), x < 0
+
+    orpo = _first_step(tiny_model, tmp_path, rows, "orpo", "orpo.beta=0.25")
+    odds = [(c - r) - (log1mexp(c) - log1mexp(r)) for c, r in avg]
+    expected = nll - 0.25 * sum(logsig(o) for o in odds) / len(odds)
+    assert orpo["loss"] == pytest.approx(expected, rel=1e-4), orpo
+    assert orpo["nll_loss"] == pytest.approx(nll, rel=1e-4)  # the prompt is not trained
+    assert orpo["log_odds_ratio"] == pytest.approx(sum(logsig(o) for o in odds) / len(odds), rel=1e-4)
+
+    simpo = _first_step(tiny_model, tmp_path, rows, "simpo", "simpo.beta=2.5", "simpo.gamma=1.5",
+                        "simpo.sft_weight=0.3")
+    expected = sum(-logsig(2.5 * (c - r) - 1.5) for c, r in avg) / len(avg) + 0.3 * nll
+    assert simpo["loss"] == pytest.approx(expected, rel=1e-4), simpo
+    assert simpo["rewards/margins"] == pytest.approx(2.5 * sum(c - r for c, r in avg) / len(avg), rel=1e-3, abs=1e-5)
+
+
+def test_kto_kl_completions_come_from_the_other_examples_of_the_batch():
+    from finetune.preference import KTOBatchCollator
+
+    examples = [{"prompt_ids": [1, 2], "completion_ids": [10 + i] * (i + 1), "label": i % 2 == 0, "length": 9}
+                for i in range(3)]
+    batch = KTOBatchCollator(pad_token_id=0, max_length=32)(examples)
+    # example i is scored on its own completion and, for the KL estimate, on example i-1's
+    assert batch["input_ids"].tolist() == [[1, 2, 10, 0, 0], [1, 2, 11, 11, 0], [1, 2, 12, 12, 12]]
+    assert batch["KL_input_ids"].tolist() == [[1, 2, 12, 12, 12], [1, 2, 10, 0, 0], [1, 2, 11, 11, 0]]
+    assert batch["KL_completion_mask"].tolist()[1] == [0, 0, 1, 0, 0]
+    assert batch["label"].tolist() == [True, False, True]
+    assert "KL_input_ids" not in KTOBatchCollator(pad_token_id=0, max_length=32, kl=False)(examples)
+
+
+def test_kto_reads_pairs_and_unpaired_examples_and_starts_from_its_reference(tiny_model, tmp_path):
+    pairs = price_pairs(4, 5)
+    unpaired = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                for p in pairs for side in ("chosen", "rejected")]
+    for name, rows in (("-pairs", pairs), ("-unpaired", unpaired)):
+        # 4 pairs are 8 examples, one batch: with the reference = the policy every reward is 0 and
+        # the loss is TRL's KTO loss at zero reward: 1 - sigmoid(0) = 0.5 per example.
+        first = _first_step(tiny_model, tmp_path, rows, "kto", "training.batch_size=8", name=name)
+        assert first["loss"] == pytest.approx(0.5, abs=1e-4), first
+        assert first["kl"] == pytest.approx(0.0, abs=1e-5), first
+
+
+def test_method_sections_are_checked_against_the_method(tiny_model, chat_data, tmp_path):
+    from finetune.config import ConfigError, dump_config, load_config
+
+    base = [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*base, "method=dpo", "orpo.beta=0.3", "simpo.gamma=1", "kto.loss_type=kto_pair"])
+    msg = str(e.value)
+    assert "orpo: set, but method is 'dpo'" in msg and "simpo: set, but method is 'dpo'" in msg
+    assert "kto.loss_type" in msg and "apo_zero_unpaired" in msg
+    for method in ("orpo", "simpo", "kto"):
+        cfg = load_config(None, [*base, f"method={method}"])
+        saved = tmp_path / f"{method}.yaml"
+        saved.write_text(dump_config(cfg))
+        assert load_config(saved).method == method  # a run's saved config loads again
+
+
+def test_plan_counts_no_reference_for_orpo_and_simpo_and_one_for_kto():
+    from dataclasses import replace
+
+    from finetune.plan import ModelShape, Setup, activation_bytes, make_plan
+
+    shape = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    sft = Setup(adapter="full", micro_batch=2, seq_len=2048, precision="bf16", weight_dtype="bfloat16")
+    names = lambda s: {x.name for x in make_plan(shape, s, alternatives=False).lines}  # noqa: E731
+    for method in ("orpo", "simpo"):
+        s = replace(sft, method=method)
+        assert not any("reference" in n for n in names(s)) and not any("reference" in n for n in
+                                                                        names(replace(s, adapter="lora")))
+        assert activation_bytes(shape, s)["layers"] == activation_bytes(shape, replace(sft, micro_batch=4))["layers"]
+    kto = replace(sft, method="kto")
+    assert "reference model (KTO, frozen)" in names(kto)
+    assert "reference adapter (KTO, frozen)" in names(replace(kto, adapter="lora"))
+    # the KL pairs' forward runs without gradients: the saved activations are the batch's own
+    assert activation_bytes(shape, kto)["layers"] == activation_bytes(shape, sft)["layers"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_orpo_and_kto_with_lora_under_zero3_on_two_processes(tiny_model, tmp_path):
+    """The reference-free trainer (TRL's fused LM head gathered under ZeRO-3) and KTO (reference =
+    adapter off, KL pairs within each rank's batch) on 2 processes; adapters plain PEFT loads."""
+    pytest.importorskip("deepspeed")
+    from tests.finetune.test_distributed import MAX_STEPS, _check_adapter, _probes, _run_ok, _show, _write_config
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", price_pairs(96, 0))
+    for method in ("orpo", "kto"):
+        d = tmp_path / method
+        d.mkdir()
+        config, run = _write_config(d, tiny_model, {"train": pairs}, method=method)
+        res = _run_ok("deepspeed_zero3.yaml", config)
+        assert json.loads((run / "run.json").read_text())["world_size"] == 2, _show(res)
+        assert "ZeRO stage 3" in res.stdout, _show(res)
+        p0, p1 = _probes(run)
+        seen0 = {h for b in p0["batches"] for h in b}
+        seen1 = {h for b in p1["batches"] for h in b}
+        assert seen0 and seen1 and not seen0 & seen1, f"{method}: ranks saw the same examples"
+        logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        assert len(logged) == MAX_STEPS, logged
+        if method == "orpo":  # the NLL falls: the model learns the chosen answers
+            assert logged[-1]["nll_loss"] < logged[0]["nll_loss"], logged
+        else:  # KTO starts at its reference (loss 0.5) and moves away from it
+            assert logged[0]["loss"] == pytest.approx(0.5, abs=1e-3) and logged[-1]["loss"] < 0.5, logged
+        _check_adapter(run, tiny_model)
+
+
+def test_the_trl_losses_the_reference_free_trainer_calls_are_guarded(monkeypatch):
+    import finetune.preference as pref
+
+    orpo, cpo = pref._trl_pair_losses()
+    assert orpo.__qualname__ == "ORPOTrainer.odds_ratio_loss" and cpo.__qualname__ == "CPOTrainer.cpo_loss"
+    from trl.experimental.orpo import ORPOTrainer
+
+    monkeypatch.setattr(ORPOTrainer, "odds_ratio_loss", lambda self, chosen, rejected, beta: None)
+    with pytest.raises(ImportError, match="odds_ratio_loss now takes"):
+        pref._trl_pair_losses()
