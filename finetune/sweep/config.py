@@ -23,6 +23,8 @@ from finetune.config import (
 # Objectives where lower is better; any other objective defaults to `direction: maximize`.
 _LOWER_IS_BETTER = {"eval_loss", "intrinsic.nll", "intrinsic.perplexity", "intrinsic.bits_per_byte"}
 _INTRINSIC = {"nll", "perplexity", "bits_per_byte", "token_accuracy"}
+# `finetune eval` on preference pairs (finetune.preference_eval), scored for the tuned model alone.
+_PREFERENCE = {"preference_accuracy", "preference_accuracy_per_token", "logp_margin", "logp_margin_per_token"}
 
 
 class ParamSpec(Section):
@@ -68,8 +70,9 @@ class SweepConfig(Section):
     objective: str = Field(
         "eval_loss",
         description="eval_loss (best eval loss during the run, on data.eval) or a `finetune eval` score "
-        "of the tuned adapter on eval.data: intrinsic.{nll,perplexity,bits_per_byte,token_accuracy} "
-        "or extrinsic.<metric> (e.g. extrinsic.exact_match).",
+        "of the tuned adapter on eval.data: intrinsic.{nll,perplexity,bits_per_byte,token_accuracy}, "
+        "extrinsic.<metric> (e.g. extrinsic.exact_match), or on preference pairs in eval.data "
+        "preference.{preference_accuracy,preference_accuracy_per_token,logp_margin,logp_margin_per_token}.",
     )
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="Default: minimize for losses/perplexity, maximize for task metrics."
@@ -204,17 +207,29 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
     if obj == "eval_loss":
         if not base.data.eval:
             problems.append(("objective", "eval_loss needs data.eval in the base config (or overrides)"))
-    elif obj.startswith(("intrinsic.", "extrinsic.")):
+    elif obj.startswith(("intrinsic.", "extrinsic.", "preference.")):
         kind, _, name = obj.partition(".")
         if not base.eval.data:
             problems.append(("objective", f"{obj} is scored on eval.data; set it in the base config"))
+        elif kind == "preference" or base.method != "sft":
+            from finetune.preference_eval import is_preference_file
+
+            pairs = is_preference_file(base.eval.data)
+            if kind == "preference" and not pairs:
+                problems.append(("objective", f"{obj} needs preference pairs in eval.data ({base.eval.data} "
+                                 "holds chats)"))
+            if kind != "preference" and pairs:
+                problems.append(("objective", f"eval.data {base.eval.data} holds preference pairs: use "
+                                 f"preference.<score> (one of {sorted(_PREFERENCE)})"))
+        if kind == "preference" and name not in _PREFERENCE:
+            problems.append(("objective", f"unknown preference score {name!r} (one of {sorted(_PREFERENCE)})"))
         if kind == "intrinsic" and name not in _INTRINSIC:
             problems.append(("objective", f"unknown intrinsic score {name!r} (one of {sorted(_INTRINSIC)})"))
         if kind == "extrinsic" and name not in base.eval.metrics:
             problems.append(("objective", f"{name!r} is not in eval.metrics {base.eval.metrics}"))
     else:
-        problems.append(("objective", f"unknown objective {obj!r}: eval_loss, intrinsic.<score> or "
-                         "extrinsic.<metric>"))
+        problems.append(("objective", f"unknown objective {obj!r}: eval_loss, intrinsic.<score>, "
+                         "extrinsic.<metric> or preference.<score>"))
     if sweep.pruner != "none" and not base.data.eval:
         problems.append(("pruner", "pruning needs intermediate eval losses: set data.eval, or pruner: none"))
     if sweep.sampler == "grid":

@@ -134,10 +134,19 @@ def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[flo
     from finetune.inference import load_for_inference
 
     kind, _, name = objective.partition(".")
+    model, tok = load_for_inference(run_dir / ("model" if cfg.adapter == "full" else "adapter"))
+    if kind == "preference":
+        from finetune.preference_eval import read_preference_records, score_preferences
+
+        records, _ = read_preference_records(cfg.eval.data)
+        metrics, _ = score_preferences(model, tok, records[: cfg.eval.max_examples or None],
+                                       batch_size=cfg.eval.batch_size, max_length=cfg.max_length)
+        scores = {"preference": metrics}
+        atomic_write_text(run_dir / "sweep_scores.json", json.dumps(scores, indent=2, default=str))
+        return float(metrics[name]), scores
     records, _ = read_eval_records(cfg.eval.data)
     if cfg.eval.max_examples:
         records = records[: cfg.eval.max_examples]
-    model, tok = load_for_inference(run_dir / ("model" if cfg.adapter == "full" else "adapter"))
     scores: dict[str, Any] = {"intrinsic": intrinsic_scores(
         model, tok, [r["messages"] for r in records], loss_on=cfg.data.loss_on,
         batch_size=cfg.eval.batch_size, max_length=cfg.max_length)}

@@ -552,7 +552,14 @@ def test_orpo_and_kto_with_lora_under_zero3_on_two_processes(tiny_model, tmp_pat
     """The reference-free trainer (TRL's fused LM head gathered under ZeRO-3) and KTO (reference =
     adapter off, KL pairs within each rank's batch) on 2 processes; adapters plain PEFT loads."""
     pytest.importorskip("deepspeed")
-    from tests.finetune.test_distributed import MAX_STEPS, _check_adapter, _probes, _run_ok, _show, _write_config
+    from tests.finetune.test_distributed import (
+        MAX_STEPS,
+        _check_adapter,
+        _probes,
+        _run_ok,
+        _show,
+        _write_config,
+    )
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", price_pairs(96, 0))
     for method in ("orpo", "kto"):

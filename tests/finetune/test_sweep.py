@@ -273,6 +273,36 @@ def test_objective_from_finetune_eval_scores(tmp_path, tiny_model, chat_data):
 
 
 @pytest.mark.slow
+def test_a_dpo_sweep_optimises_held_out_preference_accuracy(tmp_path, tiny_model, chat_data):
+    """objective: preference.<score> scores each tuned adapter on the preference pairs of eval.data."""
+    from finetune.config import ConfigError
+    from finetune.inference import load_for_inference
+    from finetune.preference_eval import read_preference_records, score_preferences
+    from finetune.sweep import load_sweep_config, run_sweep
+    from tests.conftest import write_jsonl
+    from tests.finetune.test_preference import parity_pairs
+
+    train_rows, held = parity_pairs(48, 24)
+    base = _write_base(tmp_path, tiny_model, chat_data, eval_steps=None, logging_steps=2, max_steps=4)
+    raw = yaml.safe_load(base.read_text())
+    raw.update(method="dpo", data={"train": str(write_jsonl(tmp_path / "pairs.jsonl", train_rows))},
+               eval={"data": str(write_jsonl(tmp_path / "held.jsonl", held))})
+    base.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="unknown preference score 'accuracy'"):
+        load_sweep_config(_write_sweep(tmp_path, base, objective="preference.accuracy"))
+    with pytest.raises(ConfigError, match="holds preference pairs: use preference"):
+        load_sweep_config(_write_sweep(tmp_path, base, objective="intrinsic.nll"))
+    sweep = load_sweep_config(_write_sweep(tmp_path, base, n_trials=2, objective="preference.logp_margin"))
+    assert sweep.resolved_direction == "maximize"
+    assert run_sweep(sweep)["states"] == {"complete": 2}
+    study = _load(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    records, _ = read_preference_records(tmp_path / "held.jsonl")
+    for t in study.trials:  # the trial's value is the tuned adapter's score, recomputed here
+        model, tok = load_for_inference(Path(t.user_attrs["run_dir"]) / "adapter")
+        assert t.value == pytest.approx(score_preferences(model, tok, records)[0]["logp_margin"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_killed_sweep_resumes_with_finished_trials(tmp_path, tiny_model, chat_data):
     """kill -9 after >= 2 finished trials; the same command again finishes the study, keeping them."""
     base = _write_base(tmp_path, tiny_model, chat_data, max_steps=24, eval_steps=8)
