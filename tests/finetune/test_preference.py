@@ -483,6 +483,38 @@ def test_orpo_and_simpo_losses_equal_a_hand_computation_on_the_completion_tokens
     assert simpo["rewards/margins"] == pytest.approx(2.5 * sum(c - r for c, r in avg) / len(avg), rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method, settings", [
+    ("simpo", []),  # TRL's SimPO defaults (beta 2, gamma 0.5)
+    ("kto", ["kto.beta=0.2"]),
+    # ORPO's NLL term dominates on a random-init model (the paper's lambda 0.1 is for pretrained ones)
+    ("orpo", ["orpo.beta=5.0"]),
+])
+def test_orpo_simpo_and_kto_with_lora_also_make_the_model_prefer_the_right_answer(tiny_model, tmp_path, method,
+                                                                                settings):
+    """The DPO test's data and budget (minus an epoch) with each other method: held-out preference
+    accuracy, as `finetune eval` reports it, rises well above the base's ~0.5 (measured: simpo 0.48 ->
+    0.87, kto 0.48 -> 0.83, orpo 0.48 -> 0.73)."""
+    from finetune.config import load_config
+    from finetune.evaluate import evaluate
+    from finetune.train import train
+
+    train_rows, held_out = parity_pairs(480, 60)
+    train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", held_out)
+    run = tmp_path / "run"
+    train(load_config(None, [
+        f"model={tiny_model}", f"data.train={train_path}", f"output_dir={run}", f"method={method}", *settings,
+        "max_length=128", "training.epochs=3", "training.batch_size=8", "training.learning_rate=2e-3",
+        "training.report_to=[none]", "lora.r=16", "lora.dropout=0", "seed=0"]))
+    assert json.loads((run / "adapter" / "finetune.json").read_text())["method"] == method
+    assert not (run / "adapter" / "ref").exists()
+    report = evaluate(data=eval_path, adapter=run / "adapter", output=tmp_path / "eval", distributed=False)
+    base, tuned = report["models"]["base"]["preference"], report["models"]["tuned"]["preference"]
+    assert abs(base["preference_accuracy"] - 0.5) <= 0.15, base
+    assert tuned["preference_accuracy"] >= base["preference_accuracy"] + 0.15, (base, tuned)
+
+
 def test_kto_kl_completions_come_from_the_other_examples_of_the_batch():
     from finetune.preference import KTOBatchCollator
 
