@@ -4,8 +4,10 @@
 
 For every chat of train/val/test.jsonl: the prompt is the chat up to its last assistant turn, chosen
 is that turn (the price read off the page), rejected a plausible wrong price of the kind a small
-model gets wrong: the digits cut short ("$331" -> "$33"), two digits swapped ("$331" -> "$313"), a
-digit repeated ("$331" -> "$3311"), or the cents dropped ("$152.50" -> "$152"). A chat whose answer is not a price, or has no such variant,
+model gets wrong (the quickstart's SFT adapter's mistakes are mostly these): one digit copied over
+another ("$234" -> "$244", "$50.99" -> "$50.59"), a digit repeated ("$331" -> "$3311"), the digits
+cut short ("$331" -> "$33"), two digits swapped ("$331" -> "$313"), or the cents dropped
+("$152.50" -> "$152"). A chat whose answer is not a price, or has no such variant,
 goes to OUT_DIR/skipped.jsonl with its file, line and reason. Deterministic (seed 0).
 """
 
@@ -27,7 +29,15 @@ def wrong_prices(answer: str) -> list[str]:
     if not m:
         return []
     digits, cents = m.group(1), m.group(2) or ""
+    number = digits + cents
     out = [f"${digits}{digits[-1]}{cents}"]  # a digit repeated
+    for i, d in enumerate(number):  # one digit copied over another ("$234" -> "$244", "$50.99" -> "$50.59")
+        if d == ".":
+            continue
+        for other in set(number) - {d, "."}:
+            wrong = number[:i] + other + number[i + 1:]
+            if not wrong.startswith("0"):
+                out.append(f"${wrong}")
     if len(digits) >= 2:
         out.append(f"${digits[:-1]}{cents}")  # cut short
         for i in range(len(digits) - 1):

@@ -493,8 +493,9 @@ def test_orpo_and_simpo_losses_equal_a_hand_computation_on_the_completion_tokens
 def test_orpo_simpo_and_kto_with_lora_also_make_the_model_prefer_the_right_answer(tiny_model, tmp_path, method,
                                                                                 settings):
     """The DPO test's data and budget (minus an epoch) with each other method: held-out preference
-    accuracy, as `finetune eval` reports it, rises well above the base's ~0.5 (measured: simpo 0.48 ->
-    0.87, kto 0.48 -> 0.83, orpo 0.48 -> 0.73)."""
+    accuracy, as `finetune eval` reports it, rises well above the base's ~0.5. ORPO and SimPO rank
+    replies by their mean log-probability per token, so theirs is the per-token accuracy (the
+    replies differ in length: "odd" and "even" are not the same number of tokens here)."""
     from finetune.config import load_config
     from finetune.evaluate import evaluate
     from finetune.train import train
@@ -511,8 +512,9 @@ def test_orpo_simpo_and_kto_with_lora_also_make_the_model_prefer_the_right_answe
     assert not (run / "adapter" / "ref").exists()
     report = evaluate(data=eval_path, adapter=run / "adapter", output=tmp_path / "eval", distributed=False)
     base, tuned = report["models"]["base"]["preference"], report["models"]["tuned"]["preference"]
-    assert abs(base["preference_accuracy"] - 0.5) <= 0.15, base
-    assert tuned["preference_accuracy"] >= base["preference_accuracy"] + 0.15, (base, tuned)
+    score = "preference_accuracy" if method == "kto" else "preference_accuracy_per_token"
+    assert abs(base[score] - 0.5) <= 0.15, base
+    assert tuned[score] >= base[score] + 0.2, (base, tuned)
 
 
 def test_kto_kl_completions_come_from_the_other_examples_of_the_batch():
