@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer-from", help="reuse this model directory's tokenizer (e.g. a student for a teacher)")
 
     p = sub.add_parser("quickstart", help=COMMANDS["quickstart"], description=COMMANDS["quickstart"])
     p.add_argument("--output-dir", default="quickstart_output")
@@ -254,7 +255,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from finetune.tiny import build_tiny_model
 
         out = build_tiny_model(args.output, args.corpus, vocab_size=args.vocab_size,
-                               hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+                               hidden_size=args.hidden_size, layers=args.layers, seed=args.seed,
+                               tokenizer_from=args.tokenizer_from)
         print(f"tiny model -> {out}")
     elif cmd == "quickstart":
         from finetune.quickstart import quickstart

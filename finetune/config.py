@@ -3,8 +3,9 @@
 Every problem in a config (unknown key, wrong type, bad value, missing file) is collected and
 reported at once, each with its dotted key, before any model or data is loaded.
 
-Relative paths (`model`, `deepspeed`, `data.train`, `data.eval`, `eval.data`): a path written in a
-YAML file is read from that file's directory, so a config works from any working directory
+Relative paths (`model`, `deepspeed`, `init_adapter`, `data.train`, `data.eval`, `eval.data`,
+`distill.teacher`, `distill.teacher_adapter`): a path written in a YAML file is read from that
+file's directory, so a config works from any working directory
 (`deepspeed: ../deepspeed/zero3.json` in configs/train/). When nothing exists there, the current
 directory is used instead, for configs written when paths were read from the working directory.
 A path given as `key=value` on the command line is read from the current directory. Outputs
@@ -28,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from kitcore import overrides as kitcore_overrides
 
@@ -257,24 +259,80 @@ class KTOSection(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples' losses.")
 
 
+class DistillSection(Section):
+    teacher: str | None = Field(
+        None, description="method distill: the teacher, a model directory or hub id (required). It must share the "
+        "student's tokenizer (the same vocabulary, token for token).")
+    teacher_adapter: str | None = Field(
+        None, description="A LoRA adapter directory applied to the teacher (e.g. a fine-tuned teacher's RUN/adapter).")
+    temperature: float = Field(
+        1.0, gt=0, description="Softmax temperature of both distributions in the divergence term (no T^2 factor, "
+        "as in TRL's DistillationTrainer).")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Loss = alpha x cross-entropy on the data's answers + (1 - alpha) x divergence "
+        "to the teacher, both per trained (assistant) token.")
+    divergence: Literal["forward", "reverse", "jsd"] = Field(
+        "forward", description="forward: KL from the teacher to the student, E_teacher[log p_teacher - log p_student] "
+        "(mass-covering); reverse: E_student[log p_student - log p_teacher] (mode-seeking); jsd: the generalized "
+        "Jensen-Shannon divergence (jsd_beta).")
+    jsd_beta: float = Field(
+        0.5, gt=0, lt=1, description="divergence jsd: the teacher's weight in the mixture "
+        "m = (1 - jsd_beta) p_student + jsd_beta p_teacher (TRL's beta); 0.5 is the symmetric JSD.")
+    teacher_load_in_4bit: bool = Field(
+        False, description="Load the teacher in 4-bit (bitsandbytes, with the quantization section's quant_type, "
+        "double_quant, compute and storage dtypes): a quarter of its 16-bit weight memory.")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_present(cls, v: str | None) -> str | None:
+        return None if v is None else _model_present(v)
+
+    @field_validator("teacher_adapter")
+    @classmethod
+    def _teacher_adapter_exists(cls, v: str | None) -> str | None:
+        if v is not None and not (Path(v) / "adapter_config.json").is_file():
+            raise ValueError(f"no adapter_config.json in {v} (expected a PEFT adapter directory, e.g. RUN/adapter)")
+        return v
+
+    @field_validator("jsd_beta")
+    @classmethod
+    def _beta_is_jsd(cls, v: float, info: ValidationInfo) -> float:
+        divergence = info.data.get("divergence", "jsd")
+        if v != 0.5 and divergence != "jsd":
+            raise ValueError(f"set, but distill.divergence is {divergence!r}; jsd_beta weighs the mixture of "
+                             "divergence: jsd only")
+        return v
+
+
+def _model_present(v: str) -> str:
+    """A model named by a local path must exist; a hub id (org/name) is looked up when it loads."""
+    looks_local = v.startswith((".", "/", "~")) or os.sep in v.rstrip(os.sep).split(os.sep, 1)[-1]
+    if looks_local and not Path(v).expanduser().is_dir():
+        raise ValueError(f"model directory not found: {v}")
+    return v
+
+
 # The training methods, what their data holds and whether a reference model scores it.
 PAIRED_METHODS = ("dpo", "orpo", "simpo")
 REFERENCE_METHODS = ("dpo", "kto")
-METHOD_SECTIONS = {"dpo": DPOSection, "orpo": ORPOSection, "simpo": SimPOSection, "kto": KTOSection}
+METHOD_SECTIONS = {"dpo": DPOSection, "orpo": ORPOSection, "simpo": SimPOSection, "kto": KTOSection,
+                   "distill": DistillSection}
 
 
 class TrainConfig(Section):
     model: str = Field(description="Base model: a local directory or a hub id.")
     adapter: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained.")
-    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "distill"] = Field(
         "sft", description="sft: supervised on chat JSONL; dpo, orpo, simpo: preference tuning on preference "
         "pairs (prompt/chosen/rejected, OpenAI's preference format, or chosen/rejected conversations); dpo and "
         "kto train against a reference (the starting model), orpo and simpo need none; kto: unpaired examples "
-        "(prompt, completion, label) or pairs, read as a desirable and an undesirable example.")
+        "(prompt, completion, label) or pairs, read as a desirable and an undesirable example; distill: chat "
+        "JSONL, cross-entropy plus a divergence to a teacher's token distributions (the distill section).")
     dpo: DPOSection = Field(default_factory=DPOSection)
     orpo: ORPOSection = Field(default_factory=ORPOSection)
     simpo: SimPOSection = Field(default_factory=SimPOSection)
     kto: KTOSection = Field(default_factory=KTOSection)
+    distill: DistillSection = Field(default_factory=DistillSection, validate_default=True)
     init_adapter: str | None = Field(
         None, description="A LoRA adapter directory to continue training (e.g. an SFT run's adapter/ before "
         "DPO, which then also serves as the reference).")
@@ -322,10 +380,26 @@ class TrainConfig(Section):
                              "section")
         return v
 
+    @field_validator("distill")
+    @classmethod
+    def _distill_has_a_teacher(cls, v: DistillSection, info: ValidationInfo) -> DistillSection:
+        if info.data.get("method") == "distill" and v.teacher is None:
+            raise PydanticCustomError("value_error", "method distill needs a teacher: a model directory or hub id",
+                                      {"key": "teacher"})
+        return v
+
+    @field_validator("training")
+    @classmethod
+    def _distill_loss_is_chunked(cls, v: TrainingConfig, info: ValidationInfo) -> TrainingConfig:
+        if info.data.get("method") == "distill" and v.loss != "chunked":
+            raise PydanticCustomError("value_error", "method distill always computes its loss a chunk of trained "
+                                      "positions at a time; set training.loss: chunked", {"key": "loss"})
+        return v
+
     @field_validator("packing")
     @classmethod
     def _packing_is_sft(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("method", "sft") != "sft":
+        if v and info.data.get("method", "sft") not in ("sft", "distill"):
             raise ValueError(f"not supported with method {info.data['method']!r} (pairs are scored per sequence)")
         return v
 
@@ -339,10 +413,7 @@ class TrainConfig(Section):
     @field_validator("model")
     @classmethod
     def _model_present(cls, v: str) -> str:
-        looks_local = v.startswith((".", "/", "~")) or os.sep in v.rstrip(os.sep).split(os.sep, 1)[-1]
-        if looks_local and not Path(v).expanduser().is_dir():
-            raise ValueError(f"model directory not found: {v}")
-        return v
+        return _model_present(v)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -389,7 +460,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
 
     for key in ("deepspeed", "model", "init_adapter"):
         fix(raw, key)
-    for section, keys in (("data", ("train", "eval")), ("eval", ("data",))):
+    for section, keys in (("data", ("train", "eval")), ("eval", ("data",)), ("distill", ("teacher", "teacher_adapter"))):
         if isinstance(raw.get(section), dict):
             for key in keys:
                 fix(raw[section], key)
@@ -400,6 +471,8 @@ def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+        if (e.get("ctx") or {}).get("key"):  # a section's validator naming the key inside it
+            loc.append(str(e["ctx"]["key"]))
         key = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `finetune train --help-config`)"

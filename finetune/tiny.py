@@ -91,16 +91,22 @@ def build_tiny_model(
     kv_heads: int = 2,
     max_positions: int = 1024,
     seed: int = 0,
+    tokenizer_from: str | Path | None = None,
 ) -> Path:
-    """Train a tokenizer on `corpus`, build a random-init Llama, save both to `output`."""
+    """Train a tokenizer on `corpus`, build a random-init Llama, save both to `output`.
+    `tokenizer_from`: reuse that directory's tokenizer instead (e.g. a student of the same family as
+    a teacher, for distillation: both must share one tokenizer)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     output = Path(output)
-    texts = list(corpus_texts(corpus)) if corpus else list(_DEFAULT_CORPUS)
-    if not texts:
-        raise ValueError(f"the corpus {corpus} holds no text")
-    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    if tokenizer_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    else:
+        texts = list(corpus_texts(corpus)) if corpus else list(_DEFAULT_CORPUS)
+        if not texts:
+            raise ValueError(f"the corpus {corpus} holds no text")
+        tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
