@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="training run directory, for the loss curve in the report")
     p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks")
     p.add_argument("--lm-eval-include", help="directory of extra lm-eval task YAMLs")
+    p.add_argument("--teacher", default="auto", help="also report each model's KL to this teacher (directory or hub "
+                   "id; it must share the tokenizer): auto = a distillation run's own teacher (default), none = no KL")
+    p.add_argument("--teacher-adapter", help="a LoRA adapter applied to --teacher")
+    p.add_argument("--teacher-4bit", action="store_true", help="load --teacher in 4-bit NF4")
 
     p = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"])
     p.add_argument("--adapter", required=True)

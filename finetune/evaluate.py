@@ -143,8 +143,11 @@ def intrinsic_scores(
     loss_on: str = "assistant",
     batch_size: int = 8,
     max_length: int | None = None,
+    teacher=None,
 ) -> dict[str, float]:
-    """Token-weighted NLL, perplexity, bits per byte and token accuracy (exact sums, all ranks).
+    """Token-weighted NLL, perplexity, bits per byte and token accuracy (exact sums, all ranks); with
+    a `teacher` (a distillation run's), also the KL(teacher || model) per scored token at
+    temperature 1 (`kl_to_teacher`, in nats; finetune.distill.teacher_kl_sum) over the same tokens.
 
     Sums stay on the model's device and are all-reduced there (NCCL reduces device tensors only)."""
     import torch
@@ -154,9 +157,9 @@ def intrinsic_scores(
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     device = next(model.parameters()).device
-    # nll, scored tokens, argmax hits, bytes, invalid examples
+    # nll, scored tokens, argmax hits, bytes, invalid examples, KL to the teacher
     acc = torch.float32 if device.type == "mps" else torch.float64
-    sums = torch.zeros(5, dtype=acc, device=device)
+    sums = torch.zeros(6, dtype=acc, device=device)
     was_training = model.training
     model.eval()
     collate = pad_collate(tokenizer.pad_token_id)
@@ -179,6 +182,11 @@ def intrinsic_scores(
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             nll, hits = scored_token_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if teacher is not None:
+            from finetune.distill import teacher_kl_sum
+
+            sums[5] += teacher_kl_sum(model, teacher, batch["input_ids"], batch["attention_mask"],
+                                      batch["labels"]).to(sums.dtype)
         sums[0] += nll
         sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         sums[2] += hits
@@ -186,7 +194,8 @@ def intrinsic_scores(
         model.train()
     if dist:
         dist.all_reduce(sums)
-    s, tokens, correct, nbytes, invalid_total = (float(x) for x in sums.cpu())
+    s, tokens, correct, nbytes, invalid_total, kl = (float(x) for x in sums.cpu())
+    kl_scores = {} if teacher is None else {"kl_to_teacher": kl / tokens if tokens else math.nan, "kl_to_teacher_sum": kl}
     return {
         "nll": s / tokens if tokens else math.nan,
         "perplexity": math.exp(s / tokens) if tokens else math.nan,
@@ -196,6 +205,7 @@ def intrinsic_scores(
         "tokens": int(tokens),
         "bytes": int(nbytes),
         "n_invalid": int(invalid_total),
+        **kl_scores,
     }
 
 
@@ -251,13 +261,14 @@ def _score_preference_model(model, tokenizer, records, *, label, batch_size, max
 
 
 def _score_text_model(model, tokenizer, records, *, label, metrics, loss_on, max_new_tokens, batch_size,
-                      max_length=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      max_length=None, teacher=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
     intrinsic = intrinsic_scores(model, tokenizer, [r["messages"] for r in records], loss_on=loss_on,
-                                 batch_size=batch_size, max_length=max_length)
+                                 batch_size=batch_size, max_length=max_length, teacher=teacher)
     extrinsic, rows = extrinsic_scores(model, tokenizer, records, metrics=metrics,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-    rank0_print(f"  {label}: perplexity {intrinsic['perplexity']:.3f}, "
+    kl = f", KL to the teacher {intrinsic['kl_to_teacher']:.4f}" if teacher is not None else ""
+    rank0_print(f"  {label}: perplexity {intrinsic['perplexity']:.3f}{kl}, "
                 f"exact match {extrinsic.get('exact_match', float('nan')):.3f} "
                 f"({time.perf_counter() - t0:.1f} s)")
     return {"intrinsic": intrinsic, "extrinsic": extrinsic}, rows
@@ -281,6 +292,9 @@ def evaluate(
     max_length: int | None = None,
     distributed: bool = True,
     tuned_model: str | Path | None = None,
+    teacher: str | None = "auto",
+    teacher_adapter: str | Path | None = None,
+    teacher_4bit: bool = False,
 ) -> dict[str, Any]:
     """Score the base model and (when given) base + adapter on `data`; write the report.
 
@@ -291,6 +305,10 @@ def evaluate(
     `distributed=False` joins no process group.
     `tuned_model`: a fully fine-tuned model directory to score against the base `model` (with the
     tuned model's tokenizer and chat template for both, so that both score the same tokens).
+    `teacher`: a model (directory or hub id) whose KL to each scored model is reported as
+    intrinsic `kl_to_teacher`, with `teacher_adapter` applied and in 4-bit with `teacher_4bit`;
+    "auto" (default) is the teacher of a distillation run (the adapter's or tuned model's
+    finetune.json), None or "none" no teacher.
     """
     if quantize == "none":
         quantize = None
@@ -307,15 +325,52 @@ def evaluate(
                          loss_on=loss_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          max_examples=max_examples, quantize=quantize, run_dir=run_dir,
                          lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
-                         max_length=max_length, tuned_model=tuned_model)
+                         max_length=max_length, tuned_model=tuned_model,
+                         teacher=_resolve_teacher(teacher, teacher_adapter, teacher_4bit, adapter, tuned_model))
     finally:
         if owns_group:
             _end_distributed()
 
 
+def _resolve_teacher(teacher, adapter, four_bit, student_adapter, tuned_model) -> dict[str, Any] | None:
+    """The teacher to score against: as given, or ("auto") the one a distillation run recorded."""
+    if teacher in (None, "none"):
+        return None
+    if teacher != "auto":
+        return {"teacher": teacher, "teacher_adapter": str(adapter) if adapter else None,
+                "teacher_load_in_4bit": four_bit, "teacher_quantization": None}
+    for d in (student_adapter, tuned_model):
+        meta = Path(d) / "finetune.json" if d is not None else None
+        if meta is not None and meta.is_file():
+            return json.loads(meta.read_text()).get("distill")
+    return None
+
+
+def _load_eval_teacher(spec: dict[str, Any], tokenizer, student: str):
+    """The teacher of `spec` (_resolve_teacher) on this process's device, after checking that it
+    shares the student's tokenizer."""
+    from finetune.distill import load_teacher_model, teacher_problems
+    from finetune.inference import _device_map
+
+    problems = teacher_problems(tokenizer, student, spec["teacher"])
+    if problems:
+        raise ValueError(f"teacher {spec['teacher']}: " + "; ".join(problems))
+    qkw = None
+    if spec.get("teacher_load_in_4bit"):
+        from finetune.modeling import resolve_dtype
+
+        q = spec.get("teacher_quantization") or {}
+        qkw = {"quant_type": q.get("quant_type", "nf4"), "double_quant": q.get("double_quant", True),
+               "compute_dtype": resolve_dtype(q.get("compute_dtype", "auto"))}
+    rank0_print(f"teacher: {spec['teacher']}" + (f" + {spec['teacher_adapter']}" if spec.get("teacher_adapter") else "")
+                + (" (4-bit)" if qkw else ""))
+    return load_teacher_model(spec["teacher"], adapter=spec.get("teacher_adapter"), quant_kwargs=qkw,
+                              device_map=_device_map(None, "4bit" if qkw else None))
+
+
 def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_tokens, batch_size,
               max_examples, quantize, run_dir, lm_eval_tasks, lm_eval_include, max_length,
-              tuned_model=None) -> dict[str, Any]:
+              tuned_model=None, teacher=None) -> dict[str, Any]:
     from finetune.modeling import load_base_model, load_tokenizer
     from finetune.preference_eval import is_preference_file, read_preference_records
 
@@ -346,6 +401,9 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
             report["meta"]["quantize"] = adapter_quantization(read_adapter_info(adapter))[0]
         report["meta"].update(base_model=base_name, adapter=str(adapter),
                               device=str(next(peft_model.parameters()).device))
+        if teacher and not preference:
+            kw["teacher"] = _load_eval_teacher(teacher, tok, base_name)
+            report["meta"]["teacher"] = teacher
         rank0_print(f"Evaluating on {len(records)} examples of {data}")
         # The base is the same weights with the adapter switched off: one load, no second copy.
         with peft_model.disable_adapter():
@@ -364,6 +422,9 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
             base.resize_token_embeddings(len(tok))  # the run added chat tokens; the base never saw them
         base.eval()
         report["meta"].update(base_model=model, device=str(next(base.parameters()).device))
+        if teacher and not preference:
+            kw["teacher"] = _load_eval_teacher(teacher, tok, model)
+            report["meta"]["teacher"] = teacher
         rank0_print(f"Evaluating on {len(records)} examples of {data}")
         report["models"]["base"], predictions["base"] = _score_model(base, tok, records, label="base ", **kw)
         if tuned_model:
@@ -436,6 +497,9 @@ def evaluate_run(run_dir: str | Path, cfg, *, subprocess: bool = False) -> dict[
         run_dir=run_dir,
         max_length=cfg.max_length,
     )
+    if cfg.method == "distill":
+        d = cfg.distill
+        kw.update(teacher=d.teacher, teacher_adapter=d.teacher_adapter, teacher_4bit=d.teacher_load_in_4bit)
     if not subprocess:
         return evaluate(**kw, distributed=False)
     import subprocess as sp
@@ -453,6 +517,10 @@ def evaluate_run(run_dir: str | Path, cfg, *, subprocess: bool = False) -> dict[
         cmd += ["--tuned-model", str(kw["tuned_model"])]
     if kw["max_examples"]:
         cmd += ["--max-examples", str(kw["max_examples"])]
+    if kw.get("teacher"):
+        cmd += ["--teacher", kw["teacher"]] + (["--teacher-adapter", str(kw["teacher_adapter"])]
+                                               if kw["teacher_adapter"] else []) + (["--teacher-4bit"]
+                                                                                    if kw["teacher_4bit"] else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_ENV_PREFIXES) and k not in _LAUNCH_ENV}
     rank0_print("post-training eval in a fresh process: " + " ".join(cmd))
     res = sp.run(cmd, env=env)
@@ -487,5 +555,8 @@ def eval_command(args) -> int:
         lm_eval_include=args.lm_eval_include,
         max_length=args.max_length,
         tuned_model=args.tuned_model,
+        teacher=args.teacher,
+        teacher_adapter=args.teacher_adapter,
+        teacher_4bit=args.teacher_4bit,
     )
     return 0

@@ -21,7 +21,7 @@ import functools
 import types
 from typing import Any
 
-__all__ = ["LOGITS_CHUNK_BYTES", "lm_parts", "chunked_nll", "install_chunked_loss"]
+__all__ = ["LOGITS_CHUNK_BYTES", "lm_parts", "head_logits", "chunked_nll", "install_chunked_loss"]
 
 # At most this many bytes of fp32 logits exist at once (256 MiB: 512 positions at a 128k vocabulary).
 LOGITS_CHUNK_BYTES = 256 << 20
@@ -51,6 +51,20 @@ def _logit_post(cfg) -> tuple[float, float | None]:
     return float(scale) if scale else 1.0, getattr(cfg, "final_logit_softcapping", None)
 
 
+def head_logits(head, h, post: tuple[float, float | None] = (1.0, None)):
+    """fp32 logits of the hidden states `h` [N, H] through `head`, with the architecture's logit
+    scaling and soft-capping (`post`, from lm_parts)."""
+    import torch
+
+    scale, cap = post
+    z = head(h).float()
+    if scale != 1.0:
+        z = z * scale
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    return z
+
+
 def chunked_nll(h, head, targets, *, vocab: int, post: tuple[float, float | None] = (1.0, None),
                 chunk_bytes: int = LOGITS_CHUNK_BYTES):
     """(sum of NLL, argmax hits) of `targets` [N] given the hidden states `h` [N, H] and the LM head.
@@ -63,18 +77,8 @@ def chunked_nll(h, head, targets, *, vocab: int, post: tuple[float, float | None
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    scale, cap = post
-
-    def logits(hc):
-        z = head(hc).float()
-        if scale != 1.0:
-            z = z * scale
-        if cap:
-            z = cap * torch.tanh(z / cap)
-        return z
-
     def chunk_nll(hc, tc):
-        z = logits(hc)
+        z = head_logits(head, hc, post)
         # The hits come from the same logits: no second pass through the head for them.
         return F.cross_entropy(z, tc, reduction="sum"), (z.argmax(-1) == tc).sum().float()
 

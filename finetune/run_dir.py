@@ -191,6 +191,15 @@ def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, rt) -> 
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
 
 
+def _distill_meta(cfg: TrainConfig) -> dict:
+    """A distillation run's teacher, so that `finetune eval` of its adapter scores the KL to it."""
+    if cfg.method != "distill":
+        return {}
+    from finetune.distill import teacher_summary
+
+    return {"distill": teacher_summary(cfg)}
+
+
 def export_weights(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
     """Save the (best, when eval data exists) weights with the tokenizer and chat template."""
     name = "model" if cfg.adapter == "full" else "adapter"
@@ -220,6 +229,7 @@ def export_weights(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
                 "quantization": cfg.quantization.model_dump() if cfg.adapter == "qlora" else None,
                 "dtype": cfg.dtype,
                 "max_length": cfg.max_length,
+                **_distill_meta(cfg),
             }, indent=2))
     except OSError as exc:
         if is_main_process():

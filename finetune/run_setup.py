@@ -16,7 +16,8 @@ from finetune.modeling import resolve_dtype
 logger = logging.getLogger(__name__)
 
 __all__ = ["resolve_deepspeed_config", "uses_deepspeed", "zero_stage", "quantization_settings", "autocast_flags",
-           "deepspeed_dtype", "check_quantized_storage", "weights_dtype", "Kernels", "kernel_settings"]
+           "deepspeed_dtype", "check_quantized_storage", "weights_dtype", "Kernels", "kernel_settings",
+           "four_bit_settings"]
 
 
 def resolve_deepspeed_config(cfg: TrainConfig) -> None:
@@ -69,18 +70,23 @@ def zero_stage(cfg: TrainConfig) -> int:
 
 
 def quantization_settings(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
-    """("4bit" | "8bit" | None, bitsandbytes settings) for this run."""
-    import torch
-
+    """("4bit" | "8bit" | None, bitsandbytes settings) for this run's student."""
     if cfg.adapter != "qlora":
         return None, None
-    q = cfg.quantization
-    if q.bits == 8:
+    if cfg.quantization.bits == 8:
         return "8bit", {}
+    return "4bit", four_bit_settings(cfg)
+
+
+def four_bit_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The bitsandbytes 4-bit settings of the quantization section (the student's for QLoRA, the
+    teacher's for `distill.teacher_load_in_4bit`)."""
+    import torch
+
+    q = cfg.quantization
     compute = resolve_dtype(cfg.dtype if q.compute_dtype == "auto" else q.compute_dtype)
     storage = compute if q.storage_dtype == "auto" else getattr(torch, q.storage_dtype)
-    return "4bit", dict(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=compute,
-                        storage_dtype=storage)
+    return dict(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=compute, storage_dtype=storage)
 
 
 def autocast_flags(cfg: TrainConfig, rt) -> tuple[bool, bool]:
@@ -129,11 +135,12 @@ def check_quantized_storage(cfg: TrainConfig, rt) -> None:
     """
     import torch
 
-    quantize, qkw = quantization_settings(cfg)
+    quantize, _ = quantization_settings(cfg)
+    four_bit_teacher = cfg.method == "distill" and cfg.distill.teacher_load_in_4bit  # the same settings
     ds_dtype = deepspeed_dtype(cfg, rt)
-    if quantize != "4bit" or ds_dtype is None:
+    if (quantize != "4bit" and not four_bit_teacher) or ds_dtype is None:
         return
-    storage = qkw["storage_dtype"]
+    storage = four_bit_settings(cfg)["storage_dtype"]
     stage = zero_stage(cfg)
     if ds_dtype == torch.float32 and storage != torch.uint8:
         return  # no fp16/bf16: DeepSpeed casts nothing, and ZeRO-3 partitions each dtype as it is

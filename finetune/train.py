@@ -78,6 +78,10 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     _check_plan(cfg, rt)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
+    if cfg.method == "distill":  # one tokenizer for both, checked before any weights load
+        from finetune.distill import check_teacher
+
+        check_teacher(cfg, tokenizer)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
     stopped_at = _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
@@ -384,6 +388,11 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                   callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window)
     common["data_collator"] = make_collator(cfg, tokenizer)
+    if cfg.method == "distill":
+        # Loaded here, after the TrainingArguments: under ZeRO-3 it is partitioned as it loads.
+        from finetune.distill import KitDistillTrainer, load_teacher
+
+        return KitDistillTrainer(**common, teacher=load_teacher(cfg), distill=cfg.distill)
     if cfg.method != "sft":
         from finetune.preference import method_trainer
 
