@@ -79,6 +79,8 @@ COSTS = {
     "offload_param": "~2-5x step time: every layer's weights are fetched from host memory in forward and backward",
     "shorter": "same speed per token; examples longer than the new max_length are truncated (or dropped)",
     "precompute_ref": "one scoring pass over the training data before training, then no reference forward per step",
+    "teacher_4bit": "the teacher's weights are dequantized in each of its forwards (~1.2-1.5x its forward time), and its "
+                    "distributions carry the NF4 rounding error",
     "liger": "same or faster steps (fused Triton kernels); needs pip install 'finetune-kit[liger]' and a "
              "Llama/Mistral/Qwen2-family model",
 }
@@ -295,6 +297,9 @@ class Setup:
     kernels: str = "none"  # none | liger (training.kernels; GPU only)
     method: str = "sft"  # sft | dpo | orpo | simpo | kto
     precompute_ref: bool = False  # dpo.precompute_ref_log_probs
+    teacher: ModelShape | None = None  # method distill: the teacher's shape
+    teacher_4bit: bool = False  # distill.teacher_load_in_4bit
+    teacher_dtype: str = "bfloat16"  # dtype the teacher's weights load in (the compute dtype)
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     device: str = "gpu"  # gpu | cpu (cpu: the validation target, fp32, process RSS)
     device_memory: int = 80 * GiB
@@ -389,8 +394,20 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         kernels=getattr(t, "kernels", "none") if device == "gpu" else "none",  # Triton kernels: CUDA only
         method=getattr(cfg, "method", "sft"),
         precompute_ref=bool(getattr(getattr(cfg, "dpo", None), "precompute_ref_log_probs", False)),
+        **_teacher_setup(cfg, device),
         device=device, device_memory=device_memory, host_memory=host_memory,
     )
+
+
+def _teacher_setup(cfg, device: str) -> dict[str, Any]:
+    """The teacher of a distillation run, from its config.json (finetune.distill.load_teacher loads
+    it in the compute dtype: bf16 on a GPU, fp32 on CPU, at `dtype: auto`)."""
+    if getattr(cfg, "method", "sft") != "distill":
+        return {}
+    raw, src = resolve_model_config(cfg.distill.teacher)
+    auto = "bfloat16" if device == "gpu" else "float32"
+    return {"teacher": ModelShape.from_config(raw, src), "teacher_4bit": cfg.distill.teacher_load_in_4bit,
+            "teacher_dtype": auto if cfg.dtype == "auto" else cfg.dtype}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,12 +713,48 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
     else:
         gb = _BYTES[s.weight_dtype] if s.adapter == "full" else 4
         lines.append(Line("grads", Pt * gb, 0.0, f"{gb} B per trainable param"))
+        # (the teacher's lines follow the optimizer's, below)
         # torch AdamW keeps m and v in the parameter's dtype; no separate master copy
         lines.append(Line("optimizer states", Pt * 2 * gb, 0.0, f"AdamW m,v: 2 x {gb} B (no master copy)"))
         if s.world > 1:
             lines.append(Line("DDP gradient buckets", Pt * gb, 0.0, "the reducer's flat copy of the grads"))
+    lines += _teacher_weight_lines(s)
     return lines, trainable
 
+
+def _teacher_weight_lines(s: Setup) -> list[Line]:
+    """The frozen teacher of a distillation run: its weights in its own dtype (DeepSpeed casts them
+    to the 16-bit training dtype, as the student's), partitioned under ZeRO-3 (TRL's
+    prepare_deepspeed), whole on every rank at the other stages and without DeepSpeed; in 4-bit, NF4
+    linear layers as for QLoRA. No gradients, no optimizer states."""
+    if s.method != "distill" or s.teacher is None:
+        return []
+    P = param_counts(s.teacher)
+    N = s.world if s.zero_stage == 3 else 1
+    tb = 2 if (s.deepspeed and s.precision in ("bf16", "fp16")) else _BYTES[s.teacher_dtype]
+    div = f" / {N} (ZeRO-3)" if N > 1 else ""
+    host = s.offload_param and s.zero_stage == 3
+    out = []
+
+    def place(name: str, nbytes: float, note: str, offload: bool = host) -> None:
+        out.append(Line(name, 0.0 if offload else nbytes, nbytes if offload else 0.0, note))
+
+    if s.teacher_4bit:
+        nf4 = nf4_bytes_per_param(s.double_quant)
+        rest = P["total"] - P["linear_weights"]
+        place("teacher weights: linear layers NF4", P["linear_weights"] * 0.5 / N,
+              f"{fmt_count(P['linear_weights'])} x 0.5 B{div}")
+        place("teacher weights: NF4 absmax", P["linear_weights"] * (nf4 - 0.5), f"{(nf4 - 0.5) * 8:.3f} bit/param",
+              offload=False)
+        place("teacher weights: embeddings, lm_head, norms", rest * tb / N,
+              f"{fmt_count(rest)} x {tb} B (not quantized){div}")
+    else:
+        place("teacher weights (frozen)", P["total"] * tb / N, f"{fmt_count(P['total'])} params x {tb} B{div}")
+    if s.zero_stage == 3:
+        wb = 0.5 if s.teacher_4bit else tb
+        out.append(Line("zero-3 teacher gathered params", 2 * max(P["per_layer"] * wb, P["embed_tokens"] * tb), 0.0,
+                        "2 x the teacher's largest gathered module (current + prefetched) in its forward"))
+    return out
 
 def _overlap_and_buckets(shape: ModelShape, s: Setup, lines: list[Line]) -> list[Line]:
     """Backward frees each layer's activations as it allocates that layer's gradients, and the
@@ -748,6 +801,57 @@ def _load_peak(shape: ModelShape, s: Setup, trainable: int, lines: list[Line]) -
                  "non-quantized weights upcast to fp32")]
 
 
+# TRL's ChunkedDivergenceFunction (trl/kernels/chunked_divergence.py) projects both models' hidden
+# states onto tiles of this many positions x vocabulary entries, in fp32 (a test keeps them in sync).
+KD_TOKEN_TILE = 4096
+KD_VOCAB_TILE = 32768
+# fp32 tiles alive at once: on a GPU its two buffers (the Triton kernels work in place) plus, in a
+# 16-bit run, the 16-bit copy of the gradient tile in backward. On CPU its torch fallback holds
+# temporaries too: measured alone, 8.0 tiles in forward and 10.8 in backward (512 and 1,024
+# positions); in the CPU training runs of docs/plan.md the step's peak matches 8.
+KD_TILES_CPU = 8.0
+
+
+def _teacher_activation_lines(shape: ModelShape, s: Setup, lines: list[Line]) -> list[Line]:
+    """What distillation adds to a step's peak (finetune.distill), beyond the teacher's weights.
+
+    The teacher runs first, without gradients, and keeps only its final hidden states at the
+    trained positions (at most every token: tokens x H_teacher in the compute dtype) for the
+    divergence. The divergence (TRL's kernel) holds fp32 tiles of min(tokens, 4096) x 32768 logits
+    while it runs (KD_TILES_CPU on CPU, 2-2.5 on a GPU), accumulates the gradient of the student's
+    hidden states in fp32 (4 B x H per token) and keeps three fp32 statistics per token. The cross-entropy's chunk of logits (counted in the head line) is freed
+    before the divergence runs and recomputed after it, so the peak holds the larger of the two.
+    The teacher's own forward (no autograd: one layer's intermediates at a time, the largest being
+    the residual stream, its norm and the SwiGLU's gate/up/product, (2 H + 3 I) x A per token, or the
+    attention's q/k/v and output) runs before the student's forward, so it counts only where it is
+    larger than the student's activations. Validated on CPU (docs/plan.md); not on a GPU."""
+    if s.method != "distill" or s.teacher is None:
+        return []
+    from finetune.losses import LOGITS_CHUNK_BYTES
+
+    t = s.teacher
+    tokens = s.micro_batch * s.seq_len
+    A = _act_bytes(s)
+    hidden = tokens * t.hidden_size * A
+    rows = min(tokens, KD_TOKEN_TILE)
+    n_tiles = KD_TILES_CPU if s.device == "cpu" else (2.5 if A == 2 else 2.0)
+    tile_bytes = n_tiles * rows * KD_VOCAB_TILE * 4
+    out = [Line("activations: teacher hidden states", hidden, 0.0,
+                f"{tokens} tokens x {t.hidden_size} x {A} B, kept for the divergence"),
+           Line("activations: divergence tiles", tile_bytes + tokens * (4 * shape.hidden_size + 12), 0.0,
+                f"TRL's kernel: {n_tiles:g} fp32 tiles of {rows} x {KD_VOCAB_TILE} + fp32 grad of the hidden states")]
+    ce_logits = 12 * shape.vocab_size * min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * shape.vocab_size)))
+    out.append(Line("overlap: divergence after the logits are freed", -min(ce_logits, tile_bytes), 0.0,
+                    "the cross-entropy's chunk of logits and the divergence's tiles are not alive together"))
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    teacher_fwd = tokens * A * max(2 * t.hidden_size + 3 * t.intermediate_size, 2 * t.hidden_size + 3 * q + 2 * kv)
+    student_step = sum(x.device for x in lines + out if x.name.startswith(("activations", "overlap")))
+    if teacher_fwd > student_step:
+        out.append(Line("teacher forward peak", teacher_fwd - student_step, 0.0,
+                        "the teacher's no-grad forward needs more than the student's step"))
+    return out
+
+
 ALLOWANCE_GPU_FIXED = 1.0 * GiB
 ALLOWANCE_FRACTION = 0.05
 
@@ -773,6 +877,7 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     if act["recompute_overlap"]:
         lines.append(Line("overlap: recompute after the loss is freed", act["recompute_overlap"], 0.0,
                           "checkpointing: the recomputed layer and the logits are not alive together"))
+    lines += _teacher_activation_lines(shape, s, lines)
     lines += _overlap_and_buckets(shape, s, lines)
     lines += _load_peak(shape, s, trainable, lines)
     dynamic = sum(x.device for x in lines)
@@ -795,6 +900,7 @@ def _quick(shape: ModelShape, s: Setup) -> Plan:
     act = activation_bytes(shape, s)
     lines += [Line("activations", act["layers"]), Line("activations: head", act["head"]),
               Line("overlap: recompute", act["recompute_overlap"])]
+    lines += _teacher_activation_lines(shape, s, lines)
     lines += _overlap_and_buckets(shape, s, lines)
     lines += _load_peak(shape, s, trainable, lines)
     dyn = sum(x.device for x in lines)
@@ -824,6 +930,8 @@ def _candidates(s: Setup) -> list[tuple[str, str, Setup]]:
     if s.method == "dpo" and s.adapter == "full" and not s.precompute_ref:
         out.append(("dpo.precompute_ref_log_probs=true (no reference model in memory)", "precompute_ref",
                     R(s, precompute_ref=True)))
+    if s.method == "distill" and s.teacher is not None and not s.teacher_4bit:
+        out.append(("distill.teacher_load_in_4bit=true", "teacher_4bit", R(s, teacher_4bit=True)))
     if s.device == "gpu" and s.kernels == "none":
         out.append(("training.kernels none -> liger", "liger", R(s, kernels="liger")))
     if s.adapter == "lora":
@@ -898,6 +1006,8 @@ def render_plan(plan: Plan) -> str:
         f"micro-batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
         + (", Liger kernels" if s.liger else ""),
         f"trainable {fmt_count(plan.trainable)} params ({100 * plan.trainable / plan.params['total']:.3f}%)",
+        *([f"teacher   {s.teacher.source}  ({fmt_count(param_counts(s.teacher)['total'])} params, "
+           f"{'NF4' if s.teacher_4bit else s.teacher_dtype}, frozen)"] if s.method == "distill" and s.teacher else []),
         "",
         f"{'per ' + dev:38s} {'device':>12s} {'host':>12s}   how",
     ]

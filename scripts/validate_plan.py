@@ -49,7 +49,12 @@ CASES = [
     ("lora ZeRO-2", "lora", 2, 2, 256, False),
     ("lora ZeRO-3", "lora", 3, 2, 256, False),
     ("qlora ZeRO-2", "qlora", 2, 2, 256, False),
+    # method distill: the same student, a larger teacher (TEACHER_SHAPE) sharing its tokenizer
+    ("lora distill", "lora", 0, 1, 256, False),
+    ("lora distill", "lora", 0, 1, 512, False),
+    ("lora distill ZeRO-3", "lora", 3, 2, 256, False),
 ]
+TEACHER_SHAPE = dict(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=4)
 BATCH = 2
 REUSE = False
 
@@ -144,7 +149,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_case(case, model: Path, data: Path) -> dict:
+def run_case(case, model: Path, data: Path, teacher: Path | None = None) -> dict:
     import yaml
 
     name, adapter, stage, nproc, length, ckpt = case
@@ -166,6 +171,8 @@ def run_case(case, model: Path, data: Path) -> dict:
     }
     if stage:
         cfg["deepspeed"] = str(REPO / f"configs/deepspeed/zero{stage}.json")
+    if "distill" in name:
+        cfg.update(method="distill", distill={"teacher": str(teacher)})
     cfg_path = d / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     # glibc's dynamic mmap threshold keeps freed 0.1-32 MB tensors in the heap, so without a fixed
@@ -210,13 +217,14 @@ def main() -> int:
     REUSE = args.reuse
     WORK.mkdir(parents=True, exist_ok=True)
     model = build_model(WORK / "model")
+    teacher = build_model(WORK / "teacher", **TEACHER_SHAPE)
     data = build_data(WORK / "train.jsonl")
     rows, worst = [], 0.0
     t_all = time.monotonic()
     for case in CASES:
         if args.only and not re.search(args.only, case[0]):
             continue
-        res = run_case(case, model, data)
+        res = run_case(case, model, data, teacher)
         plan = predict(res["cfg"], case[3])
         pred = plan.device_total
         meas = max(r["train_peak"] for r in res["ranks"])
@@ -233,7 +241,8 @@ def main() -> int:
               "(pred.) | load peak MiB (not predicted) | run s |\n|---|---|---|---|---|---|---|---|---|")
     table = "\n".join([header, *rows])
     summary = (f"Model: Llama 124.7M params (hidden 768, 12 layers, 12/4 heads, vocab 32000), micro-batch {BATCH}, "
-               f"3 steps, fp32 on CPU. Worst error {100 * worst:.1f}% (tolerance {100 * TOLERANCE:.0f}%). "
+               f"3 steps, fp32 on CPU; distill cases: a 245.9M teacher (hidden 1024, 16 layers, 16/4 heads, the same "
+               f"tokenizer). Worst error {100 * worst:.1f}% (tolerance {100 * TOLERANCE:.0f}%). "
                f"Total {time.monotonic() - t_all:.0f} s.")
     print(table + "\n" + summary)
     if not args.no_write and not args.only:

@@ -253,6 +253,42 @@ def test_a_teacher_with_another_output_size_is_refused(tiny_model, tiny_student,
                   load_tokenizer(str(tiny_student)))
 
 
+def test_the_plan_counts_the_teacher():
+    from dataclasses import replace
+
+    from finetune.plan import ModelShape, Setup, make_plan, nf4_bytes_per_param, param_counts
+
+    student = ModelShape(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+    teacher = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    sft = Setup(adapter="lora", micro_batch=2, seq_len=2048, precision="bf16", weight_dtype="bfloat16")
+    kd = replace(sft, method="distill", teacher=teacher)
+    lines = lambda s: {x.name: x.device for x in make_plan(student, s, alternatives=False).lines}  # noqa: E731
+    base, with_teacher = lines(sft), lines(kd)
+    P = param_counts(teacher)
+    assert with_teacher["teacher weights (frozen)"] == P["total"] * 2  # bf16, whole on the device
+    tokens = 2 * 2048
+    assert with_teacher["activations: teacher hidden states"] == tokens * 4096 * 2
+    assert with_teacher["activations: divergence tiles"] > 0
+    assert make_plan(student, kd, alternatives=False).device_total > make_plan(student, sft, alternatives=False).device_total
+    for name in ("weights (frozen)", "trainable params (adapters)", "activations: decoder layers"):
+        assert with_teacher[name] == base[name], name  # the student's own lines are unchanged
+    q = lines(replace(kd, teacher_4bit=True))
+    nf4 = P["linear_weights"] * nf4_bytes_per_param(True) + (P["total"] - P["linear_weights"]) * 2
+    assert sum(v for k, v in q.items() if k.startswith("teacher weights")) == pytest.approx(nf4)
+    z3 = lines(replace(kd, zero_stage=3, gpus_per_node=8))
+    assert z3["teacher weights (frozen)"] == P["total"] * 2 / 8  # partitioned like the student
+    from trl.kernels import chunked_divergence
+
+    from finetune.plan import KD_TOKEN_TILE, KD_VOCAB_TILE
+
+    assert (KD_TOKEN_TILE, KD_VOCAB_TILE) == (chunked_divergence.TOKEN_CHUNK_SIZE, chunked_divergence.VOCAB_CHUNK_SIZE)
+    # the plan offers the 4-bit teacher when the run does not fit
+    tight = make_plan(student, replace(kd, device_memory=int(make_plan(student, kd).device_total * 0.8)))
+    assert not tight.fits and any("teacher_load_in_4bit" in a["change"] for a in tight.alternatives), tight.alternatives
+
+
 # ----------------------------------------------------------------------------------------------
 # training and evaluation
 # ----------------------------------------------------------------------------------------------
