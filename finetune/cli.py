@@ -12,6 +12,7 @@ import os
 import sys
 
 from finetune.config import ConfigError, describe_schema, load_config
+from finetune.generate import add_generate_arguments
 from finetune.plan import add_plan_arguments
 
 COMMANDS = {
@@ -19,7 +20,7 @@ COMMANDS = {
     "prepare": "Tokenize the training data into its on-disk cache ahead of the launch (worker processes).",
     "preview": "Show the tokens of the first examples and which ones are trained (loss masks).",
     "eval": "Evaluate a base model and/or an adapter: perplexity, bits/byte, task metrics, report.",
-    "generate": "Generate replies for a JSONL file of prompts or chats with an adapter.",
+    "generate": "Answer a JSONL file of prompts or chats with a model (a teacher) or an adapter, as chat JSONL for SFT.",
     "chat": "Chat with an adapter in the terminal (streams tokens; /reset, /exit).",
     "merge": "Merge an adapter into its base model and save a standalone model directory.",
     "export": "Export a merged adapter (or the adapter alone) as GGUF for llama.cpp, Ollama and LM Studio.",
@@ -90,15 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-4bit", action="store_true", help="load --teacher in 4-bit NF4")
 
     p = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"])
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--input", required=True, help="JSONL of {messages: [...]} or {prompt: ...}")
-    p.add_argument("--output", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--model", help="override the base model recorded in the adapter")
-    p.add_argument("--quantize", choices=["auto", "none", "4bit", "8bit"], default="auto",
-                   help="how to load the base: auto = as the adapter was trained (4-bit for QLoRA), "
-                   "none = full precision (default: auto)")
+    add_generate_arguments(p)
 
     p = sub.add_parser("chat", help=COMMANDS["chat"], description=COMMANDS["chat"])
     p.add_argument("--adapter", required=True)
@@ -232,7 +225,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return eval_command(args)
     elif cmd == "generate":
-        from finetune.inference import generate_command
+        from finetune.generate import generate_command
 
         return generate_command(args)
     elif cmd == "chat":

@@ -35,5 +35,9 @@ class ExportError(ValueError):
     """A model or adapter cannot be exported as asked (architecture, quantization, tokenizer, layout)."""
 
 
+class GenerateError(ValueError):
+    """`finetune generate` cannot run as asked (its settings, or the output it would continue)."""
+
+
 USER_ERRORS = (ConfigError, DataError, ChatFormatError, AdapterError, RunDirError, FileNotFoundError,
-               CheckpointWriteError, UnsafeCheckpointError, ExportError)
+               CheckpointWriteError, UnsafeCheckpointError, ExportError, GenerateError)

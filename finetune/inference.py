@@ -23,7 +23,7 @@ from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolv
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_for_inference", "chat", "generate_replies", "merge_adapter", "read_adapter_info"]
+__all__ = ["load_for_inference", "load_model_for_inference", "chat", "generate_replies", "generate_batch", "merge_adapter", "read_adapter_info"]
 
 
 def read_adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
@@ -244,6 +244,21 @@ def load_for_inference(
     return model, tokenizer
 
 
+def load_model_for_inference(name: str, *, quantize: str | None = None, device: str | None = None,
+                             dtype: str = "auto", trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of a model without an adapter (a teacher, a merged model), ready for
+    ``generate``: its own tokenizer and chat template (ChatML when it has none), eval mode, placed
+    as load_for_inference places models. ``quantize``: None, "4bit" or "8bit"."""
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    model = load_base_model(name, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code,
+                            device_map=_device_map(device, quantize))
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # the ChatML fallback added its tokens
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def generate_replies(
     model,
     tokenizer,
@@ -255,34 +270,42 @@ def generate_replies(
     **gen_kwargs: Any,
 ) -> list[str]:
     """Greedy (by default) replies to each conversation, batched, stopping at the end-of-turn token."""
-    import torch
     from tqdm.auto import tqdm
 
     prompts = [render_prompt(tokenizer, c) for c in conversations]
-    stop = _stop_ids(tokenizer)
     replies: list[str] = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+        replies += [text for text, _ in generate_batch(model, tokenizer, prompts[start:start + batch_size],
+                                                       max_new_tokens=max_new_tokens, **gen_kwargs)]
+    return replies
+
+
+def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
+                   **gen_kwargs: Any) -> list[tuple[str, bool]]:
+    """(reply, finished) for each rendered prompt (render_prompt's text) in one `generate` call:
+    the reply decoded up to the end-of-turn token, and whether it reached one within
+    `max_new_tokens` (False: the reply was cut off). Greedy unless `do_sample=True` is passed."""
+    import torch
+
+    stop = _stop_ids(tokenizer)
     device = next(model.parameters()).device
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     gen_kwargs = {"do_sample": False, **gen_kwargs}
     try:
-        batches = range(0, len(prompts), batch_size)
-        for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stop,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **gen_kwargs,
-                )
-            new = out[:, enc["input_ids"].shape[1] :]
-            replies.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
     finally:
         tokenizer.padding_side = old_side
-    return [r.strip() for r in replies]
+    results = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
+        results.append((text.strip(), end is not None))
+    return results
 
 
 def chat(model, tokenizer, messages: list[dict[str, str]], **gen_kwargs: Any) -> str:
@@ -328,44 +351,6 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "
 # ----------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------
-def _read_prompts(path: Path) -> list[tuple[dict, list[dict[str, str]]]]:
-    from finetune.data import DataError
-
-    items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-            msgs = obj["messages"]
-            if msgs and msgs[-1].get("role") == "assistant":
-                msgs = msgs[:-1]
-        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-            msgs = [{"role": "user", "content": obj["prompt"]}]
-        elif isinstance(obj, str):
-            msgs = [{"role": "user", "content": obj}]
-        else:
-            raise DataError(f"{path}:{lineno}: expected {{messages: [...]}}, {{prompt: ...}} or a string")
-        items.append((obj if isinstance(obj, dict) else {"prompt": obj}, msgs))
-    return items
-
-
-def generate_command(args) -> int:
-    from finetune.utils import atomic_write_text
-
-    items = _read_prompts(Path(args.input))
-    model, tok = load_for_inference(args.adapter, base_model=args.model, quantize=args.quantize)
-    replies = generate_replies(model, tok, [m for _, m in items], max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, progress=True)
-    lines = [json.dumps({**obj, "reply": r}, ensure_ascii=False) for (obj, _), r in zip(items, replies)]
-    atomic_write_text(args.output, "\n".join(lines) + "\n")
-    print(f"{len(replies)} replies -> {args.output}")
-    return 0
-
-
 def chat_command(args) -> int:
     from transformers import TextStreamer
 

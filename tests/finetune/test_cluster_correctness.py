@@ -248,8 +248,9 @@ def test_a_plain_peft_adapter_evaluates_merges_and_generates(tiny_model, chat_da
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "How much is the oak desk?"}) + "\n")
     _cli("generate", "--model", str(tiny_model), "--adapter", str(adapter), "--input", str(prompts),
-         "--output", str(tmp_path / "replies.jsonl"), "--max-new-tokens", "4")
-    assert "reply" in json.loads((tmp_path / "replies.jsonl").read_text().splitlines()[0])
+         "--output", str(tmp_path / "replies.jsonl"), "--max-new-tokens", "4", "--keep-unfinished")
+    first = json.loads((tmp_path / "replies.jsonl").read_text().splitlines()[0])
+    assert first["messages"][0]["content"] == "How much is the oak desk?" and first["messages"][-1]["role"] == "assistant"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,7 +70,10 @@ def test_generate_command_writes_replies(trained_run, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert len(rows) == 2 and all(isinstance(x["reply"], str) for x in rows)
+    # chat JSONL: the prompt's conversation, then the model's reply as the assistant turn
+    assert len(rows) == 2 and all(x["messages"][-1]["role"] == "assistant" for x in rows)
+    assert all(isinstance(x["messages"][-1]["content"], str) for x in rows)
+    assert rows[0]["messages"][0] == {"role": "user", "content": "The oak desk costs $40.\n\nHow much is the oak desk?"}
 
 
 def test_chat_command_two_turns_over_stdin(trained_run):
