@@ -236,3 +236,94 @@ def test_liger_kernels_are_applied_and_give_the_loss_of_the_kits_chunked_loss(ti
             info = json.loads((run / "run.json").read_text())["kernels"]
             assert info["liger"]["fused_linear_cross_entropy"] is True, info
     assert abs(losses["liger"] - losses["none"]) <= 1e-3 * abs(losses["none"]), losses
+
+
+# ----------------------------------------------------------------------------------------------
+# distillation and sequence-level generation
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpu_student(tmp_path_factory, tiny_model) -> Path:
+    from finetune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("student") / "model", tokenizer_from=tiny_model, hidden_size=32,
+                            layers=2, heads=4, kv_heads=2, max_positions=512, seed=1)
+
+
+def test_the_triton_divergence_equals_the_cpu_one(tiny_model, gpu_student, chat_data):
+    """TRL's kernel runs Triton on CUDA and a torch fallback on CPU (which tests/finetune/test_distill.py
+    checks against a hand computation): the same loss and gradients on the same batch, in fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.chat_template import encode_chat
+    from finetune.config import DistillSection
+    from finetune.data import pad_collate, read_chat_jsonl
+    from finetune.distill import install_distill_loss, install_teacher_hidden
+
+    tok = AutoTokenizer.from_pretrained(gpu_student)
+    rows = [encode_chat(tok, r["messages"], max_length=128) for r in read_chat_jsonl(chat_data["eval"])[:6]]
+    batch = pad_collate(tok.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in rows])
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to(device).eval()
+        student = AutoModelForCausalLM.from_pretrained(gpu_student, dtype=torch.float32).to(device)
+        install_teacher_hidden(teacher)
+        install_distill_loss(student, teacher, DistillSection(teacher="t", divergence="jsd", jsd_beta=0.3,
+                                                              temperature=2.0, alpha=0.4))
+        b = {k: v.to(device) for k, v in batch.items()}
+        h_t = teacher(**{k: b[k] for k in ("input_ids", "attention_mask")}, labels=b["labels"])
+        out = student(**b, teacher_hidden=h_t)
+        out.loss.backward()
+        results[device] = (float(out.loss), student.lm_head.weight.grad.cpu(), student.model.norm.weight.grad.cpu())
+    assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-4)
+    for a, b in zip(results["cuda"][1:], results["cpu"][1:]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_distillation_with_a_4bit_teacher_trains_and_evaluates_on_the_gpu(tiny_model, gpu_student, chat_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    _run([sys.executable, "-m", "finetune", "train", *_overrides(gpu_student, chat_data, out, "method=distill",
+          f"distill.teacher={tiny_model}", "distill.teacher_load_in_4bit=true", "training.logging_steps=1",
+          "eval.after_train=true", f"eval.data={chat_data['eval']}", "eval.max_examples=4", "eval.max_new_tokens=4",
+          "eval.metrics=[exact_match]")])
+    logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"kd_loss"' in ln]
+    assert len(logs) == 6 and all(m["kd_loss"] > 0 for m in logs), logs
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["meta"]["teacher"]["teacher_load_in_4bit"] and report["meta"]["device"].startswith("cuda")
+    assert report["models"]["tuned"]["intrinsic"]["kl_to_teacher"] > 0
+
+
+def test_distillation_under_zero3_on_gpus(tiny_model, gpu_student, chat_data, tmp_path):
+    pytest.importorskip("deepspeed")
+    nproc = min(2, torch.cuda.device_count())
+    config, run = _config(tmp_path, gpu_student, chat_data, "method=distill", f"distill.teacher={tiny_model}",
+                          "training.logging_steps=1")
+    res = _launch("deepspeed_zero3.yaml", nproc, "-m", "finetune", "train", str(config))
+    assert "ZeRO stage 3" in res.stdout and "teacher " in res.stdout, res.stdout[-3000:]
+    logs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"kd_loss"' in ln]
+    assert len(logs) == 6, logs
+
+
+def test_generate_with_vllm_gives_the_transformers_answers(tmp_path):
+    """vLLM on the GPU and transformers generate write the same file (greedy; vLLM computes in 16 bits,
+    so a near tie may flip a token: at least 4 of 5 answers must agree exactly)."""
+    pytest.importorskip("vllm")
+    from finetune.generate import generate_file
+    from finetune.tiny import build_random_adapter, build_tiny_model
+    from tests.conftest import make_chat_examples, write_jsonl
+
+    # head_dim 64: vLLM's attention kernels do not take the tests' usual 16
+    model = build_tiny_model(tmp_path / "model", hidden_size=256, layers=2, heads=4, kv_heads=2, max_positions=512)
+    adapter = build_random_adapter(model, tmp_path / "adapter")
+    inp = write_jsonl(tmp_path / "p.jsonl", make_chat_examples(5, seed=0))
+    files = {}
+    for engine in ("vllm", "transformers"):
+        files[engine] = tmp_path / f"{engine}.jsonl"
+        res = generate_file(input=inp, output=files[engine], adapter=str(adapter), max_new_tokens=8,
+                            keep_unfinished=True, engine=engine, progress=False)
+        assert res["engine"] == engine and res["written"] == 5, res
+    rows = {k: [json.loads(ln) for ln in f.read_text().splitlines()] for k, f in files.items()}
+    assert [r["messages"][:-1] for r in rows["vllm"]] == [r["messages"][:-1] for r in rows["transformers"]]
+    same = sum(a["messages"][-1] == b["messages"][-1] for a, b in zip(rows["vllm"], rows["transformers"]))
+    assert same >= 4, rows
