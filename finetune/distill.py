@@ -318,7 +318,10 @@ class KitDistillTrainer(LengthGroupedSampling, Trainer):
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self._kd_sums: dict[str, list] = {"train": [], "eval": []}
         n = sum(getattr(p, "ds_numel", None) or p.numel() for p in teacher.parameters())
-        rank0_print(f"teacher          {distill.teacher} ({n / 1e6:.2f}M params, frozen"
+        # Under ZeRO-3 a parameter's own tensor is empty and this rank's partition is its ds_tensor.
+        here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters())
+        where = f", {here / 1e6:.2f}M of them on this rank (ZeRO-3)" if here < n else ""
+        rank0_print(f"teacher          {distill.teacher} ({n / 1e6:.2f}M params{where}, frozen"
                     f"{', 4-bit' if distill.teacher_load_in_4bit else ''}"
                     f"{', adapter ' + distill.teacher_adapter if distill.teacher_adapter else ''}); "
                     f"loss = {distill.alpha:g} x CE + {1 - distill.alpha:g} x {distill.divergence}"

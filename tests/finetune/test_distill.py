@@ -378,3 +378,104 @@ def test_distillation_trains_the_student_towards_the_teacher(tiny_model, tiny_st
     assert not math.isnan(tuned["kl_to_teacher"])
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "kl_to_teacher" in md
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_distillation_under_zero3_on_two_processes(tiny_model, tiny_student, tmp_path):
+    """ZeRO-3 on 2 CPU processes (gloo): the student's and the teacher's weights are partitioned,
+    each rank trains on its own examples, the divergence falls, and the adapter is whole."""
+    pytest.importorskip("deepspeed")
+    import re
+
+    from tests.finetune import test_distributed as D
+
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", make_chat_examples(96, seed=0))}
+    config, run = D._write_config(tmp_path, tiny_student, data, method="distill",
+                                distill={"teacher": str(tiny_model), "alpha": 0.2, "temperature": 2.0})
+    res = D._run_ok("deepspeed_zero3.yaml", config)
+    why = D._show(res)
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2, why
+    assert "ZeRO stage 3" in res.stdout, why
+    m = re.search(r"teacher +\S+ \(([\d.]+)M params, ([\d.]+)M of them on this rank \(ZeRO-3\)", res.stdout)
+    assert m and float(m.group(2)) < 0.75 * float(m.group(1)), why  # the teacher is partitioned too
+    p0, p1 = D._probes(run)
+    seen0 = {h for b in p0["batches"] for h in b}
+    seen1 = {h for b in p1["batches"] for h in b}
+    assert seen0 and seen1 and not seen0 & seen1, "ranks saw the same examples"
+    logs = [m for m in _metrics(run) if "loss" in m]
+    assert len(logs) == D.MAX_STEPS, logs
+    for m in logs:
+        assert m["loss"] == pytest.approx(0.2 * m["ce_loss"] + 0.8 * m["kd_loss"], rel=1e-4), m
+    assert logs[-1]["kd_loss"] < logs[0]["kd_loss"], logs
+    D._check_adapter(run, tiny_student)
+
+
+def test_a_4bit_teacher_with_an_adapter_is_frozen_and_scores_as_its_adapter_says(tiny_model, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from finetune.distill import load_teacher_model
+    from finetune.modeling import load_tokenizer
+    from finetune.tiny import build_random_adapter
+
+    adapter = build_random_adapter(tiny_model, tmp_path / "adapter", std=0.5)
+    tok = load_tokenizer(str(tiny_model))
+    batch = _batch(tok, 2)
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    plain = load_teacher_model(str(tiny_model), quant_kwargs={"compute_dtype": torch.float32})
+    tuned = load_teacher_model(str(tiny_model), adapter=str(adapter), quant_kwargs={"compute_dtype": torch.float32})
+    for teacher in (plain, tuned):
+        assert "Linear4bit" in {type(m).__name__ for m in teacher.modules()}
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    h_plain, h_tuned = plain(**kw), tuned(**kw)
+    assert h_plain.shape == h_tuned.shape == (int((batch["labels"][:, 1:] != -100).sum()), 64)
+    assert not h_plain.requires_grad and (h_plain - h_tuned).abs().max() > 1e-2  # the adapter is applied
+
+
+def test_a_lora_on_an_output_layer_is_refused_where_the_divergence_reads_it(tiny_model, tiny_student, chat_data,
+                                                                           tmp_path):
+    from finetune.config import ConfigError, load_config
+    from finetune.tiny import build_random_adapter
+    from finetune.train import train
+
+    head_adapter = build_random_adapter(tiny_model, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+    base = [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}",
+            "training.max_steps=1", "training.report_to=[none]", "max_length=128"]
+    with pytest.raises(ConfigError) as e:
+        train(load_config(None, [*base, f"distill.teacher_adapter={head_adapter}"]))
+    assert e.value.problems[0][0] == "distill.teacher_adapter" and "merge it into the teacher" in e.value.problems[0][1]
+    with pytest.raises(ConfigError) as e:
+        train(load_config(None, [*base, "lora.target_modules=[q_proj,lm_head]", f"output_dir={tmp_path / 'run2'}"]))
+    assert e.value.problems[0][0] == "lora.target_modules" and "modules_to_save" in e.value.problems[0][1]
+
+
+@pytest.mark.slow
+def test_packed_distillation_gives_the_loss_of_padded_batches(tiny_model, tiny_student, chat_data, tmp_path):
+    """packing: true with method distill: the teacher sees the same packed rows (position ids, no
+    cross-attention), so the first step's loss is the padded run's; and a 4-bit teacher with an
+    adapter trains through the same path."""
+    pytest.importorskip("bitsandbytes")
+    from finetune.config import load_config
+    from finetune.tiny import build_random_adapter
+    from finetune.train import train
+
+    common = [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}",
+              "distill.alpha=0.3", "max_length=128", "training.max_steps=2", "training.batch_size=8",
+              "training.logging_steps=1", "training.report_to=[none]", "lora.dropout=0", "seed=0"]
+    first = {}
+    for packing in ("false", "true"):
+        run = tmp_path / f"packing-{packing}"
+        train(load_config(None, [*common, f"packing={packing}", f"output_dir={run}"]))
+        first[packing] = [m for m in _metrics(run) if "loss" in m][0]
+    for key in ("loss", "ce_loss", "kd_loss"):
+        assert first["true"][key] == pytest.approx(first["false"][key], rel=1e-4), (key, first)
+    adapter = build_random_adapter(tiny_model, tmp_path / "teacher_adapter", std=0.5)
+    run = tmp_path / "4bit"
+    train(load_config(None, [*common, f"output_dir={run}", "distill.teacher_load_in_4bit=true",
+                             f"distill.teacher_adapter={adapter}"]))
+    logs = [m for m in _metrics(run) if "loss" in m]
+    assert len(logs) == 2 and logs[0]["kd_loss"] != pytest.approx(first["false"]["kd_loss"], rel=1e-3)
+    meta = json.loads((run / "adapter" / "finetune.json").read_text())["distill"]
+    assert meta["teacher_load_in_4bit"] and meta["teacher_quantization"]["quant_type"] == "nf4"
+    assert meta["teacher_adapter"] == str(adapter.resolve())
