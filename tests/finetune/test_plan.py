@@ -76,7 +76,8 @@ def test_lora_trainable_equals_peft(targets, to_save):
 
 
 PUBLISHED = {  # parameter counts on the models' hub pages / safetensors metadata
-    "llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496, "mistral-7b-v0.3": 7_248_023_552,
+    "llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496, "llama-3.2-1b": 1_235_814_400,
+    "mistral-7b-v0.3": 7_248_023_552,
     "qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664, "qwen2.5-32b": 32_763_876_352,
     "qwen2.5-72b": 72_706_203_648,
 }
