@@ -101,3 +101,15 @@ def test_bench_export_smoke(tmp_path):
     f16, q8 = res
     assert q8["gguf_bytes"] < f16["gguf_bytes"]  # 8.5 bits per weight against 16
     assert "peak RSS / one copy of the weights" in stdout
+
+
+@pytest.mark.slow
+def test_bench_distill_smoke(tmp_path):
+    """The distilled student ends closer to the teacher on held-out conversations than the same
+    student trained by SFT on the same data, steps and learning rate."""
+    res, stdout = _run("bench_distill.py", tmp_path)
+    sft, kd, init = res["sft"], res["distill"], res["initial_student"]
+    assert sft["steps"] == kd["steps"] > 0 and sft["examples_seen"] == kd["examples_seen"]
+    assert sft["tokens"] == kd["tokens"] > 0  # scored on the same held-out tokens
+    assert kd["kl_to_teacher"] < sft["kl_to_teacher"] < init["kl_to_teacher"], res
+    assert "distilled student's KL to the teacher:" in stdout
