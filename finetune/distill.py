@@ -46,9 +46,9 @@ from finetune.utils import rank0_print
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["divergence_beta", "token_divergence", "teacher_problems", "check_teacher", "load_teacher", "install_distill_loss",
-           "load_teacher_model", "install_teacher_hidden", "teacher_kl_sum", "trained_hidden_states", "KitDistillTrainer",
-           "teacher_summary"]
+__all__ = ["divergence_beta", "token_divergence", "trained_hidden_states", "teacher_problems", "check_teacher",
+           "load_teacher", "load_teacher_model", "install_teacher_hidden", "install_distill_loss", "teacher_kl_sum",
+           "KitDistillTrainer", "teacher_summary"]
 
 
 def divergence_beta(d: DistillSection) -> float:

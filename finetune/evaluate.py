@@ -497,9 +497,8 @@ def evaluate_run(run_dir: str | Path, cfg, *, subprocess: bool = False) -> dict[
         run_dir=run_dir,
         max_length=cfg.max_length,
     )
-    if cfg.method == "distill":
-        d = cfg.distill
-        kw.update(teacher=d.teacher, teacher_adapter=d.teacher_adapter, teacher_4bit=d.teacher_load_in_4bit)
+    # A distillation run's teacher is read back from the exported finetune.json (teacher="auto"), with
+    # the 4-bit settings it trained with.
     if not subprocess:
         return evaluate(**kw, distributed=False)
     import subprocess as sp
@@ -517,10 +516,6 @@ def evaluate_run(run_dir: str | Path, cfg, *, subprocess: bool = False) -> dict[
         cmd += ["--tuned-model", str(kw["tuned_model"])]
     if kw["max_examples"]:
         cmd += ["--max-examples", str(kw["max_examples"])]
-    if kw.get("teacher"):
-        cmd += ["--teacher", kw["teacher"]] + (["--teacher-adapter", str(kw["teacher_adapter"])]
-                                               if kw["teacher_adapter"] else []) + (["--teacher-4bit"]
-                                                                                    if kw["teacher_4bit"] else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_ENV_PREFIXES) and k not in _LAUNCH_ENV}
     rank0_print("post-training eval in a fresh process: " + " ".join(cmd))
     res = sp.run(cmd, env=env)

@@ -158,9 +158,14 @@ class _VLLMEngine:
                                 "transformers")
         kwargs: dict[str, Any] = {"model": model_ref(base), "seed": seed}
         if quantize == "4bit":
-            kwargs["quantization"] = "bitsandbytes"
+            kwargs["quantization"] = "bitsandbytes"  # in-flight NF4, as TRL's vLLM generation asks for it
         if adapter:
-            kwargs.update(enable_lora=True, max_lora_rank=max(16, int(info.get("r") or 16)))
+            # vLLM takes LoRA ranks from a fixed set; the adapter's tokenizer (with its chat template) decodes.
+            r = int(info.get("r") or 16)
+            kwargs.update(enable_lora=True, max_lora_rank=next((x for x in (8, 16, 32, 64, 128, 256, 320, 512)
+                                                                if x >= r), r))
+            if any((Path(adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+                kwargs["tokenizer"] = str(Path(adapter).resolve())
         self.llm = LLM(**kwargs)
         from finetune.inference import _stop_ids
 

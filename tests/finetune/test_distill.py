@@ -391,8 +391,12 @@ def test_distillation_under_zero3_on_two_processes(tiny_model, tiny_student, tmp
     from tests.finetune import test_distributed as D
 
     data = {"train": write_jsonl(tmp_path / "train.jsonl", make_chat_examples(96, seed=0))}
+    held_out = write_jsonl(tmp_path / "eval.jsonl", make_chat_examples(6, seed=1))
+    # the post-training eval runs in a fresh process (a DeepSpeed run) and finds the teacher in the adapter
     config, run = D._write_config(tmp_path, tiny_student, data, method="distill",
-                                distill={"teacher": str(tiny_model), "alpha": 0.2, "temperature": 2.0})
+                                  distill={"teacher": str(tiny_model), "alpha": 0.2, "temperature": 2.0},
+                                  eval={"after_train": True, "data": str(held_out), "max_new_tokens": 2,
+                                        "metrics": ["exact_match"]})
     res = D._run_ok("deepspeed_zero3.yaml", config)
     why = D._show(res)
     assert json.loads((run / "run.json").read_text())["world_size"] == 2, why
@@ -409,6 +413,10 @@ def test_distillation_under_zero3_on_two_processes(tiny_model, tiny_student, tmp
         assert m["loss"] == pytest.approx(0.2 * m["ce_loss"] + 0.8 * m["kd_loss"], rel=1e-4), m
     assert logs[-1]["kd_loss"] < logs[0]["kd_loss"], logs
     D._check_adapter(run, tiny_student)
+    report = json.loads((run / "eval" / "report.json").read_text())
+    base, tuned = (report["models"][k]["intrinsic"] for k in ("base", "tuned"))
+    assert report["meta"]["teacher"]["teacher"] == str(Path(tiny_model).resolve()), report["meta"]
+    assert 0 < tuned["kl_to_teacher"] < base["kl_to_teacher"], (base, tuned)
 
 
 def test_a_4bit_teacher_with_an_adapter_is_frozen_and_scores_as_its_adapter_says(tiny_model, tmp_path):
