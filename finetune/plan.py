@@ -295,7 +295,7 @@ class Setup:
     gradient_checkpointing: bool = False
     loss: str = "chunked"  # chunked | full (training.loss)
     kernels: str = "none"  # none | liger (training.kernels; GPU only)
-    method: str = "sft"  # sft | dpo | orpo | simpo | kto
+    method: str = "sft"  # sft | dpo | orpo | simpo | kto | distill
     precompute_ref: bool = False  # dpo.precompute_ref_log_probs
     teacher: ModelShape | None = None  # method distill: the teacher's shape
     teacher_4bit: bool = False  # distill.teacher_load_in_4bit
@@ -713,7 +713,6 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
     else:
         gb = _BYTES[s.weight_dtype] if s.adapter == "full" else 4
         lines.append(Line("grads", Pt * gb, 0.0, f"{gb} B per trainable param"))
-        # (the teacher's lines follow the optimizer's, below)
         # torch AdamW keeps m and v in the parameter's dtype; no separate master copy
         lines.append(Line("optimizer states", Pt * 2 * gb, 0.0, f"AdamW m,v: 2 x {gb} B (no master copy)"))
         if s.world > 1:

@@ -24,7 +24,9 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
     path = cfg.data.train if split == "train" else cfg.data.eval
     if path is None:
         raise ValueError("data.eval is not set, so there is no eval split to preview")
-    if cfg.method != "sft":
+    from finetune.data_cache import data_kind
+
+    if data_kind(cfg) != "sft":  # distillation trains on chat JSONL, with SFT's masks
         return _preference_examples(tok, path, n, unpaired=cfg.method == "kto")
     out = []
     for rec in read_chat_jsonl(path)[:n]:

@@ -225,8 +225,10 @@ def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
     notes = []
     fused = cfg.training.loss == "chunked" and cfg.method == "sft"
     if cfg.method != "sft":
-        notes.append(f"method {cfg.method}: TRL's trainer scores through its own chunked LM head; Liger's fused "
-                     "loss stays off (its RMSNorm/RoPE/SwiGLU kernels apply)")
+        head = ("the distillation loss projects through both models' LM heads itself" if cfg.method == "distill"
+                else "TRL's trainer scores through its own chunked LM head")
+        notes.append(f"method {cfg.method}: {head}; Liger's fused loss stays off (its RMSNorm/RoPE/SwiGLU kernels "
+                     "apply)")
     if fused and zero_stage(cfg) == 3:
         fused = False
         notes.append("ZeRO-3: Liger's fused linear cross-entropy cannot see the partitioned lm_head weight; "

@@ -487,3 +487,13 @@ def test_packed_distillation_gives_the_loss_of_padded_batches(tiny_model, tiny_s
     meta = json.loads((run / "adapter" / "finetune.json").read_text())["distill"]
     assert meta["teacher_load_in_4bit"] and meta["teacher_quantization"]["quant_type"] == "nf4"
     assert meta["teacher_adapter"] == str(adapter.resolve())
+
+
+def test_preview_shows_a_distillation_run_its_sft_masks(tiny_model, tiny_student, chat_data, tmp_path):
+    from finetune.config import load_config
+    from finetune.preview import preview_examples
+
+    cfg = load_config(None, [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}"])
+    sft = load_config(None, _base(tiny_student, chat_data, tmp_path))
+    shown = preview_examples(cfg, n=2)
+    assert shown == preview_examples(sft, n=2) and all(e["n_trained"] > 0 for e in shown)
