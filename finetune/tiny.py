@@ -12,7 +12,8 @@ import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from finetune.chat_template import CHATML_TEMPLATE
+from finetune.chat_template import CHATML_TOOLS_TEMPLATE, render_chat
+from kitcore.schema import training_example, training_problem, uses_tools
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,25 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
                 yield raw
 
 
+def tool_chats(paths: Iterable[str | Path]) -> Iterator[tuple[list[dict], list | None]]:
+    """(messages, tools) of the chat JSONL records that use tool calling and would train."""
+    for path in paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if f.suffix != ".jsonl":
+                continue
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if training_problem(obj) is None:
+                    ex = training_example(obj)
+                    if uses_tools(ex["messages"], ex.get("tools")):
+                        yield ex["messages"], ex.get("tools")
+
+
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -75,7 +95,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
-    fast.chat_template = CHATML_TEMPLATE
+    # ChatML that also renders tools (identical to plain ChatML without them), so that tests and
+    # demos can train tool calling on the tiny model.
+    fast.chat_template = CHATML_TOOLS_TEMPLATE
     fast.padding_side = "right"
     return fast
 
@@ -101,6 +123,12 @@ def build_tiny_model(
     if not texts:
         raise ValueError(f"the corpus {corpus} holds no text")
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    rendered = [render_chat(tokenizer, m, t) for m, t in tool_chats(corpus or [])]
+    if rendered:
+        # The tools system block and the call markup are text the template adds to every tool
+        # chat; a tokenizer that never saw it spends a token per character or two on it (about
+        # 500 tokens per chat for three tools, instead of about 270): train it on the rendering too.
+        tokenizer = build_tokenizer(texts + rendered, vocab_size=vocab_size)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),

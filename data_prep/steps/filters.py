@@ -113,6 +113,8 @@ def chat_checks(messages: list[Message], t: ChatThresholds) -> str | None:
         return "no_user_message"
     for i, m in enumerate(messages):
         content = m.get("content") or ""
+        if m.get("tool_calls") and not content.strip():
+            continue  # an assistant turn that only calls tools: its calls are checked by the schema
         if not content.strip():
             return f"empty_{m['role']}: message {i}"
         minimum = {"user": t.min_user_chars, "assistant": t.min_assistant_chars}.get(m["role"], 0)
