@@ -170,3 +170,93 @@ def test_parse_tool_calls_reads_the_template_format_and_counts_what_does_not_par
     assert parse_tool_calls("It is sunny.").tool_calls == [] and parse_tool_calls("It is sunny.").content == "It is sunny."
     bare = parse_tool_calls('{"name": "weather", "parameters": {"city": "Oslo"}}')
     assert bare.content == "" and bare.tool_calls[0]["function"]["arguments"] == '{"city": "Oslo"}'
+
+
+def test_tool_call_metrics_ignore_key_order_and_call_order():
+    from finetune.metrics import score_tool_calls
+
+    def call(name, args):
+        return {"type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+    ref = [call("convert", {"amount": 5, "from": "USD", "to": "EUR"})]
+    preds = [
+        ([call("convert", {"to": "EUR", "amount": 5.0, "from": "USD"})], []),    # key order, 5 == 5.0
+        ([call("convert", {"amount": 5, "from": "USD", "to": "GBP"})], []),      # right function, wrong argument
+        ([call("weather", {"city": "Oslo"})], []),                               # wrong function
+        ([], ['{"name": "convert", "arguments": {"amount": 5']),                # a call that does not parse
+    ]
+    per, agg = score_tool_calls(preds, [ref] * 4)
+    assert [r["tool_name_accuracy"] for r in per] == [1, 1, 0, 0]
+    assert [r["tool_arguments_exact_match"] for r in per] == [1, 0, 0, 0]
+    assert agg["tool_name_accuracy"] == 0.5 and agg["tool_arguments_exact_match"] == 0.25
+    assert (agg["n_tool_references"], agg["n_no_tool_call"], agg["n_invalid_tool_call"]) == (4, 1, 1)
+    parallel = [call("weather", {"city": "Oslo"}), call("weather", {"city": "Lima"})]
+    per, _ = score_tool_calls([(parallel[::-1], []), (parallel[:1], [])], [parallel, parallel])
+    assert [r["tool_arguments_exact_match"] for r in per] == [1, 0]
+
+
+def test_chat_reply_is_the_text_callers_had_plus_the_parsed_calls():
+    from finetune.inference import ChatReply
+
+    plain = ChatReply("It is $9.")
+    assert plain == "It is $9." and isinstance(plain, str) and plain.tool_calls == []
+    assert plain.message() == {"role": "assistant", "content": "It is $9."}
+    text = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    parsed = parse_tool_calls(text)
+    reply = ChatReply(text, parsed.content, parsed.tool_calls)
+    assert reply == text and reply.content == ""
+    assert reply.message() == {"role": "assistant", "content": None, "tool_calls": parsed.tool_calls}
+
+
+@pytest.mark.slow
+def test_eval_scores_tool_call_references_next_to_the_text_metrics(tool_model, tmp_path, monkeypatch):
+    """The wiring of `finetune eval`: what the model generates (replaced here by fixed replies, so
+    the figures are known) is parsed in the template's format and scored against the references."""
+    import finetune.inference as inference
+    from finetune.evaluate import evaluate
+
+    short = TOOL_CHAT[:2]  # system + user; each row adds its reference turn
+    lima = {**CALL_OSLO, "function": {"name": "weather", "arguments": '{"city": "Lima"}'}}
+    rows = [
+        {"tools": TOOLS, "messages": [*short, {"role": "assistant", "content": None, "tool_calls": [CALL_OSLO]}]},
+        {"tools": TOOLS, "messages": [*short, {"role": "assistant", "content": None, "tool_calls": [lima]}]},
+        {"tools": TOOLS, "messages": [*short, {"role": "assistant", "content": None, "tool_calls": [CALL_MUG]}]},
+        {"messages": [{"role": "user", "content": "Price of the mug?"}, {"role": "assistant", "content": "$9"}]},
+    ]
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
+    replies = ['<tool_call>\n{"arguments": {"city": "Oslo"}, "name": "weather"}\n</tool_call>',  # key order
+               '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>',  # wrong city
+               'The mug costs $9.',                                                             # no call
+               "$9"]
+    seen = {}
+
+    def fake_generate(model, tokenizer, conversations, *, tools=None, **kw):
+        seen["tools"] = tools
+        return replies[:len(conversations)]
+
+    monkeypatch.setattr(inference, "generate_replies", fake_generate)
+    report = evaluate(model=str(tool_model), data=data, output=tmp_path / "e", max_new_tokens=4, max_length=1024)
+    ext = report["models"]["base"]["extrinsic"]
+    assert ext["tool_name_accuracy"] == pytest.approx(2 / 3) and ext["tool_arguments_exact_match"] == pytest.approx(1 / 3)
+    assert (ext["n"], ext["n_tool_references"], ext["n_no_tool_call"], ext["exact_match"]) == (4, 3, 1, 1.0)
+    assert seen["tools"] == [TOOLS, TOOLS, TOOLS, None]  # the prompts declared each record's tools
+    preds = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["line"] for p in preds] == [1, 2, 3, 4]
+    assert preds[0]["reference"] == [CALL_OSLO] and preds[0]["tool_calls"][0]["function"]["name"] == "weather"
+    assert preds[0]["tools"] == TOOLS and preds[3]["reference"] == "$9"
+    md = (tmp_path / "e" / "report.md").read_text()
+    assert "| tool_name_accuracy |" in md and "| exact_match |" in md
+    # Scored on the tokens training trains: the calls (and the text answer), not the tools block.
+    assert report["models"]["base"]["intrinsic"]["n_invalid"] == 0
+    # A template that cannot render the set's tools is refused, naming the line and the fix.
+    import shutil
+
+    from finetune.modeling import load_tokenizer
+
+    plain_dir = tmp_path / "plain"
+    load_tokenizer(str(tool_model), chat_template="chatml").save_pretrained(plain_dir)
+    for f in tool_model.iterdir():
+        if not (plain_dir / f.name).exists():
+            shutil.copy(f, plain_dir / f.name)
+    with pytest.raises(ChatFormatError, match=rf"{data}:1: these examples use tool calling.*chatml_tools"):
+        evaluate(model=str(plain_dir), data=data, output=tmp_path / "e2", max_new_tokens=4)
