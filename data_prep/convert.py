@@ -112,9 +112,12 @@ def detect_kind(row: dict[str, Any]) -> str:
 
 
 def _json_field(value: Any, what: str) -> Any:
-    """A field that holds JSON: parsed from a string (a CSV cell, LLaMA-Factory's `tools`), or as is."""
+    """A field that holds JSON: parsed from a string (a CSV cell, LLaMA-Factory's `tools`), or as
+    is; an empty cell is None."""
     if not isinstance(value, str):
         return value
+    if not value.strip():
+        return None
     try:
         return json.loads(value)
     except json.JSONDecodeError as err:
@@ -190,7 +193,9 @@ def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict):
             raise RowError(f"invalid_conversations: turn {i} is {type(turn).__name__}")
-        who, value = turn.get("from"), turn.get("value")
+        # from/value as ShareGPT writes them; role/content as some exports of it do
+        who = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
         role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
         if role is None:
             raise RowError(f"invalid_conversations: turn {i} has unknown speaker {who!r}")
@@ -207,10 +212,12 @@ def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
                 out.append({"role": "assistant", "content": None, "tool_calls": calls})
         else:
             out.append({"role": role, "content": value})
-    # A result answers the oldest unanswered call (ShareGPT gives no ids): give it that call's id.
+    # ShareGPT gives no ids: a result answers the next unanswered call of the latest turn that
+    # called (the calls of an earlier turn left unanswered are not carried over to later results).
     pending: list[str] = []
     for m in out:
-        pending += [c["id"] for c in m.get("tool_calls") or []]
+        if m.get("tool_calls"):
+            pending = [c["id"] for c in m["tool_calls"]]
         if m["role"] == "tool" and pending:
             m["tool_call_id"] = pending.pop(0)
     record: dict[str, Any] = {"messages": out}
@@ -233,13 +240,12 @@ def convert_row(row: dict[str, Any], mapping: ColumnMapping, strict_types: bool)
         output = _text(row.get("output"), "output", strict_types)
         question = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         system = _text(row.get("system"), "system", strict_types)
-        return Converted([], question=question, answer=output, system=system, kind=kind)
+        conv = Converted([], question=question, answer=output, system=system, kind=kind)
+        return _with_tool_columns(conv, *_tool_values(row, mapping))
     cols = {part: mapping.column(part, row) for part in ("user", "assistant", "context", "join", "system")}
-    tool_cols = {part: mapping.column(part, row) for part in ("tools", "tool_calls")}
-    raw_calls = row.get(tool_cols["tool_calls"]) if tool_cols["tool_calls"] else None
+    tools, calls = _tool_values(row, mapping)
     # A row whose answer is a tool call needs no answer column.
-    answer_needed = raw_calls in (None, "")
-    if cols["user"] is None or (cols["assistant"] is None and answer_needed):
+    if cols["user"] is None or (cols["assistant"] is None and not calls):
         present = ", ".join(sorted(map(str, row))) or "none"
         raise RowError(f"no_chat_structure: no question/answer columns (columns: {present})")
     for part in ("user", "assistant"):
@@ -254,14 +260,36 @@ def convert_row(row: dict[str, Any], mapping: ColumnMapping, strict_types: bool)
         join_key=values["join"].strip(),
         system=values["system"],
     )
-    if tool_cols["tools"]:
-        conv.tools = _tools(row.get(tool_cols["tools"]), f"column {tool_cols['tools']!r}")
-    if not answer_needed:
-        conv.tool_calls = _calls(raw_calls, f"column {tool_cols['tool_calls']!r}", 0)
-        # The schema's verdict on the calls (declared, arguments JSON) before the row becomes a record.
-        _checked({"messages": [{"role": "user", "content": conv.question},
-                               {"role": "assistant", "content": None, "tool_calls": conv.tool_calls}],
-                  **({"tools": conv.tools} if conv.tools else {})})
+    return _with_tool_columns(conv, tools, calls)
+
+
+def _tool_values(row: dict[str, Any], mapping: ColumnMapping) -> tuple[list | None, list[dict]]:
+    """The row's declared tools and the calls its answer makes, from the `tools` / `tool_calls`
+    columns (an empty cell, null or [] is none). A column the recipe names must exist."""
+    found = {}
+    for part in ("tools", "tool_calls"):
+        col = mapping.column(part, row)
+        if col is not None and getattr(mapping, part) is not None and col not in row:
+            raise RowError(f"missing_column: {col!r} (columns.{part})")
+        found[part] = (col, row.get(col) if col else None)
+    col, raw = found["tools"]
+    tools = _tools(raw, f"column {col!r}") if col else None
+    col, raw = found["tool_calls"]
+    raw = _json_field(raw, f"column {col!r}") if col else None
+    calls = _calls(raw, f"column {col!r}", 0) if raw not in (None, []) else []
+    return tools, calls
+
+
+def _with_tool_columns(conv: Converted, tools: list | None, calls: list[dict]) -> Converted:
+    """`conv` with the row's tools and calls, once the schema has accepted them (declared
+    functions, arguments JSON, well-formed `tools`): what the build writes, training reads."""
+    if not tools and not calls:
+        return conv
+    answer: dict[str, Any] = {"role": "assistant", "content": conv.answer}
+    if calls:
+        answer = {"role": "assistant", "content": conv.answer or None, "tool_calls": calls}
+    _checked({"messages": [{"role": "user", "content": conv.question}, answer], **({"tools": tools} if tools else {})})
+    conv.tools, conv.tool_calls = tools, calls or None
     return conv
 
 

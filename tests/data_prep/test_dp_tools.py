@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from dp_fixtures import read_jsonl
 
 from data_prep.build import build
@@ -176,3 +177,67 @@ def test_csv_columns_map_tools_and_the_call_the_answer_makes(tmp_path: Path) -> 
     conv = convert_row({"question": "Weather in Oslo?", "tools": [WEATHER],
                         "tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}}]}, ColumnMapping(), True)
     assert conv.tool_calls[0]["function"]["arguments"] == '{"city": "Oslo"}' and conv.answer == ""
+
+
+def test_sharegpt_results_answer_the_calls_of_the_latest_calling_turn() -> None:
+    # Round 1 calls two functions and gets one combined observation; round 2 calls one. The
+    # second observation answers round 2's call, not the call round 1 left unanswered.
+    row = {"tools": [WEATHER, SEND], "conversations": [
+        {"from": "human", "value": "Weather in Oslo and Lima?"},
+        {"from": "function_call", "value": json.dumps([{"name": "weather", "arguments": {"city": "Oslo"}},
+                                                       {"name": "weather", "arguments": {"city": "Lima"}}])},
+        {"from": "observation", "value": json.dumps([{"city": "Oslo", "c": "rain"}, {"city": "Lima", "c": "sun"}])},
+        {"from": "gpt", "value": "Rain in Oslo, sun in Lima."},
+        # role/content turns, as some ShareGPT exports write them
+        {"role": "human", "content": "Mail that to bob@example.com."},
+        {"role": "function_call", "content": json.dumps({"name": "send_email", "arguments": {
+            "to": "bob@example.com", "body": "Rain in Oslo, sun in Lima."}})},
+        {"role": "observation", "content": "sent"},
+        {"role": "gpt", "content": "Sent."}]}
+    conv = convert_row(row, ColumnMapping(), strict_types=True)
+    calls = [m for m in conv.messages if m.get("tool_calls")]
+    assert [[c["id"] for c in m["tool_calls"]] for m in calls] == [["call_0", "call_1"], ["call_2"]]
+    assert [m["tool_call_id"] for m in conv.messages if m["role"] == "tool"] == ["call_0", "call_2"]
+    # an observation before any call answers nothing: a reject with the schema's reason
+    orphan = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "observation", "value": "x"},
+                                {"from": "gpt", "value": "Hello."}]}
+    with pytest.raises(RowError, match="^tool_without_call: message 1: a tool result that answers no call"):
+        convert_row(orphan, ColumnMapping(), strict_types=True)
+
+
+def test_tool_columns_are_checked_even_without_a_call_and_empty_calls_are_none(tmp_path: Path) -> None:
+    # declared tools on a text answer: kept, and checked like any other (a build never writes
+    # what training refuses)
+    ok = convert_row({"question": "Hi?", "answer": "Hello.", "tools": [WEATHER]}, ColumnMapping(), True)
+    assert ok.tools == [{"type": "function", "function": WEATHER}] and ok.tool_calls is None
+    with pytest.raises(RowError, match=r"^invalid_tools: tools\[0\]\.function has no `name`"):
+        convert_row({"question": "Hi?", "answer": "Hello.", "tools": [{"parameters": {}}]}, ColumnMapping(), True)
+    # an empty cell, null or [] in the calls column is no call: the answer column is needed then
+    for empty in ("", "null", "[]", None, []):
+        conv = convert_row({"question": "Hi?", "answer": "Hello.", "tool_calls": empty}, ColumnMapping(), True)
+        assert conv.tool_calls is None and conv.answer == "Hello."
+    with pytest.raises(RowError, match="^no_chat_structure"):
+        convert_row({"question": "Hi?", "tool_calls": "[]"}, ColumnMapping(), True)
+    # a column the recipe names must exist, as the question and answer columns must
+    with pytest.raises(RowError, match=r"^missing_column: 'fns' \(columns.tools\)"):
+        convert_row({"question": "Hi?", "answer": "Hello."}, ColumnMapping(tools="fns"), True)
+    # Alpaca rows read the tool columns too
+    alpaca = convert_row({"instruction": "Weather in Oslo?", "output": "", "tools": [WEATHER],
+                          "tool_calls": {"name": "weather", "arguments": {"city": "Oslo"}}}, ColumnMapping(), True)
+    assert alpaca.kind == "alpaca" and alpaca.tool_calls[0]["function"]["name"] == "weather"
+
+
+def test_chat_filter_counts_calls_and_rejects_chats_with_nothing_to_train(tmp_path: Path) -> None:
+    short = _chat("Oslo")
+    short["messages"][1]["content"] = "On it."  # a short text before the call
+    nothing = {"messages": [{"role": "user", "content": "What is the weather like today?"},
+                            {"role": "assistant", "content": "I do not know that.", "weight": 0}]}
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in (short, nothing)))
+    report, out = _build(tmp_path, src, chat_filter={"min_assistant_chars": 10})
+    (kept,) = read_jsonl(out / "train.jsonl")
+    assert kept["messages"][1]["content"] == "On it."  # its call counts: long enough
+    (rej,) = read_jsonl(out / "rejects.jsonl")
+    assert rej["reason"] == "no_trained_assistant_message: every assistant turn has weight 0"
+    assert rej["record"]["messages"][1]["weight"] == 0
+    assert report["accounting"]["balanced"]
