@@ -368,11 +368,12 @@ def _as_call(obj: Any) -> tuple[str, dict] | None:
     return (obj["name"], args) if isinstance(args, dict) else None
 
 
-def parse_tool_calls(text: str) -> ParsedReply:
+def parse_tool_calls(text: str, first_id: int = 0) -> ParsedReply:
     """The tool calls in a generated reply: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
     blocks (the kit's template, Qwen2.5, Hermes), or, when there is no such block, a reply that is
     one such JSON object and nothing else (Llama 3.1's JSON tool calling). An unterminated last
-    block (generation stopped at max_new_tokens) is read up to the end."""
+    block (generation stopped at max_new_tokens) is read up to the end. The calls get the ids
+    `call_{first_id}`, `call_{first_id + 1}`, ..."""
     found: list[tuple[str, dict]] = []
     invalid: list[str] = []
     blocks = list(_TOOL_CALL_BLOCK.finditer(text))
@@ -399,5 +400,5 @@ def parse_tool_calls(text: str) -> ParsedReply:
                 found, content = [call], ""
     calls = [{"id": f"call_{k}", "type": "function",
               "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-             for k, (name, args) in enumerate(found)]
+             for k, (name, args) in enumerate(found, start=first_id)]
     return ParsedReply(content, calls, invalid)

@@ -27,7 +27,7 @@ from typing import Any
 
 from finetune.chat_template import IGNORE_INDEX, ChatFormatError, encode_chat
 from finetune.utils import atomic_write_text, is_main_process, rank0_print
-from kitcore.schema import normalize_record, uses_tools
+from kitcore.schema import normalize_record, record_problems, uses_tools
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,16 @@ __all__ = ["intrinsic_scores", "extrinsic_scores", "evaluate", "evaluate_run", "
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
+# The schema's tool-calling problems (kitcore.schema.Problem kinds) that make a record unscorable.
+_TOOL_KINDS = ("invalid_tools", "invalid_tool_call", "invalid_tool_arguments", "undeclared_function",
+               "tool_without_call")
+
+
 def read_eval_records(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Lenient reader: bad lines are counted with their line numbers, never a crash. Legacy
-    function calling is read as kitcore.schema rewrites it; a record's `tools` are kept."""
+    function calling is read as kitcore.schema rewrites it; a record's `tools` are kept; a record
+    whose tool calling the schema refuses (the template could not render it, or its reference call
+    could not be scored) is skipped with the problem's kind."""
     path = Path(path)
     records, skipped = [], []
     for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
@@ -57,6 +64,11 @@ def read_eval_records(path: str | Path) -> tuple[list[dict[str, Any]], dict[str,
         if not any(m.get("role") == "assistant" for m in msgs):
             skipped.append({"line": lineno, "reason": "no assistant turn"})
             continue
+        if uses_tools(msgs, obj.get("tools")):
+            bad = next((p for p in record_problems(obj, require_assistant=False) if p.kind in _TOOL_KINDS), None)
+            if bad is not None:
+                skipped.append({"line": lineno, "reason": bad.kind})
+                continue
         tools = obj.get("tools") if isinstance(obj.get("tools"), list) else None
         records.append({"messages": msgs, "line": lineno, **({"tools": tools} if tools else {})})
     reasons: dict[str, int] = {}
@@ -426,7 +438,8 @@ def _check_tool_template(tokenizer, records: list[dict], data) -> None:
     render (the loss metrics would otherwise count every such example as invalid, silently)."""
     from finetune.chat_template import check_renders_tools
 
-    first = next((r for r in records if uses_tools(r["messages"], r.get("tools"))), None)
+    # Preference pairs (no "messages") are rendered without tools.
+    first = next((r for r in records if "messages" in r and uses_tools(r["messages"], r.get("tools"))), None)
     if first is not None:
         try:
             check_renders_tools(tokenizer)

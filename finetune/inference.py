@@ -325,7 +325,9 @@ def chat(model, tokenizer, messages: list[dict[str, Any]], tools: list[dict] | N
                             **gen_kwargs)[0]
     if not tools:
         return ChatReply(text)
-    parsed = parse_tool_calls(text)
+    # Ids go on from the calls already in the conversation, so that each result names one call.
+    earlier = sum(len(m.get("tool_calls") or []) for m in messages)
+    parsed = parse_tool_calls(text, first_id=earlier)
     return ChatReply(text, parsed.content, parsed.tool_calls)
 
 

@@ -164,6 +164,8 @@ def test_parse_tool_calls_reads_the_template_format_and_counts_what_does_not_par
     assert [c["function"]["name"] for c in p.tool_calls] == ["weather", "get_price"]
     assert json.loads(p.tool_calls[0]["function"]["arguments"]) == {"city": "Oslo"}
     assert [c["id"] for c in p.tool_calls] == ["call_0", "call_1"]
+    # chat() numbers on from the calls already in the conversation: every id names one call
+    assert [c["id"] for c in parse_tool_calls(text, first_id=2).tool_calls] == ["call_2", "call_3"]
     # Cut off by max_new_tokens, broken JSON, no call at all, Llama-3.1-style bare JSON.
     assert parse_tool_calls('<tool_call>\n{"name": "weather", "arguments": {"city": "Os').invalid
     assert parse_tool_calls('<tool_call>{"name": "weather", "arguments": [1]}</tool_call>').invalid
