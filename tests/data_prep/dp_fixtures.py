@@ -203,8 +203,9 @@ def tool_chat(i: int) -> dict:
     """An OpenAI-format chat that calls track_order with an e-mail address in its arguments."""
     call = {"id": f"c{i}", "type": "function", "function": {
         "name": "track_order", "arguments": json.dumps({"order": f"A{i:03d}", "email": f"buyer{i}@mail.example.com"})}}
+    items = " ".join(_words(random.Random(f"tool{i}"), 12))  # words of its own: no near duplicates
     return {"tools": [TRACK], "parallel_tool_calls": False, "messages": [
-        {"role": "user", "content": f"Where is my order A{i:03d}? Ask with my address."},
+        {"role": "user", "content": f"Where is my order A{i:03d} of {items}? Ask with my address."},
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": f"c{i}", "content": f"order A{i:03d}: shipped"},
         {"role": "assistant", "content": f"Order A{i:03d} has shipped.", "weight": 1}]}
