@@ -75,15 +75,24 @@ def tool_chats(paths: Iterable[str | Path]) -> Iterator[tuple[list[dict], list |
                         yield ex["messages"], ex.get("tools")
 
 
-def boilerplate_lines(rendered: list[str], special: list[str], *, share: float = 0.5) -> list[str]:
-    """The text every tool chat repeats: line pieces (between newlines and special tokens) found in
-    at least `share` of the rendered chats, such as the template's tools block and the declared
-    tools."""
-    cut = re.compile("\n|" + "|".join(re.escape(t) for t in special))
+def tools_block_lines(tokenizer, chats: list[tuple[list[dict], list | None]], *, share: float = 0.5) -> list[str]:
+    """The lines of the tools block the template renders (its instructions and one JSON line per
+    declared tool) that at least `share` of the tool chats repeat: the lines a chat's rendering
+    has with its `tools` and lacks without them, split at newlines and special tokens. Lines of
+    the messages themselves (requests, calls, results) are never among them."""
+    cut = re.compile("\n|" + "|".join(re.escape(t) for t in tokenizer.all_special_tokens))
+    probe = [{"role": "system", "content": "probe"}, {"role": "user", "content": "probe"}]
+    blocks: dict[str, set[str]] = {}  # one render per distinct tools list
     counts: Counter = Counter()
-    for text in rendered:
-        counts.update({p for p in cut.split(text) if len(p) > 1})
-    return sorted(p for p, n in counts.items() if n >= share * len(rendered))
+    for _, tools in chats:
+        if not tools:
+            continue
+        key = json.dumps(tools, sort_keys=True)
+        if key not in blocks:
+            plain = set(cut.split(render_chat(tokenizer, probe)))
+            blocks[key] = {p for p in cut.split(render_chat(tokenizer, probe, tools)) if len(p) > 1} - plain
+        counts.update(blocks[key])
+    return sorted(p for p, n in counts.items() if n >= share * len(chats))
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
@@ -136,17 +145,19 @@ def build_tiny_model(
     if not texts:
         raise ValueError(f"the corpus {corpus} holds no text")
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
-    rendered = [render_chat(tokenizer, m, t) for m, t in tool_chats(corpus or [])]
-    if rendered:
-        # The template's tools block (Qwen2.5's instructions and one JSON line per declared tool)
-        # opens every tool chat: about 220 of a 300-token chat here. A random-init model trained for
-        # a few CPU minutes does not learn to look past that much repeated text to the request
-        # (argument exact match stayed at 0.02-0.16 over 4,000-13,000 training chats), so each
-        # repeated line is one token of its own, as `<tool_call>` is in Qwen's vocabulary.
-        # Everything else (requests, calls, results) is tokenized as before.
-        lines = boilerplate_lines(rendered, tokenizer.all_special_tokens)
-        tokenizer = build_tokenizer(texts + rendered, vocab_size=vocab_size)
-        tokenizer.add_tokens(lines)
+    chats = list(tool_chats(corpus or []))
+    if chats:
+        # A tokenizer that never saw the template's tool markup spends a token per character or two
+        # on it (about 680 tokens for the demo's 1,090-character chats): train it on the rendered
+        # tool chats too (about 320).
+        tokenizer = build_tokenizer(texts + [render_chat(tokenizer, m, t) for m, t in chats], vocab_size=vocab_size)
+        # The tools block (Qwen2.5's instructions and one JSON line per declared tool) opens every
+        # tool chat: about 215 of a 320-token chat for the three small tools of
+        # scripts/tool_calling_demo.py. Each line of it that most chats repeat becomes one token (as
+        # `<tool_call>` is one in Qwen's vocabulary), which brings those chats to about 100 tokens:
+        # a third of the CPU time per training example. Requests, calls and results are tokenized
+        # as before.
+        tokenizer.add_tokens(tools_block_lines(tokenizer, chats))
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),

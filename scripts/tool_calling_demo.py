@@ -1,4 +1,4 @@
-"""Tool calling on the tiny model, end to end, on CPU in a couple of minutes:
+"""Tool calling on the tiny model, end to end, on CPU in a few minutes:
 
     python scripts/tool_calling_demo.py [--output-dir tool_demo_output] [--overwrite] [key=value ...]
 
@@ -9,9 +9,10 @@
 
 Every argument can be read off the prompt ("Convert 120 USD to EUR." -> convert(amount=120,
 from="USD", to="EUR")), so a model that learned the format and the copying gets them right. A chat
-holds one to three requests, each a call, the tool's result (never trained) and the assistant's
-answer from it; three in four chats end on a call, which is what a held-out chat scores. `key=value` arguments override the training config (as for
-`finetune train`), e.g. `training.epochs=2`. The figures go to OUTPUT_DIR/tool_demo.json.
+is one request, the call that answers it, and in one chat of four the tool's result (never
+trained) and the assistant's answer from it; the other three end on the call, which is what a
+held-out chat scores. `key=value` arguments override the training config (as for `finetune
+train`), e.g. `training.epochs=2`. The figures go to OUTPUT_DIR/tool_demo.json.
 """
 
 from __future__ import annotations
@@ -82,25 +83,20 @@ def make_request(rng: random.Random, k: int) -> tuple[str, dict, str, str]:
     return rng.choice(OPENERS) + prompt + rng.choice(CLOSERS), call, result, answer
 
 
-def make_example(rng: random.Random, *, requests: int, end_on_call: bool) -> dict:
-    """One chat of `requests` user requests, each answered by a call, its result (never trained)
-    and the assistant's answer from it; `end_on_call` stops after the last call (what the held-out
-    prompts score). Several requests per chat share one tools block, the bulk of every chat's tokens."""
-    messages: list[dict] = []
-    for k in range(requests):
-        prompt, call, result, answer = make_request(rng, k)
-        messages += [{"role": "user", "content": prompt},
-                     {"role": "assistant", "content": None, "tool_calls": [call]}]
-        if k < requests - 1 or not end_on_call:
-            messages += [{"role": "tool", "tool_call_id": call["id"], "content": result},
-                         {"role": "assistant", "content": answer}]
+def make_example(rng: random.Random, *, end_on_call: bool) -> dict:
+    """One chat: a request answered by a call, then (unless `end_on_call`) the tool's result and
+    the assistant's answer from it."""
+    prompt, call, result, answer = make_request(rng, 0)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    if not end_on_call:
+        messages += [{"role": "tool", "tool_call_id": call["id"], "content": result},
+                     {"role": "assistant", "content": answer}]
     return {"tools": TOOLS, "messages": messages}
 
 
-def make_examples(n: int, seed: int = 0, max_requests: int = 1, end_on_call: float = 0.75) -> list[dict]:
+def make_examples(n: int, seed: int = 0, end_on_call: float = 0.75) -> list[dict]:
     rng = random.Random(seed)
-    return [make_example(rng, requests=rng.randint(1, max_requests), end_on_call=rng.random() < end_on_call)
-            for _ in range(n)]
+    return [make_example(rng, end_on_call=rng.random() < end_on_call) for _ in range(n)]
 
 
 TRAIN_CONFIG = {
@@ -117,8 +113,8 @@ TRAIN_CONFIG = {
 }
 
 
-def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 900, overwrite: bool = False,
-        overrides: list[str] | None = None, model_size: dict | None = None) -> dict:
+def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 3000, overwrite: bool = False,
+        overrides: list[str] | None = None) -> dict:
     """The whole demo; returns (and writes to OUTPUT_DIR/tool_demo.json) its figures."""
     import yaml
 
@@ -144,7 +140,7 @@ def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 900, o
     # The held-out prompts end on the call being scored; a few go on to a text answer (text metrics).
     print(f"data-prep build: {report['counts']} (rejects by reason: {report['rejects_by_reason']})")
 
-    base = build_tiny_model(out / "base-model", [data / "train.jsonl"], **(model_size or {}))
+    base = build_tiny_model(out / "base-model", [data / "train.jsonl"])
     cfg_file = out / "train.yaml"
     cfg_file.write_text("# python scripts/tool_calling_demo.py (writes this file, then trains it)\n"
                         + yaml.safe_dump({**TRAIN_CONFIG, "model": str(base), "output_dir": str(out / "run"),
@@ -167,16 +163,24 @@ def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 900, o
         return {m["content"] for line in (data / f"{split}.jsonl").read_text().splitlines()
                 for m in json.loads(line)["messages"] if m["role"] == "user"}
 
+    # Held out means unseen: the tuned model's scores also on the held-out calls whose request
+    # never occurs, word for word, in a training chat.
+    seen = user_turns("train")
+    unseen = [r["scores"] for r in map(json.loads, (run_dir / "eval" / "predictions.jsonl").open())
+              if r["model"] == "tuned" and isinstance(r["reference"], list) and r["prompt"][-1]["content"] not in seen]
+
     summary = {
         "seconds_total": round(time.perf_counter() - t0, 1),
         "seconds_train_and_eval": round(train_s, 1),
         "train_examples": report["counts"]["train"],
         "test_tool_calls": ext["tuned"].get("n_tool_references"),
         "test_examples": ext["tuned"].get("n"),
-        # Held out means unseen: held-out requests that also occur, word for word, in training.
-        "test_requests_seen_in_training": len(user_turns("test") & user_turns("train")),
+        "test_requests_seen_in_training": len(user_turns("test") & seen),
         **{f"{k}_{m}": ext[k].get(m) for k in ("base", "tuned")
            for m in ("tool_name_accuracy", "tool_arguments_exact_match", "exact_match")},
+        "test_tool_calls_unseen": len(unseen),
+        **{f"tuned_{m}_unseen": sum(sc[m] for sc in unseen) / max(len(unseen), 1)
+           for m in ("tool_name_accuracy", "tool_arguments_exact_match")},
         "prompt": first["messages"][-2]["content"],
         "reference_call": first["messages"][-1]["tool_calls"][0]["function"],
         "reply_tool_calls": [c["function"] for c in reply.tool_calls],
@@ -188,6 +192,9 @@ def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 900, o
           f"tuned {summary['tuned_tool_name_accuracy']:.3f}\n"
           f"  argument exact match       base {summary['base_tool_arguments_exact_match']:.3f} -> "
           f"tuned {summary['tuned_tool_arguments_exact_match']:.3f}\n"
+          f"  on the {len(unseen)} calls whose request no training chat holds: name accuracy "
+          f"{summary['tuned_tool_name_accuracy_unseen']:.3f}, argument exact match "
+          f"{summary['tuned_tool_arguments_exact_match_unseen']:.3f}\n"
           f"  prompt:    {summary['prompt']!r}\n"
           f"  reference: {summary['reference_call']}\n"
           f"  chat():    {summary['reply_tool_calls']}\n"
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="tool_demo_output")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--examples", type=int, default=900, help="chats generated before data-prep (default 900)")
+    p.add_argument("--examples", type=int, default=3000, help="chats generated before data-prep (default 3000)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = p.parse_args(argv)
     run(args.output_dir, n_examples=args.examples, overwrite=args.overwrite, overrides=args.overrides)
