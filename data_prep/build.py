@@ -223,7 +223,7 @@ class Builder:
                 if reason is None:
                     self._spool(item)
                     continue
-                item = Reject(item.source, item.locator, "dedup", reason, record={"messages": item.messages})
+                item = Reject(item.source, item.locator, "dedup", reason, record=item.example())
                 self.tally.reject(item)
             self.rejects.write(item.to_json())
 
@@ -232,7 +232,7 @@ class Builder:
         root = self.groups.find(rec.group)
         self.group_sizes[root] += 1
         self.spool.write(
-            json.dumps([rec.id, rec.group, rec.messages, rec.source, rec.locator], ensure_ascii=False) + "\n"
+            json.dumps([rec.id, rec.group, rec.example(), rec.source, rec.locator], ensure_ascii=False) + "\n"
         )
 
     def _split_and_write(self, writers: dict[str, JsonlWriter]) -> tuple[dict, dict, dict]:
@@ -250,7 +250,7 @@ class Builder:
         lengths: dict[str, array] = defaultdict(lambda: array("I"))
         with open(self.spool.tmp, encoding="utf-8") as fh:
             for line in fh:
-                rec_id, group, messages, source, locator = json.loads(line)
+                rec_id, group, example, source, locator = json.loads(line)
                 split = assignment[self.groups.find(group)]
                 if self.r.dedup.near:
                     n = self.dedup.number(rec_id)
@@ -258,8 +258,8 @@ class Builder:
                         split_code[n] = codes[split]
                         if split == "test":
                             test_nums.append(n)
-                writers[split].write(example_json(messages, source, locator, self.r.provenance))
-                lengths[split].append(self.work.example_length(messages))
+                writers[split].write(example_json(example, source, locator, self.r.provenance))
+                lengths[split].append(self.work.example_length(example["messages"]))
         # leakage check: independent of how the split was made, look for near-duplicate pairs
         # with one side in test and the other in train
         pairs = []

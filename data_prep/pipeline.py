@@ -35,7 +35,7 @@ from data_prep.readers.html import ExtractOptions, Page, normalize_url, parse_pa
 from data_prep.readers.tables import TABLE_FORMATS, read_table
 from data_prep.readers.text import looks_like_transcript, parse_transcript
 from data_prep.recipe import Recipe, SourceConfig
-from data_prep.record import Record, Reject, reason_kind
+from data_prep.record import Record, Reject, message_text, reason_kind
 from data_prep.steps.base import Step, add_stats
 from data_prep.steps.chat import AssembleStep, ChatFilterStep, CleanStep, RedactStep
 from data_prep.steps.clean import clean_text
@@ -264,9 +264,9 @@ class FileOutput:
     tally: Tally = field(default_factory=Tally)
 
 
-def example_json(messages: list[dict], source: str, locator: str, provenance: bool) -> dict[str, Any]:
-    """One line of train/val/test.jsonl."""
-    obj: dict[str, Any] = {"messages": messages}
+def example_json(example: dict[str, Any], source: str, locator: str, provenance: bool) -> dict[str, Any]:
+    """One line of train/val/test.jsonl: the record's example (Record.example) and its provenance."""
+    obj: dict[str, Any] = dict(example)
     if provenance:
         obj["meta"] = {"source": source, "locator": locator}
     return obj
@@ -329,12 +329,13 @@ class DocWork:
         for step in steps:
             reason = step.apply(rec)
             if reason is not None:
-                return Reject(rec.source, rec.locator, step.name, reason, record={"messages": rec.messages})
+                return Reject(rec.source, rec.locator, step.name, reason, record=rec.example())
         return rec
 
     def example_length(self, messages: list[dict]) -> int:
-        """Length of a kept example, in the report's unit (words, or tokens with a tokenizer)."""
-        return sum(self.lengths.count(m["content"]) for m in messages)
+        """Length of a kept example, in the report's unit (words, or tokens with a tokenizer); tool
+        calls count with the text."""
+        return sum(self.lengths.count(message_text(m)) for m in messages)
 
     # ---- pages ------------------------------------------------------------------------------
     def _page_records(self, f: SourceFile, page: Page, out: FileOutput) -> Iterator[Record | Reject]:
@@ -438,12 +439,16 @@ class DocWork:
             yield Reject(f.path, "file", "read", f"unreadable: {type(err).__name__}: {err}")
 
     def _row_record(self, f: SourceFile, loc: str, row: dict, conv: Converted) -> Record | Reject:
-        rec = Record(source=f.path, locator=loc, group=f"row:{f.path}#{loc}")
+        rec = Record(source=f.path, locator=loc, group=f"row:{f.path}#{loc}", tools=conv.tools,
+                     parallel_tool_calls=conv.parallel_tool_calls)
         if conv.messages:  # OpenAI / ShareGPT: already a conversation
             rec.messages = self._with_system(conv.messages, f.spec)
             return rec
+        answer: dict[str, Any] = {"role": "assistant", "content": conv.answer}
+        if conv.tool_calls:
+            answer = {"role": "assistant", "content": conv.answer or None, "tool_calls": conv.tool_calls}
         rec.messages = self._with_system(
-            [{"role": "user", "content": conv.question}, {"role": "assistant", "content": conv.answer}],
+            [{"role": "user", "content": conv.question}, answer],
             f.spec,
             conv.system,
         )

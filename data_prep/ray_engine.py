@@ -107,7 +107,7 @@ def _item_schema():
             ("ctx", pa.string()),
             ("source", pa.string()),
             ("locator", pa.string()),
-            ("line", pa.string()),  # record: its messages as JSON
+            ("line", pa.string()),  # record: its example (Record.example) as JSON
             ("length", pa.int64()),
             ("digest", pa.binary()),
             ("sig", pa.binary()),  # num_perm x uint32; null without words or without near dedup
@@ -175,7 +175,7 @@ def _record_columns(w: _Worker, rec: Record, order: int) -> dict[str, Any]:
         "ctx": rec.context_key,
         "source": rec.source,
         "locator": rec.locator,
-        "line": json.dumps(rec.messages, ensure_ascii=False),
+        "line": json.dumps(rec.example(), ensure_ascii=False),
         "length": w.work.example_length(rec.messages),
         "digest": exact_digest(text, rec.context_key) if w.dedup.exact else None,
         "sig": None if sig is None else sig.tobytes(),
@@ -294,17 +294,17 @@ def _finalize(
             lines.append(line)
             lengths.append(0)
             continue
-        messages = json.loads(line)
+        example = json.loads(line)
         first = _copy_of(digest, order, exact)
         reason = duplicate_reason(first) if first is not None else dropped.get(order)
         if reason is not None:
-            rej = Reject(source, locator, "dedup", reason, record={"messages": messages})
+            rej = Reject(source, locator, "dedup", reason, record=example)
             dest.append("rejects")
             lines.append(json.dumps(rej.to_json(), ensure_ascii=False))
             lengths.append(0)
             continue
         dest.append(cuts.split_of(split_key(seed, roots.get(group, group))))
-        lines.append(json.dumps(example_json(messages, source, locator, provenance), ensure_ascii=False))
+        lines.append(json.dumps(example_json(example, source, locator, provenance), ensure_ascii=False))
         lengths.append(length)
     orders = np.asarray(cols["order"], np.int64)
     return pa.table(

@@ -39,6 +39,10 @@ class ColumnsConfig(_Strict):
         None, description="column naming a page (file name, id or URL) to use as context"
     )
     system: str | None = Field(None, description="column with a per-row system prompt")
+    tools: str | None = Field(None, description="column with the tools a row declares (a JSON list of function "
+                              "schemas, OpenAI's {type, function} or bare {name, parameters})")
+    tool_calls: str | None = Field(None, description="column with the call(s) the assistant makes: JSON "
+                                   "{name, arguments} or a list of them (then the answer column may be empty)")
 
 
 class SourceConfig(_Strict):

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]  # kitcore.schema's message: role, content (None: only tool calls), tool_calls, ...
+
+
+def message_text(m: Message) -> str:
+    """A message's words for dedup and length counts: its content, then each tool call it makes as
+    `name arguments` (two turns that call different functions are different examples)."""
+    parts = [m["content"]] if isinstance(m.get("content"), str) else []
+    for call in m.get("tool_calls") or []:
+        fn = call.get("function") or {}
+        parts.append(f"{fn.get('name', '')} {fn.get('arguments', '')}")
+    return "\n".join(parts)
 
 
 @dataclass
@@ -28,6 +38,9 @@ class Record:
     context_ready: bool = False
     # the example's own words (no shared context, no system prompt): what dedup looks at
     own_text: str | None = None
+    # the record's top-level tool fields (kitcore.schema), written with its messages
+    tools: list | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def id(self) -> str:
@@ -36,7 +49,17 @@ class Record:
     def dedup_text(self) -> str:
         if self.own_text is not None:
             return self.own_text
-        return "\n".join(m["content"] for m in self.messages)
+        return "\n".join(message_text(m) for m in self.messages)
+
+    def example(self) -> dict[str, Any]:
+        """The record as a split file (and a reject) holds it: `messages`, and the top-level tool
+        fields when it has them."""
+        out: dict[str, Any] = {"messages": self.messages}
+        if self.tools:
+            out["tools"] = self.tools
+        if self.parallel_tool_calls is not None:
+            out["parallel_tool_calls"] = self.parallel_tool_calls
+        return out
 
 
 @dataclass

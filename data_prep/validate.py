@@ -10,9 +10,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_prep.record import message_text
 from data_prep.tokens import Lengths, distribution
 from kitcore.preference import is_preference_record, normalize_preference, preference_problem
-from kitcore.schema import MESSAGE_KEYS, ROLES, record_problems
+from kitcore.schema import MESSAGE_KEYS, ROLES, normalize_record, record_problems
 
 # One list with training's reader; the names stay for code that imports them.
 RECOGNIZED_KEYS = MESSAGE_KEYS
@@ -90,13 +91,17 @@ def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 163
                 res.errors += [Issue(lineno, k, d) for k, d in errs]
                 if errs:
                     continue
-                msgs = ex["messages"]
+                if normalize_record(ex) is not ex:
+                    # Trains as it is (read as tools / tool_calls), but OpenAI has deprecated the form.
+                    res.warnings.append(Issue(lineno, "legacy_function_calling",
+                                              "functions / function_call / role function: read as tools / tool_calls"))
+                msgs = normalize_record(ex)["messages"]
             roles = {m["role"] for m in msgs}
             if "system" not in roles:
                 res.warnings.append(Issue(lineno, "no_system_message"))
             if "user" not in roles:
                 res.warnings.append(Issue(lineno, "no_user_message"))
-            counts = [lengths.count(m.get("content") or "") for m in msgs]
+            counts = [lengths.count(message_text(m)) for m in msgs]
             total = sum(counts)
             if total > max_tokens:
                 res.warnings.append(

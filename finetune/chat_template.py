@@ -2,25 +2,38 @@
 
 Training, `finetune preview`, evaluation (the same tokens are scored) and inference (the same
 template is applied) all call this module, so a model is never trained on one format and served
-with another.
+with another. The tool-call format lives here too: the kit's tool template (CHATML_TOOLS_TEMPLATE)
+and the parser of what a model generates in it (`parse_tool_calls`).
 
 Masks are computed from the rendered text, not from `{% generation %}` markers, because most real
 models' templates have none: for assistant turn i the trained span is
 ``render(messages[:i+1])[len(render(messages[:i], add_generation_prompt=True)):]`` with trailing
-whitespace removed, i.e. the assistant content plus the template's end-of-turn token.
+whitespace removed, i.e. the assistant content and tool calls plus the template's end-of-turn
+token. Tool results are never trained (they are not assistant turns), nor is an assistant turn
+with `"weight": 0`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from kitcore.schema import uses_tools
 
 __all__ = [
     "CHATML_TEMPLATE",
+    "CHATML_TOOLS_TEMPLATE",
+    "TEMPLATES",
     "ChatFormatError",
     "EncodedExample",
+    "ParsedReply",
+    "check_renders_tools",
     "encode_chat",
     "ensure_chat_template",
+    "parse_tool_calls",
+    "render_chat",
     "render_prompt",
     "end_of_turn_token",
 ]
@@ -34,6 +47,49 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# ChatML with tool calling, in the format of Qwen2.5's template (Hermes function calling): the
+# declared tools go into the system turn as JSON lines inside <tools></tools>, an assistant's
+# calls follow its text as `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, and
+# consecutive tool results share one user turn, each inside <tool_response></tool_response>.
+# Without tools it renders exactly what CHATML_TEMPLATE renders, so switching to it changes no
+# token of a tool-free dataset. Unlike Qwen's, it adds no default system prompt.
+CHATML_TOOLS_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message['content'] %}{{- '\\n' + message['content'] }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- set fn = tool_call.function if tool_call.function is defined else tool_call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{%- if fn['arguments'] is string %}{{- fn['arguments'] }}{%- else %}{{- fn['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# The templates the kit ships, by the name a config gives in `chat_template`.
+TEMPLATES = {"chatml": CHATML_TEMPLATE, "chatml_tools": CHATML_TOOLS_TEMPLATE}
 
 LossOn = Literal["assistant", "last_assistant", "all"]
 
@@ -53,11 +109,13 @@ class EncodedExample:
 
 
 def ensure_chat_template(tokenizer: Any, template: str | None = None) -> str:
-    """Install `template` (or keep the tokenizer's own, or fall back to ChatML) and return it."""
+    """Install `template` (a Jinja template, or the name of one in TEMPLATES), or keep the
+    tokenizer's own, or fall back to ChatML; return it."""
     if template:
-        tokenizer.chat_template = template
+        tokenizer.chat_template = TEMPLATES.get(template, template)
     elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.chat_template in TEMPLATES.values():
         missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
         if missing:
             # Without these as single tokens the end of a turn is several pieces and generation
@@ -79,41 +137,136 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     return tokenizer.eos_token
 
 
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as Hugging Face chat templates take them: a tool call's `arguments` as an object
+    (Llama 3.1's, Qwen2.5's and Mistral's templates serialize it with `tojson`), not the JSON
+    string of OpenAI's format. The schema has checked that it parses."""
+    if not any(m.get("tool_calls") for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = dict(c["function"])
+                if isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = json.loads(fn["arguments"])
+                calls.append({**c, "function": fn})
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
+            tools: list | None = None) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        _template_messages(messages), tools=tools or None, tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
 
 
-def render_prompt(tokenizer: Any, messages: list[dict]) -> str:
+# A conversation that uses every part of tool calling, each with a marker no template writes itself.
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "probe_lookup", "description": "probe_description",
+    "parameters": {"type": "object", "properties": {"probe_key": {"type": "string"}}, "required": ["probe_key"]}}}]
+_PROBE_CALL = [{"role": "user", "content": "probe_question"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_probe", "type": "function", "function": {
+                   "name": "probe_lookup", "arguments": '{"probe_key": "probe_value"}'}}]}]
+_PROBE_RESULT = [{"role": "tool", "tool_call_id": "call_probe", "content": "probe_result"},
+                 {"role": "assistant", "content": "probe_answer"}]
+_TOOL_SUPPORT: dict[str, str | None] = {}  # template -> why it cannot render tools (None: it can)
+
+
+def template_name(tokenizer: Any) -> str:
+    """How an error names the tokenizer's template: its name in TEMPLATES, or where it came from."""
+    for name, text in TEMPLATES.items():
+        if tokenizer.chat_template == text:
+            extra = " (the kit's ChatML fallback for tokenizers without a template)" if name == "chatml" else ""
+            return f"`{name}`{extra}"
+    return f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
+
+
+def _why_no_tools(tokenizer: Any) -> str | None:
+    """Render the probe; what the template leaves out (or the error it raises), None if nothing."""
+    try:
+        declared = _render(tokenizer, _PROBE_CALL[:1], add_generation_prompt=True, tools=_PROBE_TOOLS)
+        if "probe_description" not in declared:
+            return "it ignores `tools`: the declared functions never reach the model"
+        called = _render(tokenizer, _PROBE_CALL, tools=_PROBE_TOOLS)
+        if "probe_lookup" not in called[len(declared):] or "probe_value" not in called:
+            return "it drops an assistant's `tool_calls`: the function name or arguments are not in its output"
+        answered = _render(tokenizer, _PROBE_CALL + _PROBE_RESULT, tools=_PROBE_TOOLS)
+        if "probe_result" not in answered:
+            return "it drops `tool` messages: the tool results are not in its output"
+    except Exception as exc:  # a template raises what it pleases (TypeError on null content, ...)
+        return f"rendering a tool call fails ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_renders_tools(tokenizer: Any) -> None:
+    """Raise ChatFormatError, naming the template and the fix, unless it renders tool declarations,
+    tool calls and tool results (checked by rendering a probe conversation, once per template)."""
+    key = str(tokenizer.chat_template)
+    if key not in _TOOL_SUPPORT:
+        _TOOL_SUPPORT[key] = _why_no_tools(tokenizer)
+    why = _TOOL_SUPPORT[key]
+    if why:
+        raise ChatFormatError(
+            f"these examples use tool calling, and {template_name(tokenizer)} cannot render it: {why}. "
+            "Set `chat_template: chatml_tools` in the config (the kit's ChatML with a tools system block and "
+            "calls as <tool_call>{json}</tool_call>, the Qwen2.5/Hermes format), or the model's own "
+            "tool-capable template"
+        )
+
+
+def render_chat(tokenizer: Any, messages: list[dict], tools: list | None = None) -> str:
+    """The whole conversation as the template renders it for training (what is tokenized)."""
+    if uses_tools(messages, tools):
+        check_renders_tools(tokenizer)
+    return _render(tokenizer, messages, tools=tools)
+
+
+def render_prompt(tokenizer: Any, messages: list[dict], tools: list | None = None) -> str:
     """The text a model sees before it generates the next assistant turn."""
     if messages and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
-    return _render(tokenizer, messages, add_generation_prompt=True)
+    if uses_tools(messages, tools):
+        check_renders_tools(tokenizer)
+    return _render(tokenizer, messages, add_generation_prompt=True, tools=tools)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], loss_on: LossOn) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans that are trained."""
-    text = _render(tokenizer, messages)
-    if loss_on == "all":
-        return text, [(0, len(text.rstrip()))]
-    spans = []
-    idx = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if loss_on == "last_assistant":
-        idx = idx[-1:]
-    for i in idx:
-        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+def assistant_spans(tokenizer: Any, messages: list[dict], loss_on: LossOn,
+                    tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans that are trained.
+
+    Assistant turns with `"weight": 0` are never trained, also under `loss_on="all"` (their span is
+    cut out of the whole sequence); `last_assistant` is the last turn that may be trained."""
+    text = render_chat(tokenizer, messages, tools)
+
+    def turn_span(i: int) -> tuple[int, int]:
+        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         # The last message's "conversation so far" is the whole conversation: one render fewer
         # for every example that ends on its assistant turn (nearly all of them).
-        upto = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
+        upto = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(upto) or not upto.startswith(prefix):
             raise ChatFormatError(
                 "the chat template does not render conversations prefix-consistently, so assistant "
                 "turns cannot be located; set `chat_template` in the config to a template that does"
             )
-        end = len(upto.rstrip())
-        spans.append((len(prefix), end))
-    return text, spans
+        return len(prefix), len(upto.rstrip())
+
+    assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    trained = [i for i in assistant if messages[i].get("weight", 1) != 0]
+    if loss_on == "all":
+        spans, start = [], 0
+        for s, e in (turn_span(i) for i in assistant if i not in trained):
+            spans.append((start, s))
+            start = e
+        spans.append((start, len(text.rstrip())))
+        return text, [(s, e) for s, e in spans if e > s]
+    if loss_on == "last_assistant":
+        trained = trained[-1:]
+    return text, [turn_span(i) for i in trained]
 
 
 def encode_chat(
@@ -122,9 +275,11 @@ def encode_chat(
     *,
     max_length: int | None = None,
     loss_on: LossOn = "assistant",
+    tools: list | None = None,
 ) -> EncodedExample:
-    """Token ids and labels for one conversation; labels are IGNORE_INDEX outside trained spans."""
-    text, spans = assistant_spans(tokenizer, messages, loss_on)
+    """Token ids and labels for one conversation (with the record's `tools`, when it declares any);
+    labels are IGNORE_INDEX outside trained spans."""
+    text, spans = assistant_spans(tokenizer, messages, loss_on, tools)
     # The template already carries any BOS it wants; adding special tokens again would double it.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
@@ -182,3 +337,68 @@ def encode_completion(tokenizer: Any, prompt: list[dict], completion: list[dict]
     # The first token whose characters reach past the prompt (zero-width tokens stay with the prompt).
     k = next((t for t, (s, e) in enumerate(enc["offset_mapping"]) if e > len(prefix) and e > s), len(ids))
     return EncodedCompletion(ids[:k], ids[k:], len(text[len(prefix):end].encode("utf-8")))
+
+
+# ----------------------------------------------------------------------------------------------
+# reading tool calls back out of generated text (the format CHATML_TOOLS_TEMPLATE trains)
+# ----------------------------------------------------------------------------------------------
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+
+@dataclass
+class ParsedReply:
+    """A generated assistant turn: its text and its tool calls in OpenAI's form (ids `call_N`,
+    `arguments` as a JSON string); `invalid` holds the call blocks that are not a JSON object with
+    a `name` and object `arguments` (a model that has not learned the format, or was cut off)."""
+
+    content: str
+    tool_calls: list[dict] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)
+
+
+def _as_call(obj: Any) -> tuple[str, dict] | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))  # Llama 3.1 writes "parameters"
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    return (obj["name"], args) if isinstance(args, dict) else None
+
+
+def parse_tool_calls(text: str, first_id: int = 0) -> ParsedReply:
+    """The tool calls in a generated reply: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    blocks (the kit's template, Qwen2.5, Hermes), or, when there is no such block, a reply that is
+    one such JSON object and nothing else (Llama 3.1's JSON tool calling). An unterminated last
+    block (generation stopped at max_new_tokens) is read up to the end. The calls get the ids
+    `call_{first_id}`, `call_{first_id + 1}`, ..."""
+    found: list[tuple[str, dict]] = []
+    invalid: list[str] = []
+    blocks = list(_TOOL_CALL_BLOCK.finditer(text))
+    if blocks:
+        for b in blocks:
+            raw = b.group(1).strip()
+            try:
+                call = _as_call(json.loads(raw))
+            except json.JSONDecodeError:
+                call = None
+            if call is None:
+                invalid.append(raw)
+            else:
+                found.append(call)
+        content = _TOOL_CALL_BLOCK.sub("", text).strip()
+    else:
+        content = text.strip()
+        if content.startswith("{"):
+            try:
+                call = _as_call(json.loads(content))
+            except json.JSONDecodeError:
+                call = None
+            if call is not None:
+                found, content = [call], ""
+    calls = [{"id": f"call_{k}", "type": "function",
+              "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+             for k, (name, args) in enumerate(found, start=first_id)]
+    return ParsedReply(content, calls, invalid)

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--model", help="override the base model recorded in the adapter")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--tools", help="JSON file with a list of tools (OpenAI format) the model may call; "
+                   "each call is shown and you type its result")
     p.add_argument("--quantize", choices=["auto", "none", "4bit", "8bit"], default="auto",
                    help="how to load the base: auto = as the adapter was trained (4-bit for QLoRA), "
                    "none = full precision (default: auto)")

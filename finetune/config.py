@@ -341,7 +341,8 @@ class TrainConfig(Section):
     seed: int = 42
     max_length: int = Field(2048, ge=8, description="Tokens per example after the chat template.")
     chat_template: str | None = Field(
-        None, description="Jinja chat template; default: the tokenizer's own, else ChatML."
+        None, description="Jinja chat template, or a template the kit ships: `chatml`, or `chatml_tools` (ChatML "
+        "that renders tools and tool calls, Qwen2.5/Hermes format). Default: the tokenizer's own, else `chatml`."
     )
     packing: bool = Field(False, description="Pack several examples per row (no cross-attention).")
     training: TrainingConfig = Field(default_factory=TrainingConfig)

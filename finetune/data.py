@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.chat_template import ChatFormatError, LossOn, encode_chat
-from kitcore.schema import training_problem
+from kitcore.schema import training_example, training_problem
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list
 
     `path` may be any dataset `data_files` resolves; records of a multi-file dataset also carry
     their "file". The schema is kitcore.schema's, the one `data-prep validate` checks: a file that
-    validates trains.
+    validates trains. Each record is {"messages", "line"} and "tools" when the line declares any.
     """
     ds = data_files(path)
     records = []
@@ -132,8 +132,7 @@ def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list
                     problems.append(f"{path}:{lineno}: {problem}")
                     first_bad = first_bad or path
                     continue
-                msgs = obj["messages"]
-                rec = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "line": lineno}
+                rec = {**training_example(obj), "line": lineno}
                 if not ds.single:
                     rec["file"] = str(path)
                 records.append(rec)
@@ -196,14 +195,15 @@ def tokenize_dataset(
     for rec in records:
         where = f"{rec.get('file', path)}:{rec['line']}"
         try:
-            enc = encode_chat(tokenizer, rec["messages"], max_length=None, loss_on=loss_on)
+            enc = encode_chat(tokenizer, rec["messages"], max_length=None, loss_on=loss_on, tools=rec.get("tools"))
         except ChatFormatError as exc:
             raise DataError(f"{where}: {exc}") from None
         if len(enc.input_ids) > max_length:
             if too_long == "drop":
                 stats.dropped["longer_than_max_length"] += 1
                 continue
-            enc = encode_chat(tokenizer, rec["messages"], max_length=max_length, loss_on=loss_on)
+            enc = encode_chat(tokenizer, rec["messages"], max_length=max_length, loss_on=loss_on,
+                              tools=rec.get("tools"))
             stats.truncated += 1
         if enc.n_trained == 0:
             untrained.append(where)

@@ -53,7 +53,8 @@ __all__ = ["FORMAT_VERSION", "CacheSpec", "encode_conversations", "cache_key", "
            "prepared_split", "default_num_proc"]
 
 # Bump when what a row holds, or how it is computed, changes: every old cache is then ignored.
-FORMAT_VERSION = 1
+# 2: per-message weights, tools and tool calls reach the chat template (1 trained weight-0 turns).
+FORMAT_VERSION = 2
 COMPLETE = "COMPLETE"
 ENCODE_BATCH = 256  # conversations per tokenizer call: fast-tokenizer batching without much memory
 MAX_SHOWN_PROBLEMS = 20
@@ -103,19 +104,22 @@ def _utf8_lengths(text: str):
 
 
 def encode_conversations(tokenizer: Any, conversations: list[list[dict]], *, max_length: int,
-                         loss_on: str = "assistant", too_long: str = "truncate") -> list[dict | str]:
+                         loss_on: str = "assistant", too_long: str = "truncate",
+                         tools: list[list | None] | None = None) -> list[dict | str]:
     """Per conversation: {input_ids, labels, n_trained, trained_bytes, truncated} (numpy arrays),
     or the reason it is dropped ("longer_than_max_length"). The same tokens, labels and counts as
     `chat_template.encode_chat`, which stays the reference (`finetune preview`, evaluation): the
-    trained spans come from its `assistant_spans`; here the tokenizer runs on a whole batch and a
-    token's label is decided for all tokens at once. Raises ChatFormatError with `.index` set.
+    trained spans come from its `assistant_spans` (tools, tool calls and weights included); here
+    the tokenizer runs on a whole batch and a token's label is decided for all tokens at once.
+    `tools`: each conversation's declared tools (None: none declare any).
+    Raises ChatFormatError with `.index` set.
     """
     import numpy as np
 
     texts, spans = [], []
     for i, msgs in enumerate(conversations):
         try:
-            text, sp = assistant_spans(tokenizer, msgs, loss_on)  # type: ignore[arg-type]
+            text, sp = assistant_spans(tokenizer, msgs, loss_on, tools[i] if tools else None)  # type: ignore[arg-type]
         except ChatFormatError as exc:
             exc.index = i  # type: ignore[attr-defined]
             raise
@@ -273,19 +277,20 @@ def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int,
     import numpy as np
     import pyarrow as pa
 
-    from kitcore.schema import training_problem
+    from kitcore.schema import training_example, training_problem
 
     path = Path(source)
     res = ShardResult(file=out_file, source=source)
     schema = _schema()
-    pending: list[tuple[int, list[dict]]] = []
+    pending: list[tuple[int, dict]] = []  # (line, training_example)
 
     def flush(writer) -> None:
         if not pending:
             return
         try:
-            encoded = encode_conversations(tokenizer, [m for _, m in pending], max_length=spec.max_length,
-                                           loss_on=spec.loss_on, too_long=spec.too_long)
+            encoded = encode_conversations(tokenizer, [ex["messages"] for _, ex in pending],
+                                           max_length=spec.max_length, loss_on=spec.loss_on,
+                                           too_long=spec.too_long, tools=[ex.get("tools") for _, ex in pending])
         except ChatFormatError as exc:
             res.format_error = f"{path}:{pending[exc.index][0]}: {exc}"  # type: ignore[attr-defined]
             pending.clear()
@@ -337,7 +342,7 @@ def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int,
                 if len(res.problems) < MAX_SHOWN_PROBLEMS:
                     res.problems.append(problem)
                 continue
-            pending.append((lineno, [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]))
+            pending.append((lineno, training_example(obj)))
             if len(pending) >= ENCODE_BATCH:
                 flush(writer)
         flush(writer)

@@ -361,7 +361,8 @@ def _read(lineno: int, text: str, tokenizer) -> _Item:
         it.reject = str(exc)
         return it
     try:
-        it.prompt = render_prompt(tokenizer, it.messages)
+        tools = it.obj.get("tools") if isinstance(it.obj, dict) else None  # OpenAI records declare them
+        it.prompt = render_prompt(tokenizer, it.messages, tools)
     except Exception as exc:  # jinja raises its own errors; a record the template cannot render is its own problem
         it.reject = f"the chat template cannot render it: {type(exc).__name__}: {exc}"
     return it

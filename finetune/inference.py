@@ -3,6 +3,7 @@
     from finetune import load_for_inference, chat
     model, tokenizer = load_for_inference("runs/x/adapter")
     print(chat(model, tokenizer, [{"role": "user", "content": "Hi"}]))
+    reply = chat(model, tokenizer, messages, tools=[...])   # reply.tool_calls: the parsed calls
 
 The tokenizer and chat template come from the adapter directory (saved there by `finetune train`),
 so inference formats prompts exactly as training did. Evaluation generates through
@@ -17,13 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.chat_template import end_of_turn_token, render_prompt
+from finetune.chat_template import end_of_turn_token, parse_tool_calls, render_prompt
 from finetune.errors import AdapterError
 from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_for_inference", "load_model_for_inference", "chat", "generate_replies", "generate_batch", "merge_adapter", "read_adapter_info"]
+__all__ = ["ChatReply", "load_for_inference", "load_model_for_inference", "chat", "generate_replies", "generate_batch",
+           "merge_adapter", "read_adapter_info"]
 
 
 def read_adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
@@ -262,17 +264,19 @@ def load_model_for_inference(name: str, *, quantize: str | None = None, device: 
 def generate_replies(
     model,
     tokenizer,
-    conversations: list[list[dict[str, str]]],
+    conversations: list[list[dict[str, Any]]],
     *,
     max_new_tokens: int = 256,
     batch_size: int = 8,
     progress: bool = False,
+    tools: list[list | None] | None = None,
     **gen_kwargs: Any,
 ) -> list[str]:
-    """Greedy (by default) replies to each conversation, batched, stopping at the end-of-turn token."""
+    """Greedy (by default) replies to each conversation, batched, stopping at the end-of-turn token.
+    `tools`: the tools each conversation declares (None: none do), rendered by the chat template."""
     from tqdm.auto import tqdm
 
-    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    prompts = [render_prompt(tokenizer, c, tools[i] if tools else None) for i, c in enumerate(conversations)]
     replies: list[str] = []
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
@@ -308,9 +312,47 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int 
     return results
 
 
-def chat(model, tokenizer, messages: list[dict[str, str]], **gen_kwargs: Any) -> str:
-    """The assistant's reply to `messages`, formatted with the adapter's own chat template."""
-    return generate_replies(model, tokenizer, [messages], batch_size=1, **gen_kwargs)[0]
+class ChatReply(str):
+    """What `chat` returns: the generated text itself (a `str`, so callers that print or compare
+    the reply see what they always did), with the parts a tool-calling caller needs:
+
+    - `content`: the text outside tool calls ("" when the turn only calls tools);
+    - `tool_calls`: the calls parsed out of it, in OpenAI's format
+      (`[{"id": "call_0", "type": "function", "function": {"name": ..., "arguments": "<JSON>"}}]`),
+      empty unless `chat` was given `tools`;
+    - `message()`: the assistant message to append to the conversation.
+    """
+
+    content: str
+    tool_calls: list[dict]
+
+    def __new__(cls, text: str, content: str | None = None, tool_calls: list[dict] | None = None):
+        reply = super().__new__(cls, text)
+        reply.content = text if content is None else content
+        reply.tool_calls = list(tool_calls or [])
+        return reply
+
+    def message(self) -> dict[str, Any]:
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.content}
+        return {"role": "assistant", "content": self.content or None, "tool_calls": self.tool_calls}
+
+
+def chat(model, tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+         **gen_kwargs: Any) -> ChatReply:
+    """The assistant's reply to `messages`, formatted with the adapter's own chat template.
+
+    With `tools` (OpenAI's `[{"type": "function", "function": {...}}]`) the template declares them
+    to the model, and the reply's `tool_calls` holds the calls it made, parsed in the template's
+    format (chat_template.parse_tool_calls)."""
+    text = generate_replies(model, tokenizer, [messages], batch_size=1, tools=[tools] if tools else None,
+                            **gen_kwargs)[0]
+    if not tools:
+        return ChatReply(text)
+    # Ids go on from the calls already in the conversation, so that each result names one call.
+    earlier = sum(len(m.get("tool_calls") or []) for m in messages)
+    parsed = parse_tool_calls(text, first_id=earlier)
+    return ChatReply(text, parsed.content, parsed.tool_calls)
 
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "auto",
@@ -351,14 +393,43 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "
 # ----------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------
+def _read_tools(path: str | None) -> list[dict] | None:
+    """`finetune chat --tools FILE`: a JSON list of tools in OpenAI's format."""
+    if not path:
+        return None
+    from finetune.data import DataError
+
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(tools, dict) and isinstance(tools.get("tools"), list):
+        tools = tools["tools"]  # a record-shaped file: {"tools": [...]}
+    problem = next(iter(_tool_list_problems(tools)), None)
+    if problem:
+        raise DataError(f"{path}: {problem}; expected a list of {{\"type\": \"function\", \"function\": "
+                        "{\"name\": ..., \"parameters\": {...}}}")
+    return tools
+
+
+def _tool_list_problems(tools: Any) -> list[str]:
+    from kitcore.schema import record_problems
+
+    probe = {"tools": tools, "messages": [{"role": "user", "content": "x"}]}
+    return [p.detail for p in record_problems(probe, require_assistant=False)]
+
+
 def chat_command(args) -> int:
     from transformers import TextStreamer
 
     model, tok = load_for_inference(args.adapter, base_model=args.model, quantize=args.quantize)
+    tools = _read_tools(getattr(args, "tools", None))
     system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict[str, str]] = list(system)
+    history: list[dict[str, Any]] = list(system)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    print("Chat with the adapter. /reset clears the history, /exit quits.", flush=True)
+    print("Chat with the adapter. /reset clears the history, /exit quits."
+          + (f" Tools: {', '.join(t['function']['name'] for t in tools)}; you type each call's result."
+             if tools else ""), flush=True)
     while True:
         try:
             line = input("you> ")
@@ -375,12 +446,25 @@ def chat_command(args) -> int:
             print("(history cleared)", flush=True)
             continue
         history.append({"role": "user", "content": text})
-        sys.stdout.write("assistant> ")
-        sys.stdout.flush()
-        reply = generate_replies(model, tok, [history], batch_size=1,
-                                 max_new_tokens=args.max_new_tokens, streamer=streamer)[0]
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": reply})
+        # A turn that calls tools is answered by the results the user types, then the model
+        # continues; a bounded number of rounds, so that a model calling in a loop cannot hang it.
+        for _ in range(8):
+            sys.stdout.write("assistant> ")
+            sys.stdout.flush()
+            reply = chat(model, tok, history, tools=tools, max_new_tokens=args.max_new_tokens, streamer=streamer)
+            sys.stdout.flush()
+            history.append(reply.message())
+            if not reply.tool_calls:
+                break
+            for call in reply.tool_calls:
+                fn = call["function"]
+                print(f"[tool call] {fn['name']}({fn['arguments']})", flush=True)
+                try:
+                    result = input(f"tool {fn['name']}> ")
+                except EOFError:
+                    print()
+                    return 0
+                history.append({"role": "tool", "tool_call_id": call["id"], "content": result})
     return 0
 
 

@@ -1,7 +1,10 @@
-"""Extrinsic metrics on generated answers: exact match, token F1, ROUGE-L and chrF, all offline.
+"""Extrinsic metrics on generated answers: exact match, token F1, ROUGE-L and chrF, all offline;
+and, for references that call tools, function-name accuracy and argument exact match.
 
-Every metric takes ``(prediction, reference)`` strings and returns a float in [0, 1].
+Every text metric takes ``(prediction, reference)`` strings and returns a float in [0, 1].
 ``score_predictions`` scores a whole test set and never crashes on one bad example: it counts it.
+``score_tool_calls`` compares tool calls already parsed out of the replies (chat_template knows
+the format a template writes them in; this module only compares).
 sacrebleu and rouge-score are imported on first use so that importing this module stays cheap
 (rouge-score pulls in nltk, about 1.5 s).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import math
 import numbers
 import re
@@ -30,6 +34,7 @@ __all__ = [
     "normalize_answer",
     "rouge_l",
     "score_predictions",
+    "score_tool_calls",
     "token_f1",
     "tokenize",
 ]
@@ -260,4 +265,73 @@ def score_predictions(
         preds, refs = zip(*scored_pairs)
         aggregate["chrf_corpus"] = _corpus_chrf(preds, refs)
     aggregate.update(n=len(predictions), n_scored=len(scored_pairs), **counts)
+    return per_example, aggregate
+
+
+# ----------------------------------------------------------------------------------------------
+# tool calls
+# ----------------------------------------------------------------------------------------------
+def _call_key(call: Any) -> tuple[str, Any] | None:
+    """(function name, parsed arguments) of an OpenAI-format call; None when it is malformed."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        return None
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    return fn["name"], args
+
+
+def _same_calls(predicted: list[tuple[str, Any]], reference: list[tuple[str, Any]]) -> bool:
+    """The same calls in any order: a multiset match, arguments compared as parsed JSON (so key
+    order and spacing do not matter; 5 and 5.0 are equal, as JSON numbers)."""
+    left = list(predicted)
+    for ref in reference:
+        if ref not in left:
+            return False
+        left.remove(ref)
+    return not left
+
+
+def score_tool_calls(
+    predictions: Sequence[tuple[list[dict], list[str]]],
+    references: Sequence[list[dict]],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score each reply's tool calls against the reference turn's `tool_calls` (OpenAI format).
+
+    A prediction is (the calls parsed out of the reply, the call blocks that did not parse).
+    Per example: ``tool_name_accuracy`` 1.0 when the reply calls the same functions (as a
+    multiset: parallel calls in any order), ``tool_arguments_exact_match`` 1.0 when it makes the
+    same calls with JSON-equal arguments. The aggregate holds their means, ``n_tool_references``,
+    ``n_no_tool_call`` (replies with no parsed call) and ``n_invalid_tool_call`` (replies with a
+    call block that is not JSON with a name and object arguments); a reference that does not
+    parse is counted in ``n_invalid_tool_reference`` and not scored.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    per_example: list[dict[str, Any]] = []
+    names, exact = [], []
+    counts = Counter(n_no_tool_call=0, n_invalid_tool_call=0, n_invalid_tool_reference=0)
+    for (calls, invalid), reference in zip(predictions, references):
+        ref = [_call_key(c) for c in reference] if isinstance(reference, list) else [None]
+        if not ref or None in ref:
+            counts["n_invalid_tool_reference"] += 1
+            per_example.append({"error": "the reference's tool_calls do not parse"})
+            continue
+        pred = [k for k in (_call_key(c) for c in calls) if k is not None]
+        counts["n_no_tool_call"] += not pred
+        counts["n_invalid_tool_call"] += bool(invalid)
+        row = {"tool_name_accuracy": float(sorted(n for n, _ in pred) == sorted(n for n, _ in ref)),
+               "tool_arguments_exact_match": float(_same_calls(pred, ref))}
+        names.append(row["tool_name_accuracy"])
+        exact.append(row["tool_arguments_exact_match"])
+        per_example.append(row)
+    aggregate: dict[str, Any] = {}
+    if names:
+        aggregate = {"tool_name_accuracy": sum(names) / len(names),
+                     "tool_arguments_exact_match": sum(exact) / len(exact)}
+    aggregate.update(n_tool_references=len(references), **counts)
     return per_example, aggregate

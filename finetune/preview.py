@@ -1,6 +1,8 @@
 """`finetune preview`: the tokens of the first examples and which ones are trained.
 
-It goes through the same `encode_chat` as training, so what it shows is what the trainer sees.
+It goes through the same `encode_chat` as training, so what it shows is what the trainer sees:
+for a tool-calling example, the declared tools and tool results untrained, the assistant's calls
+trained with its end-of-turn token, an assistant turn with `"weight": 0` untrained.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
         return _preference_examples(tok, path, n, unpaired=cfg.method == "kto")
     out = []
     for rec in read_chat_jsonl(path)[:n]:
-        enc = encode_chat(tok, rec["messages"], max_length=cfg.max_length, loss_on=cfg.data.loss_on)
+        enc = encode_chat(tok, rec["messages"], max_length=cfg.max_length, loss_on=cfg.data.loss_on,
+                          tools=rec.get("tools"))
         tokens = [
             {"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]), "trained": lab != IGNORE_INDEX}
             for i, lab in zip(enc.input_ids, enc.labels)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from finetune.chat_template import CHATML_TEMPLATE
+from finetune.chat_template import CHATML_TOOLS_TEMPLATE, render_chat
+from kitcore.schema import training_example, training_problem, uses_tools
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,45 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
                 yield raw
 
 
+def tool_chats(paths: Iterable[str | Path]) -> Iterator[tuple[list[dict], list | None]]:
+    """(messages, tools) of the chat JSONL records that use tool calling and would train."""
+    for path in paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if f.suffix != ".jsonl":
+                continue
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if training_problem(obj) is None:
+                    ex = training_example(obj)
+                    if uses_tools(ex["messages"], ex.get("tools")):
+                        yield ex["messages"], ex.get("tools")
+
+
+def tools_block_lines(tokenizer, chats: list[tuple[list[dict], list | None]], *, share: float = 0.5) -> list[str]:
+    """The lines of the tools block the template renders (its instructions and one JSON line per
+    declared tool) that at least `share` of the tool chats repeat: the lines a chat's rendering
+    has with its `tools` and lacks without them, split at newlines and special tokens. Lines of
+    the messages themselves (requests, calls, results) are never among them."""
+    cut = re.compile("\n|" + "|".join(re.escape(t) for t in tokenizer.all_special_tokens))
+    probe = [{"role": "system", "content": "probe"}, {"role": "user", "content": "probe"}]
+    blocks: dict[str, set[str]] = {}  # one render per distinct tools list
+    counts: Counter = Counter()
+    for _, tools in chats:
+        if not tools:
+            continue
+        key = json.dumps(tools, sort_keys=True)
+        if key not in blocks:
+            plain = set(cut.split(render_chat(tokenizer, probe)))
+            blocks[key] = {p for p in cut.split(render_chat(tokenizer, probe, tools)) if len(p) > 1} - plain
+        counts.update(blocks[key])
+    return sorted(p for p, n in counts.items() if n >= share * len(chats))
+
+
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -75,7 +117,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
-    fast.chat_template = CHATML_TEMPLATE
+    # ChatML that also renders tools (identical to plain ChatML without them), so that tests and
+    # demos can train tool calling on the tiny model.
+    fast.chat_template = CHATML_TOOLS_TEMPLATE
     fast.padding_side = "right"
     return fast
 
@@ -107,6 +151,19 @@ def build_tiny_model(
         if not texts:
             raise ValueError(f"the corpus {corpus} holds no text")
         tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+        chats = list(tool_chats(corpus or []))
+        if chats:
+            # A tokenizer that never saw the template's tool markup spends a token per character or two
+            # on it (about 680 tokens for the demo's 1,090-character chats): train it on the rendered
+            # tool chats too (about 320).
+            tokenizer = build_tokenizer(texts + [render_chat(tokenizer, m, t) for m, t in chats], vocab_size=vocab_size)
+            # The tools block (Qwen2.5's instructions and one JSON line per declared tool) opens every
+            # tool chat: about 215 of a 320-token chat for the three small tools of
+            # scripts/tool_calling_demo.py. Each line of it that most chats repeat becomes one token (as
+            # `<tool_call>` is one in Qwen's vocabulary), which brings those chats to about 100 tokens:
+            # a third of the CPU time per training example. Requests, calls and results are tokenized
+            # as before.
+            tokenizer.add_tokens(tools_block_lines(tokenizer, chats))
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from data_prep.record import Record
+from data_prep.record import Record, message_text
 from data_prep.steps.base import Step
 from data_prep.steps.clean import clean_text
 from data_prep.steps.dedup import Deduplicator
 from data_prep.steps.filters import ChatThresholds, chat_checks
-from data_prep.steps.redact import redact
+from data_prep.steps.redact import redact, redact_arguments
 
 
 class CleanStep(Step):
@@ -22,7 +22,9 @@ class CleanStep(Step):
 
     def process(self, rec: Record) -> str | None:
         for m in rec.messages:
-            m["content"] = clean_text(m["content"], self.fix_unicode)
+            # Tool-call arguments are left as written: they are values a function receives.
+            if isinstance(m.get("content"), str):
+                m["content"] = clean_text(m["content"], self.fix_unicode)
         if rec.context and not rec.context_ready:
             rec.context = clean_text(rec.context, self.fix_unicode)
         return None
@@ -37,19 +39,24 @@ class RedactStep(Step):
 
     def process(self, rec: Record) -> str | None:
         for m in rec.messages:
-            m["content"] = redact(m["content"], self.types, self.counts)
+            if isinstance(m.get("content"), str):
+                m["content"] = redact(m["content"], self.types, self.counts)
+            for call in m.get("tool_calls") or []:
+                fn = call["function"]
+                fn["arguments"] = redact_arguments(fn["arguments"], self.types, self.counts)
         if rec.context and not rec.context_ready:
             rec.context = redact(rec.context, self.types, self.counts)
         return None
 
 
 class AssembleStep(Step):
-    """Fix the dedup text, then prepend the context to the first user turn: CONTEXT + blank line + QUESTION."""
+    """Fix the dedup text (tool calls included), then prepend the context to the first user turn:
+    CONTEXT + blank line + QUESTION."""
 
     name = "assemble"
 
     def process(self, rec: Record) -> str | None:
-        rec.own_text = "\n".join(m["content"] for m in rec.messages if m["role"] != "system")
+        rec.own_text = "\n".join(message_text(m) for m in rec.messages if m["role"] != "system")
         if rec.context:
             for m in rec.messages:
                 if m["role"] == "user":

@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from data_prep.record import Message
+from data_prep.record import Message, message_text
 
 _WORD = re.compile(r"\S+")
 _STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -109,10 +109,14 @@ def chat_checks(messages: list[Message], t: ChatThresholds) -> str | None:
         return "empty_messages"
     if not any(m["role"] == "assistant" for m in messages):
         return "no_assistant_message"
+    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+        return "no_trained_assistant_message: every assistant turn has weight 0"
     if not any(m["role"] == "user" for m in messages):
         return "no_user_message"
     for i, m in enumerate(messages):
-        content = m.get("content") or ""
+        # An assistant turn that calls tools says its calls too (its text may be short or null);
+        # the calls themselves are checked by the schema.
+        content = message_text(m) if m.get("tool_calls") else m.get("content") or ""
         if not content.strip():
             return f"empty_{m['role']}: message {i}"
         minimum = {"user": t.min_user_chars, "assistant": t.min_assistant_chars}.get(m["role"], 0)

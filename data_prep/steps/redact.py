@@ -8,6 +8,7 @@ dependencies; these four types are regular enough for patterns plus validation
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections import Counter
 
@@ -94,3 +95,32 @@ def redact(text: str, types: tuple[str, ...] | list[str] = PII_TYPES, counts: Co
 
         text = pattern.sub(_sub, text)
     return text
+
+
+def _redact_strings(value, types, counts):
+    if isinstance(value, str):
+        return redact(value, types, counts)
+    if isinstance(value, list):
+        return [_redact_strings(v, types, counts) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_strings(v, types, counts) for k, v in value.items()}
+    return value
+
+
+def redact_arguments(arguments: str, types: tuple[str, ...] | list[str] = PII_TYPES,
+                     counts: Counter | None = None) -> str:
+    """Redact the string values of a tool call's JSON `arguments` and serialize them again, so the
+    result is always valid JSON (a regex over the raw string could eat a quote or a brace).
+    Unchanged arguments come back byte for byte; arguments that are not JSON (the schema rejects
+    those) are returned as they are."""
+    try:
+        parsed = json.loads(arguments)
+    except (TypeError, json.JSONDecodeError):
+        return arguments
+    found: Counter = Counter()
+    redacted = _redact_strings(parsed, types, found)
+    if not found:
+        return arguments
+    if counts is not None:
+        counts.update(found)
+    return json.dumps(redacted, ensure_ascii=False)

@@ -149,7 +149,7 @@ def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[flo
         records = records[: cfg.eval.max_examples]
     scores: dict[str, Any] = {"intrinsic": intrinsic_scores(
         model, tok, [r["messages"] for r in records], loss_on=cfg.data.loss_on,
-        batch_size=cfg.eval.batch_size, max_length=cfg.max_length)}
+        batch_size=cfg.eval.batch_size, max_length=cfg.max_length, tools=[r.get("tools") for r in records])}
     if kind == "extrinsic":
         scores["extrinsic"], _ = extrinsic_scores(model, tok, records, metrics=cfg.eval.metrics,
                                                   max_new_tokens=cfg.eval.max_new_tokens,

@@ -192,4 +192,36 @@ def write_mixed(root: Path) -> list[Path]:
     near = write_near_dups(root / "near")
     bad = root / "bad.jsonl"
     bad.write_text('{"question": "Q", "answer": 3}\n{broken\n{"question": "Is it fine?", "answer": "Yes."}\n')
-    return [shop / "pages", shop / "questions.csv", texts, *near, bad]
+    return [shop / "pages", shop / "questions.csv", texts, *near, bad, write_tool_chats(root / "tools.jsonl")]
+
+
+TRACK = {"type": "function", "function": {"name": "track_order", "parameters": {"type": "object", "properties": {
+    "order": {"type": "string"}, "email": {"type": "string"}}}}}
+
+
+def tool_chat(i: int) -> dict:
+    """An OpenAI-format chat that calls track_order with an e-mail address in its arguments."""
+    call = {"id": f"c{i}", "type": "function", "function": {
+        "name": "track_order", "arguments": json.dumps({"order": f"A{i:03d}", "email": f"buyer{i}@mail.example.com"})}}
+    items = " ".join(_words(random.Random(f"tool{i}"), 12))  # words of its own: no near duplicates
+    return {"tools": [TRACK], "parallel_tool_calls": False, "messages": [
+        {"role": "user", "content": f"Where is my order A{i:03d} of {items}? Ask with my address."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": f"c{i}", "content": f"order A{i:03d}: shipped"},
+        {"role": "assistant", "content": f"Order A{i:03d} has shipped.", "weight": 1}]}
+
+
+def write_tool_chats(path: Path, n: int = 8) -> Path:
+    """Tool-calling records: OpenAI chats (PII inside call arguments), a ShareGPT function-call
+    record, one with arguments that are not JSON (convert reject) and an exact copy (dedup reject)."""
+    rows: list[dict] = [tool_chat(i) for i in range(n)]
+    broken = tool_chat(n)
+    broken["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"order": '
+    sharegpt = {"tools": json.dumps([TRACK["function"]]), "conversations": [
+        {"from": "human", "value": "Track order B001, please."},
+        {"from": "function_call", "value": json.dumps({"name": "track_order", "arguments": {"order": "B001"}})},
+        {"from": "observation", "value": "order B001: in transit"},
+        {"from": "gpt", "value": "Order B001 is in transit."}]}
+    rows += [broken, sharegpt, tool_chat(0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -82,9 +82,25 @@ def test_ray_engine_gives_the_local_engines_results(runs, action) -> None:
     # the corpus exercises what must agree: every kind of reject and of duplicate
     assert set(local_report["rejects_by_step"]) >= {"read", "convert", "join", "chat_filter", "dedup"}
     d = local_report["dedup"]
-    assert d["exact_duplicates"] == 6 and d["near_duplicates"] == (6 if action == "drop" else 9)
+    # the near-duplicate triples' copies, and the copied tool chat
+    assert d["exact_duplicates"] == 7 and d["near_duplicates"] == (6 if action == "drop" else 9)
     assert all(local_report["counts"][s] > 0 for s in OUTPUTS)
     assert local_report["pii"]["email"] > 0 and local_report["pii"]["phone"] > 0
+    # tool calling comes through both engines: tools, calls (redacted inside their JSON
+    # arguments), results with their ids, weights; broken calls and copies rejected
+    kept = [ex for s in ("train", "val", "test") for ex in read_jsonl_bytes(shard_lines(ray_out, s))
+            if ex["meta"]["source"].endswith("tools.jsonl")]
+    assert len(kept) == 9 and all(ex["tools"][0]["function"]["name"] == "track_order" for ex in kept)
+    calls = [m["tool_calls"][0]["function"]["arguments"] for ex in kept for m in ex["messages"] if m.get("tool_calls")]
+    assert len(calls) == 9 and all(json.loads(a).get("email", "[EMAIL]") == "[EMAIL]" for a in calls)
+    assert sum("parallel_tool_calls" in ex for ex in kept) == 8
+    assert all(m.get("tool_call_id") for ex in kept for m in ex["messages"] if m["role"] == "tool")
+    rejects = [json.loads(line) for line in shard_lines(ray_out, "rejects").decode().splitlines()]
+    tool_rejects = sorted(r["reason"].split(":")[0].split(" of ")[0] for r in rejects
+                          if r["source"].endswith("tools.jsonl"))
+    assert tool_rejects == ["duplicate", "invalid_tool_arguments"]
+    dup = next(r for r in rejects if r["source"].endswith("tools.jsonl") and r["reason"].startswith("duplicate"))
+    assert dup["record"]["tools"] == kept[0]["tools"]  # a reject keeps the whole record
 
 
 @pytest.mark.parametrize("action", ["drop", "group"])

@@ -40,24 +40,44 @@ MULTILINGUAL = [
 ]
 
 
+_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}}}}}
+_CALL = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+# Tool calls (a call-only turn, a call after text, a result) and a weight-0 turn.
+TOOL_AND_WEIGHTS = [
+    {"tools": [_TOOL], "messages": [{"role": "user", "content": "Weather in Oslo?"},
+                                    {"role": "assistant", "content": None, "tool_calls": [_CALL]},
+                                    {"role": "tool", "tool_call_id": "c1", "content": "sunny ☀"},
+                                    {"role": "assistant", "content": "Sunny."}]},
+    {"tools": [_TOOL], "messages": [{"role": "user", "content": "Oslo?"},
+                                    {"role": "assistant", "content": "Checking…", "tool_calls": [_CALL]}]},
+    {"messages": [{"role": "user", "content": "Price?"}, {"role": "assistant", "content": "No idea.", "weight": 0},
+                  {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "$9.", "weight": 1}]},
+]
+
+
 @pytest.mark.parametrize("loss_on", ["assistant", "last_assistant", "all"])
-@pytest.mark.parametrize("max_length", [24, 128])
-def test_batch_encoder_equals_encode_chat(tiny_model, chat_data, loss_on, max_length):
+@pytest.mark.parametrize("max_length", [24, 128, 1024])
+def test_batch_encoder_equals_encode_chat(tiny_model, chat_data, tmp_path, loss_on, max_length):
     from finetune.chat_template import encode_chat
     from finetune.data import read_chat_jsonl
 
     tok = _tok(tiny_model)
-    convs = [r["messages"] for r in read_chat_jsonl(chat_data["train"])] + [r["messages"] for r in MULTILINGUAL]
-    got = encode_conversations(tok, convs, max_length=max_length, loss_on=loss_on)
-    for msgs, g in zip(convs, got):
-        ref = encode_chat(tok, msgs, max_length=max_length, loss_on=loss_on)
+    # Through the training reader, so the records are in the form the data cache encodes.
+    extra = read_chat_jsonl(write_jsonl(tmp_path / "extra.jsonl", MULTILINGUAL + TOOL_AND_WEIGHTS))
+    records = read_chat_jsonl(chat_data["train"]) + extra
+    convs = [r["messages"] for r in records]
+    tools = [r.get("tools") for r in records]
+    got = encode_conversations(tok, convs, max_length=max_length, loss_on=loss_on, tools=tools)
+    for msgs, t, g in zip(convs, tools, got):
+        ref = encode_chat(tok, msgs, max_length=max_length, loss_on=loss_on, tools=t)
         assert g["input_ids"].tolist() == ref.input_ids and g["labels"].tolist() == ref.labels
         assert (g["n_trained"], g["trained_bytes"], g["truncated"]) == (ref.n_trained, ref.trained_bytes, ref.truncated)
 
 
 @pytest.mark.parametrize("too_long,loss_on,max_length", [("truncate", "all", 48), ("drop", "assistant", 80)])
 def test_cache_equals_todays_encoder_with_its_counts(tiny_model, tmp_path, too_long, loss_on, max_length):
-    data = write_jsonl(tmp_path / "d" / "train.jsonl", make_chat_examples(300, seed=3) + MULTILINGUAL)
+    data = write_jsonl(tmp_path / "d" / "train.jsonl", make_chat_examples(300, seed=3) + MULTILINGUAL + TOOL_AND_WEIGHTS)
     cfg = _cfg(tiny_model, data, tmp_path, f"max_length={max_length}", f"data.too_long={too_long}",
                f"data.loss_on={loss_on}")
     tok = _tok(tiny_model)

@@ -64,12 +64,17 @@ def test_bad_eval_input_is_counted_not_fatal(tiny_model, chat_data, tmp_path):
         '{"messages": [{"role": "user", "content": "no answer here"}]}',           # no assistant turn
         '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]}',  # not a string
         '{"messages": [ truncated',                                                   # malformed
+        # a reference call whose arguments are not JSON: neither renderable nor scorable
+        json.dumps({"tools": [{"type": "function", "function": {"name": "weather"}}], "messages": [
+            {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "weather", "arguments": '{"city": '}}]}]}),
     ]
     data = tmp_path / "mixed.jsonl"
     data.write_text("\n".join(good + bad) + "\n")
     report = evaluate(model=str(tiny_model), data=data, output=tmp_path / "e", max_new_tokens=3)
     meta = report["meta"]["data"]
-    assert meta["skipped"] == {"no assistant turn": 1, "malformed JSON": 1}
+    assert meta["skipped"] == {"no assistant turn": 1, "malformed JSON": 1, "invalid_tool_arguments": 1}
+    assert meta["skipped_lines"][-1] == {"line": 7, "reason": "invalid_tool_arguments"}
     ext = report["models"]["base"]["extrinsic"]
     assert ext["n"] == 4 and ext["n_invalid_reference"] == 1
     assert report["models"]["base"]["intrinsic"]["n_invalid"] == 1
