@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,26 @@ class Record:
         if self.own_text is not None:
             return self.own_text
         return "\n".join(m["content"] for m in self.messages)
+
+    # What the engines write, compare and measure; a preference record (data_prep.preference)
+    # answers these for its prompt / chosen / rejected.
+    def body(self) -> dict[str, Any]:
+        """The record's line in train/val/test.jsonl (without `meta`), and in a reject."""
+        return {"messages": self.messages}
+
+    def exact_key(self) -> bytes:
+        """What exact dedup compares (16 bytes)."""
+        from data_prep.steps.dedup import exact_digest
+
+        return exact_digest(self.dedup_text(), self.context_key)
+
+    def near_text(self) -> str:
+        """What near dedup compares (MinHash of its word shingles)."""
+        return self.dedup_text()
+
+    def length(self, count: Callable[[str], int]) -> int:
+        """The example's length in the report, `count` being words or tokens of one text."""
+        return sum(count(m["content"]) for m in self.messages)
 
 
 @dataclass
