@@ -347,9 +347,12 @@ def test_split_by_prompt_is_leak_free_and_independent_of_order_and_sharding(tmp_
 # ---- what reads the output ------------------------------------------------------------------------
 def test_finetune_and_validate_read_the_build(tiny_model, tmp_path: Path) -> None:
     from finetune.config import load_config
-    from finetune.data_cache import CacheSpec, _shards, prepared_split
+    from finetune.data_cache import prepared_split
     from finetune.modeling import load_tokenizer
-    from finetune.preference_data import build_preference_shard
+
+    def cfg(path: Path, method: str):
+        return load_config(None, [f"model={tiny_model}", f"data.train={path}", f"output_dir={tmp_path / 'run'}",
+                                  f"method={method}", "max_length=256", f"data.cache_dir={tmp_path / 'cache'}"])
 
     src = write_jsonl(tmp_path / "p.jsonl", [*many_prompts(30), {"prompt": "Reach me at a@b.co", "chosen": "OK.",
                                                                   "rejected": "No."}])
@@ -358,19 +361,16 @@ def test_finetune_and_validate_read_the_build(tiny_model, tmp_path: Path) -> Non
     for s in SPLITS:
         path = tmp_path / "out" / f"{s}.jsonl"
         assert validate_file(str(path)).ok, s
-        cfg = load_config(None, [f"model={tiny_model}", f"data.train={path}", f"output_dir={tmp_path / 'run'}",
-                                 "method=dpo", "max_length=256", f"data.cache_dir={tmp_path / 'cache'}"])
-        ds, stats, _ = prepared_split(cfg, tok, str(path))
+        ds, stats, _ = prepared_split(cfg(path, "dpo"), tok, str(path))
         assert stats.examples == stats.kept == len(ds) == report["counts"][s] > 0, s
         assert not stats.dropped and not stats.truncated
     kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "Is 3 odd?", "completion": "Yes.", "label": True},
                                               {"prompt": "Is 4 odd?", "chosen": "No.", "rejected": "Yes."}])
     build([kto], tmp_path / "kto", task="kto", **ALL_TRAIN)
     path = tmp_path / "kto" / "train.jsonl"
-    spec = CacheSpec(path=str(path), max_length=256, kind="kto")
-    res = build_preference_shard(tok, spec, _shards(path, 1)[0], str(tmp_path / "kto.arrow"))
+    ds, stats, _ = prepared_split(cfg(path, "kto"), tok, str(path))
     # the unpaired example, and the pair as a desirable and an undesirable one
-    assert (res.examples, res.kept, res.bad_lines, res.problems) == (2, 3, 0, [])
+    assert (stats.examples, stats.kept) == (2, 3) and sorted(ds["label"]) == [False, True, True]
 
 
 def test_cli_task_flag(tmp_path: Path, capsys) -> None:
