@@ -21,7 +21,8 @@ whose chosen and rejected came out the same, and names its split group.
 The keys, and why each is what it is:
 
   split group   `prompt:` + a hash of the prompt's non-system messages (role and words, normalized
-                as exact dedup normalizes: case, punctuation, spacing). Every pair of one prompt lands
+                as exact dedup normalizes: case, punctuation, spacing; a message without words by its
+                text). Every pair of one prompt lands
                 in one split whatever file, line, order or worker it came from, so no prompt is in
                 both train and test. A system prompt does not make another prompt: the question asked
                 is the same one, and a build-wide `system:` must not move prompts between splits.
@@ -154,6 +155,12 @@ def _hh_prompt(text: str) -> list[Message] | None:
 
 
 # ---- one row -> a preference record -------------------------------------------------------------
+def _words(text: str) -> str:
+    """A message as the keys compare it: its words, as exact dedup normalizes them; a message with
+    no word at all ("🙂") by its text, or every such prompt would be one prompt."""
+    return normalize_for_hash(text) or text.strip()
+
+
 @dataclass
 class PreferenceRecord(Record):
     """A pair (or, for KTO, an unpaired example) on its way to train/val/test: `messages` is
@@ -180,18 +187,14 @@ class PreferenceRecord(Record):
         return {"prompt": prompt, "completion": first, "label": self.label}
 
     def _prompt_words(self) -> list[list[str]]:
-        return [
-            [m["role"], normalize_for_hash(m["content"])]
-            for m in self.split_parts()[0]
-            if m["role"] != "system"
-        ]
+        return [[m["role"], _words(m["content"])] for m in self.split_parts()[0] if m["role"] != "system"]
 
     def prompt_group(self) -> str:
         digest = hashlib.blake2b(json.dumps(self._prompt_words()).encode(), digest_size=12).hexdigest()
         return f"prompt:{digest}"
 
     def exact_key(self) -> bytes:
-        parts = [[[m["role"], normalize_for_hash(m["content"])] for m in part] for part in self.split_parts()]
+        parts = [[[m["role"], _words(m["content"])] for m in part] for part in self.split_parts()]
         return hashlib.blake2b(json.dumps([parts, self.label]).encode(), digest_size=16).digest()
 
     def near_text(self) -> str:

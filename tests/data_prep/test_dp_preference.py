@@ -263,15 +263,20 @@ def test_exact_duplicates_are_dropped_other_pairs_of_a_prompt_are_kept(tmp_path:
     b = write_jsonl(tmp_path / "b.jsonl", [
         {"prompt": "  NAME a prime!", "chosen": "seven", "rejected": "EIGHT"},  # case, punctuation, spacing
         {"prompt": [system("Be brief."), user("Name a prime.")], "chosen": "Seven.", "rejected": "Eight."},
+        # no words at all: compared by their text, not all alike
+        {"prompt": "\U0001f642", "chosen": "\U0001f44d", "rejected": "\U0001f44e"},
+        {"prompt": "\U0001f642", "chosen": "\U0001f44e", "rejected": "\U0001f44d"},
+        {"prompt": "\U0001f643", "chosen": "\U0001f44d", "rejected": "\U0001f44e"},
     ])
     report = build([a, b], tmp_path / "out", task="preference", **ALL_TRAIN)
     lines = built(tmp_path / "out")
-    assert [ln["meta"]["locator"] for ln in lines["train"]] == ["line=1", "line=2", "line=3", "line=2"]
+    assert [ln["meta"]["locator"] for ln in lines["train"]] == ["line=1", "line=2", "line=3", "line=2", "line=3",
+                                                                "line=4", "line=5"]
     (dup,) = lines["rejects"]
     assert (dup["source"], dup["locator"], dup["reason"]) == (str(b), "line=1", f"duplicate of {a}#line=1")
     assert report["dedup"]["exact_duplicates"] == 1 and report["dedup"]["clusters"] == 1
-    # all of them ask one prompt (a system prompt does not make another): one split group
-    assert report["split"]["groups"] == {"train": 1, "val": 0, "test": 0}
+    # the worded ones ask one prompt (a system prompt does not make another): one split group
+    assert report["split"]["groups"] == {"train": 3, "val": 0, "test": 0}
 
 
 def near_prompt_corpus(root: Path, n_triples: int = 6) -> list[Path]:
