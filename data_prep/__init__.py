@@ -1,4 +1,5 @@
-"""data_prep: scraped and annotated text -> clean, deduplicated, redacted, validated chat JSONL.
+"""data_prep: scraped and annotated text -> clean, deduplicated, redacted, validated chat JSONL
+(or preference pairs split by prompt: `task: preference`, data_prep.preference).
 
 Public API:
     from data_prep.build import build, run_recipe   # build(sources, output_dir, ...) -> report dict

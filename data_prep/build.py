@@ -37,6 +37,7 @@ from data_prep.pipeline import (
     plan_sources,
     split_report,
 )
+from data_prep.preference import PREFERENCE_TASKS, PromptDedupStep
 from data_prep.readers.html import Page
 from data_prep.recipe import Recipe, validate_recipe
 from data_prep.record import Record, Reject
@@ -129,10 +130,17 @@ class Builder:
         self.groups = UnionFind()
         self.group_sizes: Counter[str] = Counter()
         d = recipe.dedup
-        self.dedup = Deduplicator(
-            d.exact, d.near, d.threshold, d.num_perm, d.shingle_size, near_action=d.near_action
-        )
-        self.dedup_step = DedupStep(self.dedup, on_near_match=self.groups.union)
+        self.dedup_step: DedupStep | PromptDedupStep
+        if recipe.task in PREFERENCE_TASKS:
+            self.dedup_step = PromptDedupStep(
+                d.exact, d.near, d.threshold, d.num_perm, d.shingle_size, on_near_match=self.groups.union
+            )
+            self.dedup = self.dedup_step.index  # the prompts: what the leakage check compares
+        else:
+            self.dedup = Deduplicator(
+                d.exact, d.near, d.threshold, d.num_perm, d.shingle_size, near_action=d.near_action
+            )
+            self.dedup_step = DedupStep(self.dedup, on_near_match=self.groups.union)
         self.timings: dict[str, float] = {}
 
     # ---- table of contents ------------------------------------------------------------
@@ -141,7 +149,8 @@ class Builder:
         out = check_output_dir(self.r.output_dir, self.r.overwrite)
         plan = plan_sources(self.r)
         for f in plan.files:
-            if f.fmt not in ("html", "text", "transcript"):
+            # a preference build joins no pages
+            if f.fmt not in ("html", "text", "transcript") and self.r.task not in PREFERENCE_TASKS:
                 for key in join_keys_of(f):
                     self.contexts.reference(key)
         self.work = DocWork(self.r, self.contexts)
@@ -158,13 +167,14 @@ class Builder:
             split, leakage, lengths = self._split_and_write(writers)
             counts = {**{s: writers[s].count for s in SPLITS}, "rejects": self.rejects.count}
             report = make_report(
+                task=self.r.task,
                 tally=self.tally,
                 counts=counts,
                 outputs={s: f"{s}.jsonl" for s in (*SPLITS, "rejects")},
                 n_files=len(plan.files),
                 hidden_skipped=plan.hidden_skipped,
                 dedup=dedup_report(
-                    self.r.dedup.threshold, self.tally.steps, self.dedup_step.kept_near, self.dedup.clusters
+                    self.r.dedup.threshold, self.tally.steps, self.dedup_step.kept_near, self.dedup_step.clusters
                 ),
                 split=split,
                 leakage=leakage,
@@ -193,7 +203,8 @@ class Builder:
         t0 = time.perf_counter()
         # disable=None: a bar on a terminal, silence in CI logs and tests
         bar = tqdm(total=len(pages), desc="pages", unit="page", disable=None, leave=False)
-        if self.r.workers > 1 and len(pages) > 1:
+        # a preference build rejects pages unread: nothing to extract in worker processes
+        if self.r.workers > 1 and len(pages) > 1 and self.r.task not in PREFERENCE_TASKS:
             _FORKED_WORK = self.work
             try:
                 for f, page in zip(pages, _parallel_map(_parse_many, pages, self.r.workers)):
@@ -223,7 +234,7 @@ class Builder:
                 if reason is None:
                     self._spool(item)
                     continue
-                item = Reject(item.source, item.locator, "dedup", reason, record=item.example())
+                item = Reject(item.source, item.locator, "dedup", reason, record=item.body())
                 self.tally.reject(item)
             self.rejects.write(item.to_json())
 
@@ -231,9 +242,8 @@ class Builder:
     def _spool(self, rec: Record) -> None:
         root = self.groups.find(rec.group)
         self.group_sizes[root] += 1
-        self.spool.write(
-            json.dumps([rec.id, rec.group, rec.example(), rec.source, rec.locator], ensure_ascii=False) + "\n"
-        )
+        line = [rec.id, rec.group, rec.body(), rec.source, rec.locator, self.work.record_length(rec)]
+        self.spool.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     def _split_and_write(self, writers: dict[str, JsonlWriter]) -> tuple[dict, dict, dict]:
         sizes: Counter[str] = Counter()
@@ -250,7 +260,7 @@ class Builder:
         lengths: dict[str, array] = defaultdict(lambda: array("I"))
         with open(self.spool.tmp, encoding="utf-8") as fh:
             for line in fh:
-                rec_id, group, example, source, locator = json.loads(line)
+                rec_id, group, body, source, locator, length = json.loads(line)
                 split = assignment[self.groups.find(group)]
                 if self.r.dedup.near:
                     n = self.dedup.number(rec_id)
@@ -258,8 +268,8 @@ class Builder:
                         split_code[n] = codes[split]
                         if split == "test":
                             test_nums.append(n)
-                writers[split].write(example_json(example, source, locator, self.r.provenance))
-                lengths[split].append(self.work.example_length(example["messages"]))
+                writers[split].write(example_json(body, source, locator, self.r.provenance))
+                lengths[split].append(length)
         # leakage check: independent of how the split was made, look for near-duplicate pairs
         # with one side in test and the other in train
         pairs = []

@@ -22,6 +22,13 @@ def _add_build(sub) -> None:
     p.add_argument(
         "--output-dir", "-o", required=True, help="where train/val/test/rejects.jsonl and report.json go"
     )
+    p.add_argument(
+        "--task",
+        default="sft",
+        choices=["sft", "preference", "kto"],
+        help="sft: chat examples (default); preference: prompt/chosen/rejected pairs for DPO/ORPO/SimPO, "
+        "split by prompt; kto: pairs and unpaired prompt/completion/label examples",
+    )
     p.add_argument("--system", default=None, help="system prompt added first to every example")
     p.add_argument(
         "--val-fraction", type=float, default=0.05, help="share of examples in val.jsonl (default 0.05)"
@@ -95,6 +102,10 @@ def _print_summary(report: dict[str, Any], out_dir: str) -> None:
     )
     if report.get("engine", {}).get("name") == "ray":
         print(f"  outputs: shard directories {', '.join(report['outputs'].values())} (each with manifest.json)")
+    if report["task"] != "sft":
+        g = report["split"]["groups"]
+        print(f"  task {report['task']}: TRL conversational preference lines, split by prompt "
+              f"(prompts: train {g['train']}, val {g['val']}, test {g['test']})")
     print(f"  context pages: {report['inputs']['context_pages']}, files: {report['inputs']['files']}")
     for name, s in report["steps"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items())
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             report = build(
                 args.sources,
                 args.output_dir,
+                task=args.task,
                 system=args.system,
                 val_fraction=args.val_fraction,
                 test_fraction=args.test_fraction,

@@ -4,7 +4,8 @@
     plan_sources(recipe)        input files in processing order, each with its number
     join_keys_of(file)          what annotation rows point at: those pages become context
     DocWork.process(file)       everything that happens to one file before dedup: read, then per
-                                record clean -> redact -> chat filter -> assemble. Returns a
+                                record clean -> redact -> chat filter -> assemble (-> preference,
+                                in a preference build: data_prep.preference). Returns a
                                 FileOutput: records, rejects with their reasons, context pages
                                 and the counters of the report (Tally)
     make_report(...)            report.json, from what either engine counted
@@ -29,13 +30,20 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from data_prep.convert import ColumnMapping, Converted, RowError, convert_row, detect_kind, join_keys_of_row
+from data_prep.preference import (
+    PREFERENCE_TASKS,
+    PreferenceChatFilterStep,
+    PreferenceColumns,
+    PreferenceStep,
+    preference_record,
+)
 from data_prep.readers import detect_format, discover
 from data_prep.readers.decode import DecodeError, decode_bytes
 from data_prep.readers.html import ExtractOptions, Page, normalize_url, parse_page
 from data_prep.readers.tables import TABLE_FORMATS, read_table
 from data_prep.readers.text import looks_like_transcript, parse_transcript
-from data_prep.recipe import Recipe, SourceConfig
-from data_prep.record import Record, Reject, message_text, reason_kind
+from data_prep.recipe import PAIR_COLUMNS, UNPAIRED_COLUMNS, Recipe, SourceConfig
+from data_prep.record import Record, Reject, reason_kind
 from data_prep.steps.base import Step, add_stats
 from data_prep.steps.chat import AssembleStep, ChatFilterStep, CleanStep, RedactStep
 from data_prep.steps.clean import clean_text
@@ -102,7 +110,7 @@ def plan_sources(recipe: Recipe) -> Plan:
 
 
 def _mapping(spec: SourceConfig) -> ColumnMapping:
-    return ColumnMapping(**spec.columns.model_dump())
+    return ColumnMapping(**spec.columns.model_dump(exclude={*PAIR_COLUMNS, *UNPAIRED_COLUMNS}))
 
 
 def join_keys_of(f: SourceFile) -> list[str]:
@@ -209,6 +217,8 @@ class ContextStore:
 
 # ---- counters ---------------------------------------------------------------------------------
 STEP_NAMES = ("clean", "redact", "chat_filter", "assemble", "dedup")
+# the report lists the steps in pipeline order, a preference build's own step included
+STEP_ORDER = ("clean", "redact", "chat_filter", "assemble", "preference", "dedup")
 _COUNTERS = ("by_source", "rejects_by_step", "rejects_by_reason", "pii", "context_quality_flags")
 
 
@@ -264,9 +274,9 @@ class FileOutput:
     tally: Tally = field(default_factory=Tally)
 
 
-def example_json(example: dict[str, Any], source: str, locator: str, provenance: bool) -> dict[str, Any]:
-    """One line of train/val/test.jsonl: the record's example (Record.example) and its provenance."""
-    obj: dict[str, Any] = dict(example)
+def example_json(body: dict[str, Any], source: str, locator: str, provenance: bool) -> dict[str, Any]:
+    """One line of train/val/test.jsonl: a record's body (Record.body) and its provenance."""
+    obj: dict[str, Any] = dict(body)
     if provenance:
         obj["meta"] = {"source": source, "locator": locator}
     return obj
@@ -291,12 +301,23 @@ class DocWork:
         )
         self.opts = ExtractOptions(**recipe.extraction.model_dump(), fix_unicode=recipe.clean.fix_unicode)
         self.redact_types = tuple(recipe.redact.types) if recipe.redact.enabled else ()
+        self.preference = recipe.task in PREFERENCE_TASKS
 
     def steps(self, pii: Counter) -> list[Step]:
+        thresholds = ChatThresholds(**self.r.chat_filter.model_dump())
+        if self.preference:
+            # the SFT steps on every message of prompt, chosen and rejected, then the pair's own check
+            return [
+                CleanStep(self.r.clean.fix_unicode),
+                RedactStep(list(self.redact_types), pii),
+                PreferenceChatFilterStep(thresholds),
+                AssembleStep(),
+                PreferenceStep(),
+            ]
         return [
             CleanStep(self.r.clean.fix_unicode),
             RedactStep(list(self.redact_types), pii),
-            ChatFilterStep(ChatThresholds(**self.r.chat_filter.model_dump())),
+            ChatFilterStep(thresholds),
             AssembleStep(),
         ]
 
@@ -308,7 +329,9 @@ class DocWork:
         out = FileOutput(f.number)
         tally = out.tally
         steps = self.steps(tally.pii)
-        if f.fmt == "html":
+        if self.preference:
+            items = self._read_preference(f)
+        elif f.fmt == "html":
             items = self._page_records(f, page if page is not None else self.parse(f), out)
         elif f.fmt in ("text", "transcript"):
             items = self._read_text(f, out)
@@ -329,13 +352,12 @@ class DocWork:
         for step in steps:
             reason = step.apply(rec)
             if reason is not None:
-                return Reject(rec.source, rec.locator, step.name, reason, record=rec.example())
+                return Reject(rec.source, rec.locator, step.name, reason, record=rec.body())
         return rec
 
-    def example_length(self, messages: list[dict]) -> int:
-        """Length of a kept example, in the report's unit (words, or tokens with a tokenizer); tool
-        calls count with the text."""
-        return sum(self.lengths.count(message_text(m)) for m in messages)
+    def record_length(self, rec: Record) -> int:
+        """Length of a kept example, in the report's unit (words, or tokens with a tokenizer)."""
+        return rec.length(self.lengths.count)
 
     # ---- pages ------------------------------------------------------------------------------
     def _page_records(self, f: SourceFile, page: Page, out: FileOutput) -> Iterator[Record | Reject]:
@@ -424,13 +446,29 @@ class DocWork:
     def _read_rows(self, f: SourceFile) -> Iterator[Record | Reject]:
         mapping = _mapping(f.spec)
         strict = f.fmt in ("json", "jsonl")
+        return self._rows(f, lambda loc, row: self._row_record(f, loc, row, convert_row(row, mapping, strict)))
+
+    def _read_preference(self, f: SourceFile) -> Iterator[Record | Reject]:
+        """A preference build reads annotated rows only (data_prep.preference)."""
+        if f.fmt not in TABLE_FORMATS:
+            return iter([Reject(f.path, "file", "read", f"not_a_preference_source: a {f.fmt} file; a preference "
+                                "build reads rows of CSV, TSV, XLSX, JSON or JSONL files")])
+        cols = PreferenceColumns.of(f.spec.columns)
+        strict, unpaired = f.fmt in ("json", "jsonl"), self.r.task == "kto"
+        system = f.spec.system or self.r.system
+        return self._rows(f, lambda loc, row: preference_record(f.path, loc, row, cols, strict=strict,
+                                                                unpaired=unpaired, system=system))
+
+    def _rows(self, f: SourceFile, record_of) -> Iterator[Record | Reject]:
+        """`record_of(locator, row)` for each row of an annotated file; a row it refuses (RowError)
+        and a row or file that cannot be read are rejects."""
         try:
             for loc, row in read_table(f.path, f.fmt):
                 if isinstance(row, str):
                     yield Reject(f.path, loc, "read", row)
                     continue
                 try:
-                    yield self._row_record(f, loc, row, convert_row(row, mapping, strict))
+                    yield record_of(loc, row)
                 except RowError as err:
                     yield Reject(f.path, loc, "convert", str(err), record=row)
         except DecodeError as err:
@@ -492,6 +530,7 @@ def dedup_report(threshold: float, steps: dict[str, dict], kept_near: int, clust
 
 def make_report(
     *,
+    task: str,
     tally: Tally,
     counts: dict[str, int],
     outputs: dict[str, str],
@@ -504,7 +543,9 @@ def make_report(
     timings: dict[str, Any],
 ) -> dict[str, Any]:
     out = sum(counts.values())
+    steps = {n: tally.steps[n] for n in STEP_ORDER if n in tally.steps}
     return {
+        "task": task,
         "outputs": outputs,
         "counts": counts,
         "accounting": {
@@ -519,7 +560,7 @@ def make_report(
             "hidden_files_skipped": hidden_skipped,
             "records_by_source": dict(sorted((k, v) for k, v in tally.by_source.items() if v)),
         },
-        "steps": tally.steps,
+        "steps": {**steps, **{n: s for n, s in tally.steps.items() if n not in steps}},
         "rejects_by_step": dict(sorted(tally.rejects_by_step.items())),
         "rejects_by_reason": dict(sorted(tally.rejects_by_reason.items())),
         "pii": {k: tally.pii.get(k, 0) for k in ("email", "phone", "ip", "card")},

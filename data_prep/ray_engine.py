@@ -10,7 +10,9 @@ Table of contents (`run_on_ray`); the driver plans and decides, the cluster does
              digests with copies -> driver (the copies are rejected naming the first)
     4 shuffle near dedup: band hashes of every signature -> groupby(band hash, context key) ->
              count per bucket; the records of buckets of two or more -> driver: candidate
-             pairs, confirmed on the two full signatures -> edges
+             pairs, confirmed on the two full signatures -> edges. A preference build compares
+             prompts across prompt groups (data_prep.preference): a bucket counts when it holds
+             two groups, and each group is represented by its first record
     driver   resolve_near on the edges (the local rule: drop, or join split groups) and union-find
              on the joined groups
     5 map    records per split key (partial counts) -> driver: SplitCuts
@@ -53,6 +55,7 @@ from data_prep.pipeline import (
     plan_sources,
     split_report,
 )
+from data_prep.preference import PREFERENCE_TASKS
 from data_prep.recipe import Recipe
 from data_prep.record import Record, Reject
 from data_prep.split import SplitCuts, UnionFind, split_cuts, split_key
@@ -61,7 +64,6 @@ from data_prep.steps.dedup import (
     NearEdge,
     best_first,
     duplicate_reason,
-    exact_digest,
     resolve_near,
     similarity,
 )
@@ -165,8 +167,7 @@ def _process_files(batch, *, token: str, recipe: Recipe, files: list[SourceFile]
 
 
 def _record_columns(w: _Worker, rec: Record, order: int) -> dict[str, Any]:
-    text = rec.dedup_text()
-    sig = w.dedup.signature(text) if w.dedup.near else None
+    sig = w.dedup.signature(rec.near_text()) if w.dedup.near else None
     return {
         "order": order,
         "kind": "record",
@@ -175,9 +176,9 @@ def _record_columns(w: _Worker, rec: Record, order: int) -> dict[str, Any]:
         "ctx": rec.context_key,
         "source": rec.source,
         "locator": rec.locator,
-        "line": json.dumps(rec.example(), ensure_ascii=False),
-        "length": w.work.example_length(rec.messages),
-        "digest": exact_digest(text, rec.context_key) if w.dedup.exact else None,
+        "line": json.dumps(rec.body(), ensure_ascii=False),  # the record's body (Record.body)
+        "length": w.work.record_length(rec),
+        "digest": rec.exact_key() if w.dedup.exact else None,
         "sig": None if sig is None else sig.tobytes(),
     }
 
@@ -223,25 +224,30 @@ def _ctx_salt(ctx: str) -> int:
 def _bucket_rows(batch, *, token: str, recipe: Recipe, exact: Exact):
     """One row per band of every signature (exact copies excluded, as locally): bucket = band hash
     mixed with the context key, so that only records of one context key share a bucket (a rare
-    collision of two keys only adds a candidate, which the confirmation rejects)."""
+    collision of two keys only adds a candidate, which the confirmation rejects). With a `group`
+    column in the batch (a preference build), each row also names its split group."""
     import pyarrow as pa
 
     w: _Worker = _cached(token, lambda: _Worker(recipe, ContextStore()))
-    buckets, orders = [], []
-    cols = (batch.column(n).to_pylist() for n in ("order", "ctx", "sig", "digest"))
-    for order, ctx, sig, digest in zip(*cols):
+    by_group = "group" in batch.column_names
+    buckets, orders, groups = [], [], []
+    names = ("order", "ctx", "sig", "digest", "group") if by_group else ("order", "ctx", "sig", "digest")
+    cols = [batch.column(n).to_pylist() for n in names]
+    for order, ctx, sig, digest, *group in zip(*cols):
         if sig is None or _copy_of(digest, order, exact) is not None:
             continue
         hashes = w.dedup.band_hashes(np.frombuffer(sig, np.uint32)) ^ np.uint64(_ctx_salt(ctx))
         # as int64 (the same bits): Ray's aggregation keeps uint64 keys above 2^63 as Python objects
         buckets.append(hashes.view(np.int64))
         orders.append(np.full(len(hashes), order, np.int64))
-    return pa.table(
-        {
-            "bucket": pa.array(np.concatenate(buckets) if buckets else np.empty(0, np.int64), pa.int64()),
-            "order": pa.array(np.concatenate(orders) if orders else np.empty(0, np.int64), pa.int64()),
-        }
-    )
+        groups += group * len(hashes)
+    out = {
+        "bucket": pa.array(np.concatenate(buckets) if buckets else np.empty(0, np.int64), pa.int64()),
+        "order": pa.array(np.concatenate(orders) if orders else np.empty(0, np.int64), pa.int64()),
+    }
+    if by_group:
+        out["group"] = pa.array(groups, pa.string())
+    return pa.table(out)
 
 
 def _in_buckets(batch, *, buckets: np.ndarray):
@@ -294,17 +300,17 @@ def _finalize(
             lines.append(line)
             lengths.append(0)
             continue
-        example = json.loads(line)
+        body = json.loads(line)
         first = _copy_of(digest, order, exact)
         reason = duplicate_reason(first) if first is not None else dropped.get(order)
         if reason is not None:
-            rej = Reject(source, locator, "dedup", reason, record=example)
+            rej = Reject(source, locator, "dedup", reason, record=body)
             dest.append("rejects")
             lines.append(json.dumps(rej.to_json(), ensure_ascii=False))
             lengths.append(0)
             continue
         dest.append(cuts.split_of(split_key(seed, roots.get(group, group))))
-        lines.append(json.dumps(example_json(example, source, locator, provenance), ensure_ascii=False))
+        lines.append(json.dumps(example_json(body, source, locator, provenance), ensure_ascii=False))
         lengths.append(length)
     orders = np.asarray(cols["order"], np.int64)
     return pa.table(
@@ -475,7 +481,8 @@ class _Run:
         plan = plan_sources(r)
         contexts = ContextStore()
         tables = [f for f in plan.files if f.fmt not in ("html", "text", "transcript")]
-        for key in self._join_keys(plan.files, tables):
+        # a preference build joins no pages
+        for key in self._join_keys(plan.files, tables if r.task not in PREFERENCE_TASKS else []):
             contexts.reference(key)
         self.stages.done("plan")
         tally = Tally()
@@ -520,6 +527,7 @@ class _Run:
         clusters.update(outcome.matched)
         counts = {d: manifests[d]["records"] for d in SHARD_DIRS}
         report = make_report(
+            task=r.task,
             tally=tally,
             counts={**{s: counts[s] for s in SPLITS}, "rejects": counts["rejects"]},
             outputs={d: f"{d}/" for d in SHARD_DIRS},
@@ -633,31 +641,40 @@ class _Run:
         band collisions of LSH tuned for recall: few compared with documents, and each is 512
         bytes of signature, so confirming them in one place costs less than two more shuffles.
         """
-        from ray.data.aggregate import Count
+        from ray.data.aggregate import Count, Max, Min
 
         from data_prep.steps.dedup import NearOutcome
 
         if records is None or not self.r.dedup.near:
             return NearOutcome(), []
-        rows = records.select_columns(["order", "ctx", "sig", "digest"]).map_batches(
+        # A preference build compares prompts across prompt groups only; every record of a group
+        # has the group's one signature, so it lands in the group's buckets.
+        by_group = self.r.task in PREFERENCE_TASKS
+        columns = ["order", "ctx", "sig", "digest"] + (["group"] if by_group else [])
+        rows = records.select_columns(columns).map_batches(
             _bucket_rows,
             batch_format="pyarrow",
             fn_kwargs={"token": f"{self.token}-bands", "recipe": self.r, "exact": exact},
         )
         rows = rows.materialize()
-        shared = (
-            rows.groupby("bucket", num_partitions=self.p)
-            .aggregate(Count(alias_name="n"))
-            .filter(expr=_col("n") > 1)
-            .take_all()
-        )
+        grouped = rows.groupby("bucket", num_partitions=self.p)
+        if by_group:  # a bucket of two groups or more: their smallest and largest names differ
+            grouped = grouped.aggregate(Min("group", alias_name="lo"), Max("group", alias_name="hi"))
+            shared = grouped.filter(expr=_col("lo") != _col("hi")).take_all()
+        else:
+            shared = grouped.aggregate(Count(alias_name="n")).filter(expr=_col("n") > 1).take_all()
         if not shared:
             return resolve_near([], self.r.dedup.near_action), []
         buckets = np.asarray(sorted(row["bucket"] for row in shared), np.int64)
         members: dict[int, list[int]] = {}
-        for row in rows.map_batches(
-            _in_buckets, batch_format="pyarrow", fn_kwargs={"buckets": buckets}
-        ).take_all():
+        in_shared = rows.map_batches(_in_buckets, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
+        if by_group:
+            # one row per group and bucket, its first record: a prompt asked by many pairs costs the
+            # driver one row, and the group is represented as the local engine indexes it
+            in_shared = in_shared.groupby(["bucket", "group"], num_partitions=self.p).aggregate(
+                Min("order", alias_name="order")
+            )
+        for row in in_shared.take_all():
             members.setdefault(row["bucket"], []).append(row["order"])
         pairs = {(a, b) for orders in members.values() for a in orders for b in orders if a < b}
         involved = np.asarray(sorted({o for pair in pairs for o in pair}), np.int64)

@@ -25,12 +25,24 @@ _CHAT = ChatThresholds()
 Format = Literal["auto", "html", "text", "transcript", "csv", "tsv", "xlsx", "json", "jsonl"]
 
 
+class _KeyProblems(ValueError):
+    """Problems found across keys by a model validator, each already starting with its dotted key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class ColumnsConfig(_Strict):
-    """Column names for annotated sources; unset means "first default name found in the row"."""
+    """Column names for annotated sources; unset means "first default name found in the row".
+
+    `user`, `assistant` and `join` are read by chat (SFT) builds; `prompt`, `chosen`, `rejected`
+    (and for `task: kto` `completion`, `label`) by preference builds; `context` and `system` by both.
+    """
 
     user: str | None = Field(None, description="column with the question / prompt (user turn)")
     assistant: str | None = Field(None, description="column with the answer (assistant turn)")
@@ -43,6 +55,16 @@ class ColumnsConfig(_Strict):
                               "schemas, OpenAI's {type, function} or bare {name, parameters})")
     tool_calls: str | None = Field(None, description="column with the call(s) the assistant makes: JSON "
                                    "{name, arguments} or a list of them (then the answer column may be empty)")
+    prompt: str | None = Field(None, description="preference: column with the prompt (text or messages)")
+    chosen: str | None = Field(None, description="preference: column with the preferred answer")
+    rejected: str | None = Field(None, description="preference: column with the dispreferred answer")
+    completion: str | None = Field(None, description="task kto: column with the unpaired answer")
+    label: str | None = Field(None, description="task kto: column saying whether that answer is desirable")
+
+
+SFT_COLUMNS = ("user", "assistant", "join", "tools", "tool_calls")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("completion", "label")
 
 
 class SourceConfig(_Strict):
@@ -181,6 +203,11 @@ class RayConfig(_Strict):
 class Recipe(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     output_dir: str
+    task: Literal["sft", "preference", "kto"] = Field(
+        "sft",
+        description="sft: chat examples; preference: prompt/chosen/rejected pairs (DPO, ORPO, SimPO); "
+        "kto: pairs and unpaired prompt/completion/label examples. Preference builds split by prompt",
+    )
     overwrite: bool = False
     provenance: bool = True
     system: str | None = None
@@ -209,6 +236,33 @@ class Recipe(_Strict):
         return path
 
     @model_validator(mode="after")
+    def _task(self) -> Recipe:
+        sft = self.task == "sft"
+        problems = []
+        for i, src in enumerate(self.sources):
+            for name in SFT_COLUMNS + PAIR_COLUMNS + UNPAIRED_COLUMNS:
+                if getattr(src.columns, name) is None:
+                    continue
+                key = f"sources.{i}.columns.{name}"
+                if sft and name not in SFT_COLUMNS:
+                    problems.append(f"{key}: a preference column; set task: preference (or kto)")
+                elif not sft and name in SFT_COLUMNS:
+                    problems.append(f"{key}: a chat (SFT) column; a {self.task} build reads "
+                                    + ("no pages: put a passage in a context column" if name == "join"
+                                       else "prompt/chosen/rejected columns"))
+                elif self.task == "preference" and name in UNPAIRED_COLUMNS:
+                    problems.append(f"{key}: an unpaired (KTO) column; set task: kto")
+        if not sft:
+            # near-similar prompts join one split group; see data_prep.preference for why none is dropped
+            if "near_action" in self.dedup.model_fields_set and self.dedup.near_action == "drop":
+                problems.append(f"dedup.near_action: a {self.task} build groups near-similar prompts "
+                                "into one split and drops none; leave it unset or set group")
+            self.dedup.near_action = "group"
+        if problems:
+            raise _KeyProblems(problems)
+        return self
+
+    @model_validator(mode="after")
     def _engine_paths(self) -> Recipe:
         # the local engine writes through temp files renamed into place, which object stores lack
         if self.engine == "local" and storage.is_url(self.output_dir):
@@ -235,6 +289,9 @@ class RecipeError(ValueError):
 def format_errors(err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
+        if isinstance(e.get("ctx", {}).get("error"), _KeyProblems):
+            out += e["ctx"]["error"].problems
+            continue
         key = ".".join(str(p) for p in e["loc"]) or "(recipe)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,26 @@ class Record:
         if self.parallel_tool_calls is not None:
             out["parallel_tool_calls"] = self.parallel_tool_calls
         return out
+
+    # What the engines write, compare and measure; a preference record (data_prep.preference)
+    # answers these for its prompt / chosen / rejected.
+    def body(self) -> dict[str, Any]:
+        """The record's line in train/val/test.jsonl (without `meta`), and in a reject: its example."""
+        return self.example()
+
+    def exact_key(self) -> bytes:
+        """What exact dedup compares (16 bytes)."""
+        from data_prep.steps.dedup import exact_digest
+
+        return exact_digest(self.dedup_text(), self.context_key)
+
+    def near_text(self) -> str:
+        """What near dedup compares (MinHash of its word shingles)."""
+        return self.dedup_text()
+
+    def length(self, count: Callable[[str], int]) -> int:
+        """The example's length in the report, `count` being words or tokens of one text."""
+        return sum(count(message_text(m)) for m in self.messages)  # tool calls count with the text
 
 
 @dataclass

@@ -33,7 +33,12 @@ UNPAIRED_KEYS = {"prompt", "completion", "label"}
 
 
 class PreferenceError(ValueError):
-    """A preference record that cannot be trained on; the message says why."""
+    """A preference record that cannot be trained on; the message says why and `kind` names the
+    problem in one word (what `data-prep build` counts its rejects by)."""
+
+    def __init__(self, message: str, kind: str = "invalid_preference") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -57,14 +62,14 @@ def _messages(value: Any, field: str, role: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
-        raise PreferenceError(f"`{field}` must be a non-empty list of messages (or a string)")
+        raise PreferenceError(f"`{field}` must be a non-empty list of messages (or a string)", "invalid_messages")
     return value
 
 
 def _check(messages: list[dict], field: str, *, assistant: bool) -> None:
     problem = training_problem({"messages": messages}, require_assistant=assistant)
     if problem:
-        raise PreferenceError(f"`{field}`: {problem}")
+        raise PreferenceError(f"`{field}`: {problem}", "invalid_messages")
 
 
 def _completion(value: Any, field: str) -> list[dict]:
@@ -72,7 +77,7 @@ def _completion(value: Any, field: str) -> list[dict]:
     _check(msgs, field, assistant=True)
     if msgs[0].get("role") != "assistant":
         raise PreferenceError(f"`{field}` must start with an assistant message (it starts with "
-                              f"{msgs[0].get('role')!r})")
+                              f"{msgs[0].get('role')!r})", "completion_not_assistant")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
@@ -80,7 +85,8 @@ def _prompt(value: Any, field: str) -> list[dict]:
     msgs = _messages(value, field, "user")
     _check(msgs, field, assistant=False)
     if msgs[-1].get("role") == "assistant":
-        raise PreferenceError(f"`{field}` ends with an assistant message; the answer belongs in the completion")
+        raise PreferenceError(f"`{field}` ends with an assistant message; the answer belongs in the completion",
+                              "prompt_ends_with_assistant")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
@@ -88,16 +94,17 @@ def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
     """The record as a Preference; `unpaired=True` reads KTO records (and also accepts pairs, each
     giving a desirable and an undesirable example: see `finetune.preference_data`)."""
     if not isinstance(obj, dict):
-        raise PreferenceError(f"line is a {type(obj).__name__}, not an object")
+        raise PreferenceError(f"line is a {type(obj).__name__}, not an object", "not_a_preference_record")
     if unpaired and UNPAIRED_KEYS <= obj.keys():
         if not isinstance(obj["label"], bool):
-            raise PreferenceError(f"`label` must be true or false, not {obj['label']!r}")
+            raise PreferenceError(f"`label` must be true or false, not {obj['label']!r}", "invalid_label")
         return Preference(_prompt(obj["prompt"], "prompt"), _completion(obj["completion"], "completion"),
                           label=obj["label"])
     if {"input", "preferred_output", "non_preferred_output"} <= obj.keys():
         inp = obj["input"]
         if not isinstance(inp, dict) or "messages" not in inp:
-            raise PreferenceError("`input` must be an object with a `messages` list (OpenAI's preference format)")
+            raise PreferenceError("`input` must be an object with a `messages` list (OpenAI's preference format)",
+                                  "invalid_messages")
         prompt = _prompt(inp["messages"], "input.messages")
         chosen = _completion(obj["preferred_output"], "preferred_output")
         rejected = _completion(obj["non_preferred_output"], "non_preferred_output")
@@ -113,16 +120,17 @@ def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
             n -= 1
         if n == 0:
             raise PreferenceError("`chosen` and `rejected` share no prompt: give both whole conversations with "
-                                  "the same beginning, or a separate `prompt`")
+                                  "the same beginning, or a separate `prompt`", "no_shared_prompt")
         prompt = _prompt(c[:n], "chosen (shared prompt)")
         chosen, rejected = _completion(c[n:], "chosen"), _completion(r[n:], "rejected")
     else:
         shown = sorted(obj)[:8]
         raise PreferenceError(
             f"not a preference record (keys {shown}); expected prompt/chosen/rejected, chosen/rejected, "
-            "input/preferred_output/non_preferred_output" + (", or prompt/completion/label" if unpaired else ""))
+            "input/preferred_output/non_preferred_output" + (", or prompt/completion/label" if unpaired else ""),
+            "not_a_preference_record")
     if chosen == rejected:
-        raise PreferenceError("`chosen` and `rejected` are identical: the pair teaches nothing")
+        raise PreferenceError("`chosen` and `rejected` are identical: the pair teaches nothing", "identical_pair")
     return Preference(prompt, chosen, rejected)
 
 

@@ -86,6 +86,11 @@ class DedupStep(Step):
         self.on_near_match = on_near_match
         self.kept_near = 0
 
+    @property
+    def clusters(self) -> dict[str, int]:
+        """Representative -> records dropped as its duplicates or grouped with it."""
+        return self.dedup.clusters
+
     def process(self, rec: Record) -> str | None:
         reason = self.dedup.check(rec.id, rec.dedup_text(), rec.context_key, rec.group)
         if reason is None and self.dedup.last_matches:
