@@ -678,7 +678,7 @@ def write_modelfile(output: Path, source: str, tokenizer, *, adapter: str | None
     """An Ollama Modelfile next to the GGUF: FROM (and ADAPTER), the end-of-turn stop token, the
     system prompt when training used a single one, and a TEMPLATE only for the kit's ChatML (any
     other Jinja template cannot be translated faithfully; Ollama then reads the GGUF's own)."""
-    from finetune.chat_template import CHATML_TEMPLATE
+    from finetune.chat_template import CHATML_TEMPLATE, CHATML_TOOLS_TEMPLATE
 
     src = source if Path(source).is_absolute() else f"./{source}"
     lines = [f"# ollama create NAME -f {output / 'Modelfile'}", f"FROM {src}"]
@@ -689,6 +689,11 @@ def write_modelfile(output: Path, source: str, tokenizer, *, adapter: str | None
     if eot:
         lines.append(f'PARAMETER stop "{eot}"')
     if template == CHATML_TEMPLATE:
+        lines.append(f'TEMPLATE """{_CHATML_OLLAMA}"""')
+    elif template == CHATML_TOOLS_TEMPLATE:
+        # chatml_tools renders a chat without tools exactly as ChatML does; its tools block has no
+        # faithful Go-template translation here, so the file says what the TEMPLATE covers.
+        lines.append("# TEMPLATE: ChatML for chats without tools; a request with tools is not rendered with them")
         lines.append(f'TEMPLATE """{_CHATML_OLLAMA}"""')
     system = single_system_prompt(run_dir) if run_dir is not None else None
     if system is not None:
