@@ -222,10 +222,11 @@ def test_recipe_keys_of_the_other_task_are_errors_naming_the_key(tmp_path: Path)
     base = {"output_dir": str(tmp_path / "o")}
     with pytest.raises(RecipeError) as err:
         validate_recipe({**base, "task": "preference", "dedup": {"near_action": "drop"}, "sources": [
-            {"path": str(src), "columns": {"user": "q", "join": "page", "label": "ok", "chosen": "c"}}]})
+            {"path": str(src), "columns": {"user": "q", "join": "page", "tools": "t", "label": "ok", "chosen": "c"}}]})
     assert [p.split(":")[0] for p in err.value.problems] == [
-        "sources.0.columns.user", "sources.0.columns.join", "sources.0.columns.label", "dedup.near_action"]
-    assert "context column" in err.value.problems[1] and "task: kto" in err.value.problems[2]
+        "sources.0.columns.user", "sources.0.columns.join", "sources.0.columns.tools", "sources.0.columns.label",
+        "dedup.near_action"]
+    assert "context column" in err.value.problems[1] and "task: kto" in err.value.problems[3]
     with pytest.raises(RecipeError, match=r"sources.0.columns.chosen: a preference column; set task: preference"):
         validate_recipe({**base, "sources": [{"path": str(src), "columns": {"chosen": "c"}}]})
     assert validate_recipe({**base, "task": "kto", "sources": [{"path": str(src)}]}).dedup.near_action == "group"
