@@ -262,3 +262,19 @@ def test_eval_scores_tool_call_references_next_to_the_text_metrics(tool_model, t
             shutil.copy(f, plain_dir / f.name)
     with pytest.raises(ChatFormatError, match=rf"{data}:1: these examples use tool calling.*chatml_tools"):
         evaluate(model=str(plain_dir), data=data, output=tmp_path / "e2", max_new_tokens=4)
+
+
+def test_tiny_tokenizer_gives_the_tools_block_lines_one_token_each_and_not_the_messages(tool_model):
+    from finetune.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tool_model))
+    added = set(tok.get_added_vocab())
+    assert "You may call one or more functions to assist with the user query." in added
+    assert json.dumps(TOOLS[0]) in added  # a declared tool's JSON line
+    # Every corpus chat repeats its messages too, but message text is tokenized as any text.
+    for m in TOOL_CHAT:
+        if m["content"]:
+            assert m["content"] not in added
+    assert not any("Oslo" in t or "system" == t for t in added)
+    enc = encode_chat(tok, TOOL_CHAT, tools=TOOLS)
+    assert _trained_text(tok, enc).startswith("Checking.\n<tool_call>\n")
