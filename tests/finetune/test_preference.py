@@ -342,20 +342,27 @@ def _dpo_trained(run: Path, steps: int) -> list[dict]:
     return logged
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_dpo_with_lora_under_zero3_on_two_processes(tiny_model, tmp_path):
-    pytest.importorskip("deepspeed")
-    from tests.finetune.test_distributed import MAX_STEPS, _check_adapter, _probes, _run_ok, _show
+def _zero3_on_two_ranks(config: Path, run: Path, method: str) -> None:
+    """Launch the run under ZeRO-3 on 2 processes: 2 ranks, ZeRO stage 3, different examples per rank."""
+    from tests.finetune.test_distributed import _probes, _run_ok, _show
 
-    config, run = _dpo_config(tmp_path, tiny_model)
     res = _run_ok("deepspeed_zero3.yaml", config)
     assert json.loads((run / "run.json").read_text())["world_size"] == 2, _show(res)
     assert "ZeRO stage 3" in res.stdout, _show(res)
     p0, p1 = _probes(run)
     seen0 = {h for b in p0["batches"] for h in b}
     seen1 = {h for b in p1["batches"] for h in b}
-    assert seen0 and seen1 and not seen0 & seen1, "ranks saw the same pairs"
+    assert seen0 and seen1 and not seen0 & seen1, f"{method}: ranks saw the same examples"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dpo_with_lora_under_zero3_on_two_processes(tiny_model, tmp_path):
+    pytest.importorskip("deepspeed")
+    from tests.finetune.test_distributed import MAX_STEPS, _check_adapter
+
+    config, run = _dpo_config(tmp_path, tiny_model)
+    _zero3_on_two_ranks(config, run, "dpo")
     _dpo_trained(run, MAX_STEPS)
     _check_adapter(run, tiny_model)  # full-size LoRA weights (gathered from the shards), plain-PEFT loadable
 
@@ -588,27 +595,14 @@ def test_orpo_and_kto_with_lora_under_zero3_on_two_processes(tiny_model, tmp_pat
     """The reference-free trainer (TRL's fused LM head gathered under ZeRO-3) and KTO (reference =
     adapter off, KL pairs within each rank's batch) on 2 processes; adapters plain PEFT loads."""
     pytest.importorskip("deepspeed")
-    from tests.finetune.test_distributed import (
-        MAX_STEPS,
-        _check_adapter,
-        _probes,
-        _run_ok,
-        _show,
-        _write_config,
-    )
+    from tests.finetune.test_distributed import MAX_STEPS, _check_adapter, _write_config
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", price_pairs(96, 0))
     for method in ("orpo", "kto"):
         d = tmp_path / method
         d.mkdir()
         config, run = _write_config(d, tiny_model, {"train": pairs}, method=method)
-        res = _run_ok("deepspeed_zero3.yaml", config)
-        assert json.loads((run / "run.json").read_text())["world_size"] == 2, _show(res)
-        assert "ZeRO stage 3" in res.stdout, _show(res)
-        p0, p1 = _probes(run)
-        seen0 = {h for b in p0["batches"] for h in b}
-        seen1 = {h for b in p1["batches"] for h in b}
-        assert seen0 and seen1 and not seen0 & seen1, f"{method}: ranks saw the same examples"
+        _zero3_on_two_ranks(config, run, method)
         logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
         assert len(logged) == MAX_STEPS, logged
         if method == "orpo":  # the NLL falls: the model learns the chosen answers
