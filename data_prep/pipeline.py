@@ -76,6 +76,14 @@ def order_key(file_number: int, seq: int) -> int:
     return (file_number << SEQ_BITS) | seq
 
 
+def source_name(path: str, root: str) -> str:
+    """A file's path relative to the input it was found under (the directory or glob base given,
+    or the file's own directory): what names its split groups, so that a build of the same data
+    splits it the same wherever the data lives (another checkout, another machine, a temp dir)."""
+    rel = os.path.relpath(path, root) if root else path
+    return rel.replace(os.sep, "/")
+
+
 @dataclass
 class SourceFile:
     path: str
@@ -83,6 +91,10 @@ class SourceFile:
     fmt: str
     spec: SourceConfig
     number: int = 0  # position in processing order
+
+    @property
+    def name(self) -> str:
+        return source_name(self.path, self.root)
 
 
 @dataclass
@@ -189,13 +201,14 @@ class ContextStore:
         self.referenced: set[str] = set()
         self.key_to_doc: dict[str, str] = {}
         self.docs: dict[str, tuple[str, str | None]] = {}  # doc id -> (text, error)
+        self.names: dict[str, str] = {}  # doc id -> its source_name, which names its split group
 
     def reference(self, key: str) -> None:
         self.referenced.update(_row_key_variants(key))
 
     def page_keys(self, path: str, root: str, urls: list[str]) -> list[str]:
-        rel = os.path.relpath(path, root) if root else path
-        rel = rel.replace(os.sep, "/")
+        """A page's join keys; the first two are its path and its source_name (see `add`)."""
+        rel = source_name(path, root)
         # a page without a canonical link still joins a row's URL by where the crawler saved it
         keys = [path, rel, os.path.basename(path), Path(path).stem, *urls, *_file_tree_keys(rel)]
         return [k for k in keys if k]
@@ -204,7 +217,9 @@ class ContextStore:
         return any(k in self.referenced for k in keys)
 
     def add(self, doc_id: str, keys: list[str], text: str, error: str | None) -> None:
+        """`keys` are `page_keys(doc_id, ...)`: keys[1] is the page's source_name."""
         self.docs[doc_id] = (text, error)
+        self.names[doc_id] = keys[1]
         for k in keys:
             self.key_to_doc.setdefault(k, doc_id)
 
@@ -362,7 +377,7 @@ class DocWork:
     # ---- pages ------------------------------------------------------------------------------
     def _page_records(self, f: SourceFile, page: Page, out: FileOutput) -> Iterator[Record | Reject]:
         keys = self.contexts.page_keys(f.path, f.root, page.urls)
-        group = f"doc:{f.path}"
+        group = f"doc:{f.name}"
         if self.contexts.is_referenced(keys):
             out.tally.context_pages += 1
             error = page.error
@@ -440,7 +455,7 @@ class DocWork:
             if bad:
                 yield Reject(f.path, loc, "quality", bad, record={"messages": conv})
             else:
-                yield Record(f.path, loc, self._with_system(conv, f.spec), group=f"doc:{f.path}")
+                yield Record(f.path, loc, self._with_system(conv, f.spec), group=f"doc:{f.name}")
 
     # ---- annotated rows -----------------------------------------------------------------------
     def _read_rows(self, f: SourceFile) -> Iterator[Record | Reject]:
@@ -477,7 +492,7 @@ class DocWork:
             yield Reject(f.path, "file", "read", f"unreadable: {type(err).__name__}: {err}")
 
     def _row_record(self, f: SourceFile, loc: str, row: dict, conv: Converted) -> Record | Reject:
-        rec = Record(source=f.path, locator=loc, group=f"row:{f.path}#{loc}", tools=conv.tools,
+        rec = Record(source=f.path, locator=loc, group=f"row:{f.name}#{loc}", tools=conv.tools,
                      parallel_tool_calls=conv.parallel_tool_calls)
         if conv.messages:  # OpenAI / ShareGPT: already a conversation
             rec.messages = self._with_system(conv.messages, f.spec)
@@ -501,7 +516,9 @@ class DocWork:
             if conv.context.strip():
                 rec.context = f"{text}\n\n{conv.context}"
                 rec.context_ready = False
-            rec.group = rec.context_key = f"doc:{doc_id}"
+            # the page's own QA records (group doc:NAME) and every row quoting it share a split
+            rec.group = f"doc:{self.contexts.names[doc_id]}"
+            rec.context_key = f"doc:{doc_id}"
         elif conv.context.strip():
             rec.context = conv.context
             digest = hashlib.blake2b(" ".join(conv.context.split()).encode(), digest_size=12).hexdigest()

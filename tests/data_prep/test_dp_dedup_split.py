@@ -245,3 +245,28 @@ def test_near_action_drop_keeps_a_record_similar_only_to_a_dropped_one(tmp_path:
     assert ("c.jsonl", "line=3") not in reasons  # the y of triple 1
     assert reasons[("c.jsonl", "line=2")] == f"duplicate of {a}1"  # the exact copy of x
     assert report["dedup"]["exact_duplicates"] == 4 and report["dedup"]["near_duplicates"] == 4
+
+
+def test_the_split_does_not_depend_on_where_the_data_lives(tmp_path: Path) -> None:
+    """The same files built from two directories (another checkout, a temp dir) split the same."""
+
+    def write(root: Path) -> tuple[Path, Path]:
+        pages, rows = root / "faq", root / "rows.jsonl"
+        pages.mkdir(parents=True)
+        for p in range(12):
+            qa = "".join(f"<details><summary>Page {p} question {q} about item {p * 10 + q}?</summary>"
+                         f"Answer {q} for page {p}.</details>" for q in range(3))
+            (pages / f"p{p}.html").write_text(f"<html><body><main>{qa}</main></body></html>")
+        rows.write_text("".join(json.dumps({"question": f"What is {i} plus {i + 7}?", "answer": str(2 * i + 7)})
+                                + "\n" for i in range(60)))
+        return pages, rows
+
+    def splits(root: Path) -> dict[str, list[str]]:
+        out = root / "out"
+        build(list(write(root)), out, test_fraction=0.2, val_fraction=0.2, seed=5)
+        return {s: sorted(json.dumps(ex["messages"]) for ex in read_jsonl(out / f"{s}.jsonl"))
+                for s in ("train", "val", "test")}
+
+    here, there = splits(tmp_path / "a"), splits(tmp_path / "elsewhere" / "b" / "c")
+    assert here == there
+    assert all(here[s] for s in here)
