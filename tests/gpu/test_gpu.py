@@ -162,6 +162,91 @@ def test_chunked_scoring_on_the_gpu_equals_full_logits(tiny_model, chat_data):
 
 
 # ----------------------------------------------------------------------------------------------
+# preference tuning: DPO, ORPO, SimPO, KTO
+# ----------------------------------------------------------------------------------------------
+PREFERENCE_SETTINGS = {
+    "dpo": [],
+    "orpo": ["orpo.beta=0.25"],
+    "simpo": ["simpo.beta=2.5", "simpo.gamma=1.5", "simpo.sft_weight=0.3"],
+    "kto": [],
+}
+
+
+def _expected_first_step(method: str, hand) -> dict[str, float]:
+    """The first step's logged figures from per-pair (sum, count) completion log-probs of the base
+    (the formulas tests/finetune/test_preference.py checks on CPU)."""
+    import math
+
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    log1mexp = lambda x: math.log(-math.expm1(x))  # noqa: E731
+    avg = [(c / nc, r / nr) for (c, nc), (r, nr) in hand]
+    nll = -sum(c for (c, _), _ in hand) / sum(n for (_, n), _ in hand)
+    if method == "dpo":  # policy = reference at step 1
+        return {"loss": math.log(2), "logps/chosen": sum(c for (c, _), _ in hand) / len(hand),
+                "logps/rejected": sum(r for _, (r, _) in hand) / len(hand)}
+    if method == "orpo":
+        odds = [(c - r) - (log1mexp(c) - log1mexp(r)) for c, r in avg]
+        ratio = sum(logsig(o) for o in odds) / len(odds)
+        return {"loss": nll - 0.25 * ratio, "nll_loss": nll, "log_odds_ratio": ratio}
+    if method == "simpo":
+        return {"loss": sum(-logsig(2.5 * (c - r) - 1.5) for c, r in avg) / len(avg) + 0.3 * nll}
+    return {"loss": 0.5, "kl": 0.0}  # KTO at zero reward
+
+
+def _preference_run(tiny_model, tmp_path, rows, method, *extra) -> tuple[list[dict], dict]:
+    from transformers import TrainerCallback
+
+    from finetune.config import load_config
+    from finetune.train import train
+    from tests.conftest import write_jsonl
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen.update(device=next(model.parameters()).device, bf16=args.bf16)
+
+    run = tmp_path / f"run-{method}-{len(list(tmp_path.iterdir()))}"
+    data = write_jsonl(tmp_path / f"{method}.jsonl", rows)
+    # KTO reads a pair as two examples: one batch holds every example of the file either way
+    batch = 2 * len(rows) if method == "kto" else len(rows)
+    train(load_config(None, [f"model={tiny_model}", f"data.train={data}", f"output_dir={run}", f"method={method}",
+                             *PREFERENCE_SETTINGS[method], "max_length=128", f"training.batch_size={batch}",
+                             "training.logging_steps=1", "training.report_to=[none]", "lora.dropout=0", "seed=0",
+                             *extra]), callbacks=[Probe()])
+    logs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return logs, seen
+
+
+def check_preference_method_on(device_type: str, method: str, tiny_model, tmp_path) -> None:
+    """On `device_type`: the first step in fp32 equals the hand computation from the plain base
+    model's full logits on CPU; on a bf16 GPU, eight steps on the same batch in bf16 autocast keep the
+    loss finite and bring it down."""
+    import math
+
+    from tests.finetune.test_preference import _hand_completion_logps, price_pairs
+
+    rows = price_pairs(6, 3)
+    expected = _expected_first_step(method, _hand_completion_logps(tiny_model, rows))
+    logs, seen = _preference_run(tiny_model, tmp_path, rows, method, "training.precision=fp32", "training.max_steps=1")
+    assert seen["device"].type == device_type and not seen["bf16"], seen
+    for key, value in expected.items():
+        assert logs[0][key] == pytest.approx(value, rel=1e-3, abs=1e-5), (key, logs[0])
+    if device_type != "cuda" or not torch.cuda.is_bf16_supported():
+        return
+    logs, seen = _preference_run(tiny_model, tmp_path, rows, method, "training.max_steps=8",
+                                 "training.learning_rate=5e-3")
+    assert seen["bf16"], seen
+    losses = [r["loss"] for r in logs]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("method", sorted(PREFERENCE_SETTINGS))
+def test_preference_losses_on_the_gpu_equal_the_hand_computation_and_fall_in_bf16(method, tiny_model, tmp_path):
+    check_preference_method_on("cuda", method, tiny_model, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
 # launched jobs
 # ----------------------------------------------------------------------------------------------
 def _launch(accel_config, nproc, *args):
