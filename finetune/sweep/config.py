@@ -21,8 +21,9 @@ from finetune.config import (
 )
 
 # Objectives where lower is better; any other objective defaults to `direction: maximize`.
-_LOWER_IS_BETTER = {"eval_loss", "intrinsic.nll", "intrinsic.perplexity", "intrinsic.bits_per_byte"}
-_INTRINSIC = {"nll", "perplexity", "bits_per_byte", "token_accuracy"}
+_LOWER_IS_BETTER = {"eval_loss", "intrinsic.nll", "intrinsic.perplexity", "intrinsic.bits_per_byte",
+                    "intrinsic.kl_to_teacher"}
+_INTRINSIC = {"nll", "perplexity", "bits_per_byte", "token_accuracy", "kl_to_teacher"}
 # `finetune eval` on preference pairs (finetune.preference_eval), scored for the tuned model alone.
 _PREFERENCE = {"preference_accuracy", "preference_accuracy_per_token", "logp_margin", "logp_margin_per_token"}
 
@@ -71,6 +72,7 @@ class SweepConfig(Section):
         "eval_loss",
         description="eval_loss (best eval loss during the run, on data.eval) or a `finetune eval` score "
         "of the tuned adapter on eval.data: intrinsic.{nll,perplexity,bits_per_byte,token_accuracy}, "
+        "intrinsic.kl_to_teacher (method: distill; KL(teacher || student) per scored token), "
         "extrinsic.<metric> (e.g. extrinsic.exact_match), or on preference pairs in eval.data "
         "preference.{preference_accuracy,preference_accuracy_per_token,logp_margin,logp_margin_per_token}.",
     )
@@ -225,6 +227,9 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
             problems.append(("objective", f"unknown preference score {name!r} (one of {sorted(_PREFERENCE)})"))
         if kind == "intrinsic" and name not in _INTRINSIC:
             problems.append(("objective", f"unknown intrinsic score {name!r} (one of {sorted(_INTRINSIC)})"))
+        if name == "kl_to_teacher" and base.method != "distill":
+            problems.append(("objective", f"{obj} is the KL to a distillation run's teacher: the base config's "
+                             f"method is {base.method}, not distill"))
         if kind == "extrinsic" and name not in base.eval.metrics:
             problems.append(("objective", f"{name!r} is not in eval.metrics {base.eval.metrics}"))
     else:

@@ -147,9 +147,16 @@ def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[flo
     records, _ = read_eval_records(cfg.eval.data)
     if cfg.eval.max_examples:
         records = records[: cfg.eval.max_examples]
+    teacher = None
+    if name == "kl_to_teacher":  # the teacher this run distilled from, as `finetune eval` loads it
+        from finetune.evaluate import _load_eval_teacher, _resolve_teacher
+
+        teacher = _load_eval_teacher(_resolve_teacher("auto", None, False, run_dir / "adapter", run_dir / "model"),
+                                     tok, str(cfg.model))
     scores: dict[str, Any] = {"intrinsic": intrinsic_scores(
         model, tok, [r["messages"] for r in records], loss_on=cfg.data.loss_on,
-        batch_size=cfg.eval.batch_size, max_length=cfg.max_length, tools=[r.get("tools") for r in records])}
+        batch_size=cfg.eval.batch_size, max_length=cfg.max_length, tools=[r.get("tools") for r in records],
+        teacher=teacher)}
     if kind == "extrinsic":
         scores["extrinsic"], _ = extrinsic_scores(model, tok, records, metrics=cfg.eval.metrics,
                                                   max_new_tokens=cfg.eval.max_new_tokens,

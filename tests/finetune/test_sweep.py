@@ -303,6 +303,39 @@ def test_a_dpo_sweep_optimises_held_out_preference_accuracy(tmp_path, tiny_model
 
 
 @pytest.mark.slow
+def test_a_distillation_sweep_minimises_the_held_out_kl_to_the_teacher(tmp_path, tiny_model, chat_data):
+    """objective: intrinsic.kl_to_teacher scores each distilled adapter against the run's teacher."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import ConfigError
+    from finetune.evaluate import intrinsic_scores, read_eval_records
+    from finetune.inference import load_for_inference
+    from finetune.sweep import load_sweep_config, run_sweep
+    from finetune.tiny import build_tiny_model
+
+    student = build_tiny_model(tmp_path / "student", tokenizer_from=tiny_model, hidden_size=32, layers=2, heads=4,
+                               kv_heads=2, max_positions=512, seed=1)
+    base = _write_base(tmp_path, student, chat_data, eval_steps=None, logging_steps=2, max_steps=4)
+    raw = yaml.safe_load(base.read_text())
+    raw["eval"] = {"data": str(chat_data["eval"]), "max_examples": 12}
+    base.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="method is sft, not distill"):
+        load_sweep_config(_write_sweep(tmp_path, base, objective="intrinsic.kl_to_teacher"))
+    raw.update(method="distill", distill={"teacher": str(tiny_model), "alpha": 0.5})
+    base.write_text(yaml.safe_dump(raw))
+    sweep = load_sweep_config(_write_sweep(tmp_path, base, n_trials=2, objective="intrinsic.kl_to_teacher"))
+    assert sweep.resolved_direction == "minimize"
+    assert run_sweep(sweep)["states"] == {"complete": 2}
+    study = _load(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    records, _ = read_eval_records(chat_data["eval"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    for t in study.trials:  # the trial's value is the distilled adapter's KL, recomputed here
+        model, tok = load_for_inference(Path(t.user_attrs["run_dir"]) / "adapter")
+        kl = intrinsic_scores(model, tok, [r["messages"] for r in records[:12]], teacher=teacher)["kl_to_teacher"]
+        assert t.value == pytest.approx(kl, rel=1e-4) and t.value > 0
+
+
+@pytest.mark.slow
 def test_killed_sweep_resumes_with_finished_trials(tmp_path, tiny_model, chat_data):
     """kill -9 after >= 2 finished trials; the same command again finishes the study, keeping them."""
     base = _write_base(tmp_path, tiny_model, chat_data, max_steps=24, eval_steps=8)
