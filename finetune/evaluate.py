@@ -291,8 +291,10 @@ def _score_preference_model(model, tokenizer, records, *, label, batch_size, max
 
     t0 = time.perf_counter()
     scores, rows = score_preferences(model, tokenizer, records, batch_size=batch_size, max_length=max_length)
-    rank0_print(f"  {label}: preference accuracy {scores['preference_accuracy']:.3f} "
-                f"({time.perf_counter() - t0:.1f} s)")
+    shown = [f"preference accuracy {scores['preference_accuracy']:.3f}"] if scores.get("n") else []
+    if "unpaired_logp_margin_per_token" in scores:
+        shown.append(f"unpaired log p margin per token {scores['unpaired_logp_margin_per_token']:.3f}")
+    rank0_print(f"  {label}: {', '.join(shown)} ({time.perf_counter() - t0:.1f} s)")
     return {"preference": scores}, rows
 
 

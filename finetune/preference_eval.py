@@ -10,7 +10,15 @@ Reported per model, base and tuned side by side:
 and, for the tuned model against the base as reference (DPO's implicit reward, divided by beta):
     reward_margin                  mean of [log p_t(c) - log p_b(c)] - [log p_t(r) - log p_b(r)]
     reward_accuracy                fraction of pairs where that margin is > 0
-The LM head runs only at completion positions, a chunk at a time (finetune.losses.chunked_nll).
+Unpaired (KTO) records, `{"prompt", "completion", "label"}`, have no second completion to compare
+with; per model:
+    unpaired_logp_margin_per_token mean log p per token of the desirable completions minus that of
+                                   the undesirable ones (n_desirable, n_undesirable)
+and for the tuned model against the base (KTO's implicit reward r = log p_t - log p_b, over beta):
+    kto_reward_accuracy            fraction of records with r > 0 if desirable, r < 0 if not
+    kto_reward_margin              mean r of the desirable minus mean r of the undesirable
+A file may hold both kinds. The LM head runs only at completion positions, a chunk at a time
+(finetune.losses.chunked_nll).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["is_preference_file", "read_preference_records", "score_preferences", "reward_scores"]
+__all__ = ["is_preference_file", "preference_kinds", "read_preference_records", "score_preferences",
+           "reward_scores"]
 
 
 def is_preference_file(path: str | Path) -> bool:
@@ -37,8 +46,15 @@ def is_preference_file(path: str | Path) -> bool:
     return False
 
 
+def preference_kinds(path: str | Path) -> set[str]:
+    """Which kinds of valid record a preference file holds: {"paired", "unpaired"} or a part."""
+    records, _ = read_preference_records(path)
+    return {"paired" if r["preference"].paired else "unpaired" for r in records}
+
+
 def read_preference_records(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Lenient reader, like evaluate.read_eval_records: bad lines counted with their numbers and reasons."""
+    """Lenient reader, like evaluate.read_eval_records: bad lines counted with their numbers and reasons.
+    Pairs and unpaired (KTO) records are both read (Preference.paired tells them apart)."""
     from kitcore.preference import PreferenceError, normalize_preference
 
     path = Path(path)
@@ -48,7 +64,7 @@ def read_preference_records(path: str | Path) -> tuple[list[dict[str, Any]], dic
             if not line.strip():
                 continue
             try:
-                pref = normalize_preference(json.loads(line))
+                pref = normalize_preference(json.loads(line), unpaired=True)
             except json.JSONDecodeError:
                 skipped.append({"line": lineno, "reason": "malformed JSON"})
                 continue
@@ -118,22 +134,26 @@ def score_preferences(model, tokenizer, records: list[dict[str, Any]], *, batch_
         seqs, keep = [], []
         for rec in chunk:
             pref = rec["preference"]
-            c = encode_completion(tokenizer, pref.prompt, pref.chosen)
-            r = encode_completion(tokenizer, pref.prompt, pref.rejected)
+            encoded = [encode_completion(tokenizer, pref.prompt, side)
+                       for side in ((pref.chosen, pref.rejected) if pref.paired else (pref.chosen,))]
             if max_length is not None:  # score what fits, prompt first, as training does
-                c.completion_ids = c.completion_ids[:max(0, max_length - len(c.prompt_ids))]
-                r.completion_ids = r.completion_ids[:max(0, max_length - len(r.prompt_ids))]
-            if not c.completion_ids or not r.completion_ids:
+                for e in encoded:
+                    e.completion_ids = e.completion_ids[:max(0, max_length - len(e.prompt_ids))]
+            if not all(e.completion_ids for e in encoded):
                 continue
-            seqs += [(c.prompt_ids, c.completion_ids), (r.prompt_ids, r.completion_ids)]
-            keep.append(rec)
+            keep.append((rec, len(seqs), len(encoded)))
+            seqs += [(e.prompt_ids, e.completion_ids) for e in encoded]
         if not seqs:
             continue
         logps = _completion_logps(model, seqs)
-        for j, rec in enumerate(keep):
-            (_, cc), (_, rc) = seqs[2 * j], seqs[2 * j + 1]
-            rows.append({"line": rec["line"], "logp_chosen": logps[2 * j], "logp_rejected": logps[2 * j + 1],
-                         "chosen_tokens": len(cc), "rejected_tokens": len(rc)})
+        for rec, at, n in keep:
+            if n == 2:
+                (_, cc), (_, rc) = seqs[at], seqs[at + 1]
+                rows.append({"line": rec["line"], "logp_chosen": logps[at], "logp_rejected": logps[at + 1],
+                             "chosen_tokens": len(cc), "rejected_tokens": len(rc)})
+            else:
+                rows.append({"line": rec["line"], "label": rec["preference"].label, "logp_completion": logps[at],
+                             "completion_tokens": len(seqs[at][1])})
     if was_training:
         model.train()
     if dist:
@@ -143,28 +163,48 @@ def score_preferences(model, tokenizer, records: list[dict[str, Any]], *, batch_
     return _metrics(rows), rows
 
 
-def _metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _metrics(all_rows: list[dict[str, Any]]) -> dict[str, float]:
+    rows = [r for r in all_rows if "logp_chosen" in r]
+    single = [r for r in all_rows if "logp_completion" in r]
     n = len(rows)
-    if not n:
+    if not n and not single:
         return {"preference_accuracy": math.nan, "n": 0}
-    margin = [r["logp_chosen"] - r["logp_rejected"] for r in rows]
-    per_tok = [r["logp_chosen"] / r["chosen_tokens"] - r["logp_rejected"] / r["rejected_tokens"] for r in rows]
-    return {
-        "preference_accuracy": sum(m > 0 for m in margin) / n,
-        "preference_accuracy_per_token": sum(m > 0 for m in per_tok) / n,
-        "logp_margin": sum(margin) / n,
-        "logp_margin_per_token": sum(per_tok) / n,
-        "n": n,
-    }
+    out: dict[str, float] = {}
+    if n:
+        margin = [r["logp_chosen"] - r["logp_rejected"] for r in rows]
+        per_tok = [r["logp_chosen"] / r["chosen_tokens"] - r["logp_rejected"] / r["rejected_tokens"] for r in rows]
+        out.update(preference_accuracy=sum(m > 0 for m in margin) / n,
+                   preference_accuracy_per_token=sum(m > 0 for m in per_tok) / n,
+                   logp_margin=sum(margin) / n, logp_margin_per_token=sum(per_tok) / n)
+    out["n"] = n
+    if single:
+        per_tok = {label: [r["logp_completion"] / r["completion_tokens"] for r in single if r["label"] is label]
+                   for label in (True, False)}
+        out.update(unpaired_logp_margin_per_token=_mean(per_tok[True]) - _mean(per_tok[False]),
+                   n_desirable=len(per_tok[True]), n_undesirable=len(per_tok[False]))
+    return out
 
 
 def reward_scores(base_rows: list[dict[str, Any]], tuned_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """DPO's implicit reward margin of the tuned model with the base as reference (divided by beta)."""
+    """DPO's implicit reward margin of the tuned model with the base as reference (divided by beta);
+    for unpaired records, KTO's implicit reward (module docstring)."""
     base = {r["line"]: r for r in base_rows}
     margins = [(t["logp_chosen"] - base[t["line"]]["logp_chosen"])
                - (t["logp_rejected"] - base[t["line"]]["logp_rejected"])
-               for t in tuned_rows if t["line"] in base]
-    if not margins:
-        return {}
-    return {"reward_margin": sum(margins) / len(margins),
-            "reward_accuracy": sum(m > 0 for m in margins) / len(margins)}
+               for t in tuned_rows if t["line"] in base and "logp_chosen" in t]
+    # unpaired: KTO's implicit reward of the one completion, which the label says should rise or fall
+    single = [(t["label"], t["logp_completion"] - base[t["line"]]["logp_completion"])
+              for t in tuned_rows if t["line"] in base and "logp_completion" in t]
+    out = {}
+    if margins:
+        out.update(reward_margin=sum(margins) / len(margins),
+                   reward_accuracy=sum(m > 0 for m in margins) / len(margins))
+    if single:
+        out.update(kto_reward_accuracy=sum((r > 0) if label else (r < 0) for label, r in single) / len(single),
+                   kto_reward_margin=_mean([r for label, r in single if label])
+                   - _mean([r for label, r in single if not label]))
+    return out

@@ -254,7 +254,8 @@ def _plot_bars(models: dict[str, Any], path: Path) -> bool:
             ("Extrinsic (0-1, higher is better)", "extrinsic", extrinsic),
             ("Intrinsic", "intrinsic", intrinsic),
             ("Preference accuracy (0-1)", "preference",
-             [m for m in ("preference_accuracy", "preference_accuracy_per_token", "reward_accuracy")
+             [m for m in ("preference_accuracy", "preference_accuracy_per_token", "reward_accuracy",
+                          "kto_reward_accuracy")
               if any(m in v for v in values["preference"].values())]),
         )
         if metrics

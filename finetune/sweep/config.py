@@ -25,7 +25,8 @@ _LOWER_IS_BETTER = {"eval_loss", "intrinsic.nll", "intrinsic.perplexity", "intri
                     "intrinsic.kl_to_teacher"}
 _INTRINSIC = {"nll", "perplexity", "bits_per_byte", "token_accuracy", "kl_to_teacher"}
 # `finetune eval` on preference pairs (finetune.preference_eval), scored for the tuned model alone.
-_PREFERENCE = {"preference_accuracy", "preference_accuracy_per_token", "logp_margin", "logp_margin_per_token"}
+_PREFERENCE = {"preference_accuracy", "preference_accuracy_per_token", "logp_margin", "logp_margin_per_token",
+               "unpaired_logp_margin_per_token"}
 
 
 class ParamSpec(Section):
@@ -74,7 +75,8 @@ class SweepConfig(Section):
         "of the tuned adapter on eval.data: intrinsic.{nll,perplexity,bits_per_byte,token_accuracy}, "
         "intrinsic.kl_to_teacher (method: distill; KL(teacher || student) per scored token), "
         "extrinsic.<metric> (e.g. extrinsic.exact_match), or on preference pairs in eval.data "
-        "preference.{preference_accuracy,preference_accuracy_per_token,logp_margin,logp_margin_per_token}.",
+        "preference.{preference_accuracy,preference_accuracy_per_token,logp_margin,logp_margin_per_token} "
+        "(pairs) or preference.unpaired_logp_margin_per_token (unpaired KTO records).",
     )
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="Default: minimize for losses/perplexity, maximize for task metrics."
@@ -225,6 +227,13 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
                                  f"preference.<score> (one of {sorted(_PREFERENCE)})"))
         if kind == "preference" and name not in _PREFERENCE:
             problems.append(("objective", f"unknown preference score {name!r} (one of {sorted(_PREFERENCE)})"))
+        elif kind == "preference" and base.eval.data and pairs:
+            from finetune.preference_eval import preference_kinds
+
+            needs = "unpaired" if name.startswith("unpaired_") else "paired"
+            if needs not in preference_kinds(base.eval.data):
+                problems.append(("objective", f"{obj} is scored on {needs} records; eval.data {base.eval.data} "
+                                 f"has none"))
         if kind == "intrinsic" and name not in _INTRINSIC:
             problems.append(("objective", f"unknown intrinsic score {name!r} (one of {sorted(_INTRINSIC)})"))
         if name == "kl_to_teacher" and base.method != "distill":

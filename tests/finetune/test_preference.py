@@ -285,6 +285,48 @@ def test_dpo_with_lora_makes_the_model_prefer_the_right_answer(tiny_model, tmp_p
         assert acc == report["models"][label]["preference"]["preference_accuracy"], label
 
 
+def test_eval_scores_unpaired_kto_records_next_to_pairs(tiny_model, tmp_path):
+    """`finetune eval` on a file with pairs and unpaired (KTO) records: the pairs' scores as before, and
+    for the unpaired ones the desirable-minus-undesirable log p per token and KTO's implicit reward
+    accuracy of the tuned model against the base, equal to plain transformers + peft."""
+    from transformers import AutoTokenizer
+
+    from finetune.evaluate import evaluate
+    from finetune.tiny import build_random_adapter
+
+    adapter = build_random_adapter(tiny_model, tmp_path / "adapter", std=0.2, seed=3)
+    pairs = price_pairs(6, 7)
+    unpaired = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                for p in pairs[2:] for side in ("chosen", "rejected")]
+    data = write_jsonl(tmp_path / "mixed.jsonl", pairs[:2] + unpaired + [{"prompt": "x", "completion": "y"}])
+    report = evaluate(data=data, adapter=adapter, output=tmp_path / "eval", distributed=False)
+    assert report["meta"]["data"]["skipped"], report["meta"]["data"]  # the label-less line, with its reason
+    independent = _independent_logps(tiny_model, adapter, pairs)
+    tok = AutoTokenizer.from_pretrained(adapter)
+
+    def n_tokens(prompt, completion) -> int:
+        return len(encode_completion(tok, prompt, completion).completion_ids)
+
+    per_tok = {m: [] for m in ("base", "tuned")}
+    for m in per_tok:
+        for p, (c, r) in zip(pairs[2:], independent[m][2:]):
+            per_tok[m].append((c / n_tokens(p["prompt"], p["chosen"]), r / n_tokens(p["prompt"], p["rejected"])))
+    for m in ("base", "tuned"):
+        scores = report["models"][m]["preference"]
+        assert scores["n"] == 2 and scores["n_desirable"] == scores["n_undesirable"] == 4, scores
+        pair_acc = sum(c > r for c, r in independent[m][:2]) / 2
+        assert scores["preference_accuracy"] == pair_acc
+        margin = sum(c for c, _ in per_tok[m]) / 4 - sum(r for _, r in per_tok[m]) / 4
+        assert scores["unpaired_logp_margin_per_token"] == pytest.approx(margin, abs=1e-4), (m, scores)
+    rewards = [(t[0] - b[0], t[1] - b[1]) for t, b in zip(independent["tuned"][2:], independent["base"][2:])]
+    tuned = report["models"]["tuned"]["preference"]
+    assert tuned["kto_reward_accuracy"] == sum((c > 0) + (r < 0) for c, r in rewards) / 8
+    expected_margin = sum(c for c, _ in rewards) / 4 - sum(r for _, r in rewards) / 4
+    assert tuned["kto_reward_margin"] == pytest.approx(expected_margin, abs=1e-3)
+    assert 0 < tuned["kto_reward_accuracy"] < 1, tuned  # this adapter raises some completions, lowers others
+    assert "kto_reward_accuracy" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_preview_and_validate_read_preference_files_as_training_does(tiny_model, tmp_path):
     from data_prep.validate import validate_file
     from finetune.preview import preview_examples
