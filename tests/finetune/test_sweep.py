@@ -516,3 +516,26 @@ def test_cmaes_sampler_runs_a_sweep(tmp_path, tiny_model, chat_data):
     # trials after the first were drawn by CMA-ES, which records its generation on each of them
     assert any(k.startswith("cma:") for t in study.trials for k in t.system_attrs), \
         [t.system_attrs for t in study.trials]
+
+
+def test_a_preference_objective_needs_the_kind_of_record_it_scores(tmp_path, tiny_model, chat_data):
+    from finetune.config import ConfigError
+    from finetune.sweep import load_sweep_config
+    from tests.conftest import write_jsonl
+    from tests.finetune.test_preference import price_pairs
+
+    pairs = price_pairs(4, 1)
+    unpaired = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs]
+    base = _write_base(tmp_path, tiny_model, chat_data, eval_steps=None)
+    raw = yaml.safe_load(base.read_text())
+    for name, rows, objective in (("pairs", pairs, "preference.unpaired_logp_margin_per_token"),
+                                  ("unpaired", unpaired, "preference.logp_margin")):
+        raw.update(method="kto", data={"train": str(write_jsonl(tmp_path / f"{name}.jsonl", rows))},
+                   eval={"data": str(tmp_path / f"{name}.jsonl")})
+        base.write_text(yaml.safe_dump(raw))
+        needs = "unpaired" if name == "pairs" else "paired"
+        with pytest.raises(ConfigError, match=f"scored on {needs} records; eval.data .*{name}.jsonl has none"):
+            load_sweep_config(_write_sweep(tmp_path, base, objective=objective))
+    # the unpaired margin on unpaired records is accepted, and maximised
+    assert load_sweep_config(_write_sweep(tmp_path, base, objective="preference.unpaired_logp_margin_per_token")
+                             ).resolved_direction == "maximize"
