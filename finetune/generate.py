@@ -13,12 +13,16 @@ Input, one JSON value per line:
   - `{"prompt": "text"}` (one user turn) or `{"prompt": [messages]}` (TRL's conversational prompt;
     its `completion`, if any, is replaced the same way), or a bare JSON string (one user turn).
 Other keys of a record are kept. Each answered record is written as `{"messages": [...prompt...,
-{"role": "assistant", "content": ANSWER}], ...other keys}`, in input order.
+{"role": "assistant", "content": ANSWER}], ...other keys}`, in input order. A record that declares
+`tools` (OpenAI's format; legacy `functions` are read as tools) is rendered with them, keeps its
+earlier tool calls and tool results, and the calls in its answer are parsed into `tool_calls`
+(`{"role": "assistant", "content": null, "tool_calls": [...]}`), checked like training data.
 
 A record that cannot be answered goes to the rejects file (default `<output>.rejects.jsonl`) with
 its line number and reason, in data-prep's rejects layout: a line that is not JSON or not a chat or
 prompt record, a message without a role or string content, a conversation the chat template cannot
-render, an empty answer, an answer that reaches --max-new-tokens without ending its turn (kept with
+render, an empty answer, a tool call that is not valid JSON or calls an undeclared function, an
+answer that reaches --max-new-tokens without ending its turn (kept with
 --keep-unfinished), a generation error (the batch is retried one record at a time, so one bad
 record does not take its batch with it).
 
@@ -61,13 +65,14 @@ SNIPPET_CHARS = 500
 def prompt_messages(obj: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(the conversation to answer, the record's other keys) of one parsed input line; raises
     ValueError with the reason when it cannot be answered. See the module docstring for the formats."""
-    from kitcore.schema import record_problems
+    from kitcore.schema import normalize_record, record_problems, training_example
 
     if isinstance(obj, str):
         return [{"role": "user", "content": obj}], {}
     if not isinstance(obj, dict):
         raise ValueError(f"a {type(obj).__name__}, not a chat or prompt record (expected {{\"messages\": [...]}}, "
                          "{\"prompt\": ...} or a string)")
+    obj = normalize_record(obj)  # legacy `functions` / `function_call` as tools and tool calls
     if "messages" in obj:
         msgs, rest = obj["messages"], {k: v for k, v in obj.items() if k != "messages"}
     elif isinstance(obj.get("prompt"), str):
@@ -78,7 +83,8 @@ def prompt_messages(obj: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     else:
         raise ValueError("not a chat or prompt record: expected a `messages` list, a `prompt` (text or messages) or "
                          "a string")
-    problems = record_problems({"messages": msgs}, require_assistant=False)
+    tools = {"tools": rest["tools"]} if rest.get("tools") else {}
+    problems = record_problems({"messages": msgs, **tools}, require_assistant=False)
     if problems:
         p = problems[0]
         raise ValueError(f"{p.kind}: {p.detail}" + (f" ({p.fix})" if p.fix else ""))
@@ -86,7 +92,8 @@ def prompt_messages(obj: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         msgs = msgs[:-1]  # the turn to answer anew
     if not msgs:
         raise ValueError("nothing to answer: no message before the assistant turn")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs], rest
+    # the schema's keys of each message: earlier tool calls and the results that answer them stay
+    return training_example({"messages": msgs})["messages"], rest
 
 
 @dataclass
@@ -98,7 +105,7 @@ class _Item:
     rest: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
     reject: str | None = None
-    answer: str | None = None
+    answer: dict[str, Any] | None = None  # the assistant message written after `messages`
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +325,7 @@ def generate_file(*, input: str | Path, output: str | Path, model: str | None = 
                     rej.write((json.dumps(rec, ensure_ascii=False) + "\n").encode())
                     state["rejected"] += 1
                 else:
-                    msgs = [*it.messages, {"role": "assistant", "content": it.answer}]
+                    msgs = [*it.messages, it.answer]
                     out.write((json.dumps({"messages": msgs, **it.rest}, ensure_ascii=False) + "\n").encode())
                     state["written"] += 1
             for fh in (out, rej):
@@ -361,8 +368,7 @@ def _read(lineno: int, text: str, tokenizer) -> _Item:
         it.reject = str(exc)
         return it
     try:
-        tools = it.obj.get("tools") if isinstance(it.obj, dict) else None  # OpenAI records declare them
-        it.prompt = render_prompt(tokenizer, it.messages, tools)
+        it.prompt = render_prompt(tokenizer, it.messages, it.rest.get("tools"))  # OpenAI records declare them
     except Exception as exc:  # jinja raises its own errors; a record the template cannot render is its own problem
         it.reject = f"the chat template cannot render it: {type(exc).__name__}: {exc}"
     return it
@@ -389,7 +395,29 @@ def _answer(eng, items: list[_Item], max_new_tokens: int, keep_unfinished: bool)
             it.reject = (f"no end of turn within {max_new_tokens} new tokens (the answer would be cut off; raise "
                          "--max-new-tokens, or keep such answers with --keep-unfinished)")
         else:
-            it.answer = text
+            it.answer, it.reject = _answer_message(it, text)
+
+
+def _answer_message(it: _Item, text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the assistant message of a generated answer, None) or (None, why it cannot be written). For a
+    record that declares tools, the calls in the answer are parsed (chat_template.parse_tool_calls)
+    into `tool_calls`, and the answered record must pass the schema check training applies."""
+    from finetune.chat_template import parse_tool_calls
+    from kitcore.schema import record_problems
+
+    tools = it.rest.get("tools")
+    if not tools:
+        return {"role": "assistant", "content": text}, None
+    parsed = parse_tool_calls(text, first_id=sum(len(m.get("tool_calls") or []) for m in it.messages))
+    if parsed.invalid:
+        return None, f"a tool call in the answer is not a JSON call: {parsed.invalid[0][:200]!r}"
+    message = ({"role": "assistant", "content": parsed.content or None, "tool_calls": parsed.tool_calls}
+               if parsed.tool_calls else {"role": "assistant", "content": text})
+    problems = record_problems({"messages": [*it.messages, message], "tools": tools})
+    if problems:
+        p = problems[0]
+        return None, f"the answer cannot train: {p.kind}: {p.detail}"
+    return message, None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -231,3 +231,56 @@ def test_the_cli_and_the_engine_choice(trained_run, tmp_path):
     assert r.returncode == 2 and "error: give --model, --adapter, or both" in r.stderr
     r = subprocess.run([*cmd, "--engine", "vllm", "--overwrite"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "error: --engine vllm:" in r.stderr, r.stderr[-2000:]
+
+
+def test_tool_calling_records_keep_their_calls_and_the_answers_calls_are_parsed(trained_run, tmp_path, monkeypatch):
+    """A record that declares tools is rendered with them and with its earlier calls and results; the
+    calls in the answer become `tool_calls`, checked like training data (an undeclared function or a
+    call that is not JSON is a reject with its reason)."""
+    import finetune.generate as G
+    from kitcore.schema import record_problems
+
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    call = {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Lima"}'}}
+    ask = lambda city: [{"role": "user", "content": f"Weather in {city}?"}]  # noqa: E731
+    rows = [
+        {"tools": [weather], "messages": ask("Oslo")},
+        {"tools": [weather], "messages": [*ask("Lima"), {"role": "assistant", "content": None, "tool_calls": [call]},
+                                          {"role": "tool", "tool_call_id": "call_0", "content": '{"sky": "grey"}'}]},
+        {"tools": [weather], "messages": ask("Bern")},
+        {"tools": [weather], "messages": ask("Riga")},
+        {"functions": [weather["function"]], "messages": ask("Cork")},  # legacy function calling
+    ]
+    answers = {"Oslo": '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+               "grey": "It is grey in Lima.",
+               "Bern": '<tool_call>\n{"name": "stocks", "arguments": {"ticker": "X"}}\n</tool_call>',
+               "Riga": '<tool_call>\n{"name": "weather", "arguments": {"city": \n</tool_call>',
+               "Cork": '{"name": "weather", "arguments": {"city": "Cork"}}'}
+    seen = []
+
+    def fake(self, prompts, max_new_tokens):
+        seen.extend(prompts)
+        return [(next(a for k, a in answers.items() if k in p.rsplit("<|im_start|>user", 1)[-1]), True)
+                for p in prompts]
+
+    monkeypatch.setattr(G._TransformersEngine, "generate", fake)
+    out = tmp_path / "a.jsonl"
+    res = G.generate_file(input=write_jsonl(tmp_path / "p.jsonl", rows), output=out,
+                          adapter=str(trained_run / "adapter"), batch_size=8, progress=False)
+    assert res["written"] == 3 and res["rejected"] == 2, res
+    assert all('"name": "weather"' in p for p in seen)  # the tools block is in every prompt
+    lima = next(p for p in seen if "Lima" in p)
+    assert '{"city": "Lima"}' in lima and '{"sky": "grey"}' in lima  # the earlier call and its result
+    written = _read(out)
+    for rec in written:
+        assert record_problems(rec) == [], rec
+    oslo, lima_rec, cork = written
+    assert oslo["messages"][-1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]}
+    assert lima_rec["messages"][1]["tool_calls"] == [call] and lima_rec["messages"][2]["tool_call_id"] == "call_0"
+    assert lima_rec["messages"][-1] == {"role": "assistant", "content": "It is grey in Lima."}
+    assert cork["tools"] == [weather] and cork["messages"][-1]["tool_calls"][0]["function"]["name"] == "weather"
+    bern, riga = _read(tmp_path / "a.rejects.jsonl")
+    assert bern["line"] == 3 and "undeclared_function" in bern["reason"] and "stocks" in bern["reason"], bern
+    assert riga["line"] == 4 and riga["reason"].startswith("a tool call in the answer is not a JSON call"), riga
