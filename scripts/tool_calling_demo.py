@@ -104,7 +104,7 @@ TRAIN_CONFIG = {
     "chat_template": "chatml_tools",
     "seed": 0,
     "max_length": 512,
-    "training": {"epochs": 4, "batch_size": 16, "learning_rate": 3.0e-3, "warmup": 0.05, "logging_steps": 10,
+    "training": {"epochs": 6, "batch_size": 16, "learning_rate": 3.0e-3, "warmup": 0.05, "logging_steps": 10,
                  "report_to": ["none"]},
     "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
              # The tiny base is randomly initialised: its embeddings and head must learn too.
@@ -113,8 +113,8 @@ TRAIN_CONFIG = {
 }
 
 
-def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 3000, overwrite: bool = False,
-        overrides: list[str] | None = None) -> dict:
+def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 3000, data_seed: int = 0,
+        overwrite: bool = False, overrides: list[str] | None = None) -> dict:
     """The whole demo; returns (and writes to OUTPUT_DIR/tool_demo.json) its figures."""
     import yaml
 
@@ -134,7 +134,7 @@ def run(output_dir: str | Path = "tool_demo_output", *, n_examples: int = 3000, 
 
     raw = out / "raw" / "tool_chats.jsonl"
     raw.parent.mkdir()
-    raw.write_text("".join(json.dumps(x) + "\n" for x in make_examples(n_examples)))
+    raw.write_text("".join(json.dumps(x) + "\n" for x in make_examples(n_examples, seed=data_seed)))
     data = out / "data"
     report = build([str(raw)], data, seed=0, val_fraction=0.05, test_fraction=0.15)
     # The held-out prompts end on the call being scored; a few go on to a text answer (text metrics).
@@ -208,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="tool_demo_output")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--examples", type=int, default=3000, help="chats generated before data-prep (default 3000)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated chats (default 0)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = p.parse_args(argv)
-    run(args.output_dir, n_examples=args.examples, overwrite=args.overwrite, overrides=args.overrides)
+    run(args.output_dir, n_examples=args.examples, data_seed=args.data_seed, overwrite=args.overwrite,
+        overrides=args.overrides)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The function-calling task end to end (scripts/tool_calling_demo.py): LoRA on the tiny model moves
 function-name accuracy and argument exact match on held-out prompts from the base's to >= 0.8,
 as `finetune eval` reports them; then `chat(tools=)` and `finetune chat --tools` use the calls.
-About 3 minutes on 2 CPU cores."""
+About 4 minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
