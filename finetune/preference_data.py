@@ -130,7 +130,10 @@ def build_preference_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, in
                 continue
             c_full = first.prompt_ids + first.completion_ids
             r_full = second.prompt_ids + second.completion_ids
-            p = min(_common_prefix(c_full, r_full), len(first.prompt_ids), len(second.prompt_ids))
+            if first.prompt_ids == second.prompt_ids:  # the usual case, at C speed: the prefix is the prompt
+                p = len(first.prompt_ids)
+            else:
+                p = min(_common_prefix(c_full, r_full), len(first.prompt_ids), len(second.prompt_ids))
             prompt, chosen, rejected = c_full[:p], c_full[p:], r_full[p:]
             if unpaired:  # a pair read as two KTO examples
                 add(prompt, [chosen], lineno, True)

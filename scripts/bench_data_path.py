@@ -4,6 +4,7 @@
     python scripts/bench_data_path.py                       # 25k and 200k examples (docs/benchmarks.md)
     python scripts/bench_data_path.py --sizes 1000000       # the documented 1M run (about an hour here)
     python scripts/bench_data_path.py --smoke               # toy sizes, seconds (run by the tests)
+    python scripts/bench_data_path.py --task dpo            # preference pairs: kit DPO vs TRL DPOTrainer
 
 Per size N, on the same variable-length chat JSONL (the catalogue task of bench_train.py, 60-480
 tokens per example) and the same tiny Llama (4 layers, hidden 256), each arm in a fresh child
@@ -15,6 +16,11 @@ process, one after the other:
   resume    (after the arms) the cost of resuming 90% into the epoch: accelerate's SkipBatchSampler
             over the kit's sampler, as the Trainer uses it, vs reading the skipped batches from the
             memory-mapped cache (what a loader without an index-level skip pays)
+With --task dpo the data are preference pairs made from the same chats (prompt = the chat up to
+its answer, chosen = the answer, rejected = the answer with another price) in TRL's conversational
+format, the kit arms train `method: dpo` (its preference cache) and the TRL arm is plain
+`DPOTrainer` with the same LoRA (reference = the adapter disabled, as the kit's). The resume
+measurement is SFT's only.
 Time to first step: from the child's launch to the end of optimizer step 1 (a TrainerCallback
 writes the time), so imports, model load, data and the step itself all count. Peak RSS: the sum
 over the child and all its descendants (tokenizer workers too), sampled every 50 ms; it includes
@@ -69,9 +75,26 @@ def child_kit(spec: dict, out: str, stamp: str) -> None:
     cfg = load_config(None, [
         f"model={spec['model']}", f"data.train={spec['train']}", f"output_dir={out}", "max_length=512",
         "training.max_steps=1", "training.batch_size=8", "training.report_to=[none]", "overwrite=true",
-        f"data.cache_dir={spec['cache']}",
+        f"data.cache_dir={spec['cache']}", *(["method=dpo"] if spec.get("task") == "dpo" else []),
     ])
     train(cfg, callbacks=[first_step_callback(stamp)])
+
+
+def child_trl_dpo(spec: dict, out: str, stamp: str) -> None:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    ds = load_dataset("json", data_files=spec["train"], split="train", cache_dir=spec["trl_cache"])
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="float32")
+    args = DPOConfig(output_dir=out, max_steps=1, per_device_train_batch_size=8, bf16=False, use_cpu=True,
+                     report_to="none", save_strategy="no", max_length=512)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+                         callbacks=[first_step_callback(stamp)])
+    trainer.train()
 
 
 def child_trl(spec: dict, out: str, stamp: str) -> None:
@@ -94,14 +117,26 @@ def child_trl(spec: dict, out: str, stamp: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # parent
 # ----------------------------------------------------------------------------------------------
-def make_data(path: Path, n: int, seed: int = 0) -> None:
+def make_pair(rng: random.Random) -> dict:
+    """A chat of make_example as a preference pair: the right price chosen, another one rejected."""
+    import re
+
+    msgs = make_example(rng, 2, 14)["messages"]
+    answer = msgs[-1]["content"]
+    wrong = re.sub(r"\$[0-9][0-9.,]*", lambda _: f"${rng.randint(1, 999)}.{rng.randint(0, 99):02d}", answer, count=1)
+    if wrong == answer:
+        wrong = answer + " Or less."
+    return {"prompt": msgs[:-1], "chosen": [msgs[-1]], "rejected": [{"role": "assistant", "content": wrong}]}
+
+
+def make_data(path: Path, n: int, seed: int = 0, task: str = "sft") -> None:
     if path.is_file() and sum(1 for _ in path.open()) == n:
         return
     rng = random.Random(seed)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as fh:
         for _ in range(n):
-            fh.write(json.dumps(make_example(rng, 2, 14)) + "\n")
+            fh.write(json.dumps(make_pair(rng) if task == "dpo" else make_example(rng, 2, 14)) + "\n")
     os.replace(tmp, path)
 
 
@@ -111,7 +146,8 @@ def run_arm(arm: str, spec: dict, work: Path) -> dict:
     stamp = work / f"{arm}.stamp"
     stamp.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--child", "trl" if arm == "trl" else "kit", json.dumps(spec),
+    child = ("trl_dpo" if spec.get("task") == "dpo" else "trl") if arm == "trl" else "kit"
+    cmd = [sys.executable, __file__, "--child", child, json.dumps(spec),
            str(work / f"out_{arm}"), str(stamp)]
     t0 = time.time()
     # stderr to a file, not a pipe: a child's progress bars fill a pipe nobody reads until exit,
@@ -171,11 +207,12 @@ def main() -> int:
     ap.add_argument("--work", default="bench_output/data_path")
     ap.add_argument("--smoke", action="store_true", help="sizes 500 and 2000")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--task", choices=("sft", "dpo"), default="sft", help="chats (sft) or preference pairs (dpo)")
     ap.add_argument("--child", nargs=4, metavar=("ARM", "SPEC", "OUT", "STAMP"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         arm, spec, out, stamp = args.child
-        (child_trl if arm == "trl" else child_kit)(json.loads(spec), out, stamp)
+        {"trl": child_trl, "trl_dpo": child_trl_dpo, "kit": child_kit}[arm](json.loads(spec), out, stamp)
         return 0
     sizes = [500, 2000] if args.smoke else [int(x) for x in args.sizes.split(",")]
     arms = args.arms.split(",")
@@ -189,11 +226,12 @@ def main() -> int:
         make_data(sample, 2000, seed=99)
         build_tiny_model(model, [sample], vocab_size=400, hidden_size=256, layers=4, seed=0)
     results = []
+    tag = "" if args.task == "sft" else f"{args.task}_"
     for n in sizes:
-        data = work / f"train_{n}.jsonl"
-        make_data(data, n)
-        spec = {"model": str(model), "train": str(data), "cache": str(work / f"cache_{n}"),
-                "trl_cache": str(work / f"trl_cache_{n}")}
+        data = work / f"train_{tag}{n}.jsonl"
+        make_data(data, n, task=args.task)
+        spec = {"model": str(model), "train": str(data), "cache": str(work / f"cache_{tag}{n}"),
+                "trl_cache": str(work / f"trl_cache_{tag}{n}"), "task": args.task}
         for arm in arms:
             if arm == "kit_cold":
                 shutil.rmtree(spec["cache"], ignore_errors=True)
@@ -203,7 +241,7 @@ def main() -> int:
             results.append(r)
             print(f"{n:>8} examples ({r['jsonl_mb']:6.1f} MB)  {arm:9s}  first step {r['first_step_s']:7.1f} s  "
                   f"peak RSS {r['peak_rss_mb']:7.0f} MB  (before the step {r['rss_before_step_mb']:6.0f} MB)", flush=True)
-    if "kit_warm" in arms or "kit_cold" in arms:
+    if args.task == "sft" and ("kit_warm" in arms or "kit_cold" in arms):
         for n in sizes:
             r = resume_skip(work / f"cache_{n}")
             results.append({"arm": "resume", **r})

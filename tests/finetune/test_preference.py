@@ -142,6 +142,37 @@ def test_the_cache_holds_prompt_chosen_and_rejected_ids(tiny_model, tmp_path):
     assert stats.trained_tokens == sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ds)
 
 
+def test_the_cache_equals_encode_completion_and_names_the_line_a_template_cannot_split(tiny_model, tmp_path):
+    """Past the first write batch too, for pairs (DPO) and pairs read as unpaired examples (KTO), the
+    cached ids are encode_completion's; a record whose prompt the template does not render as a
+    prefix of the whole conversation stops the build with its line."""
+    from finetune.chat_template import CHATML_TEMPLATE
+    from finetune.data import DataError
+    from finetune.data_cache import ENCODE_BATCH, prepared_split
+    from finetune.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    rows = price_pairs(ENCODE_BATCH + 20, 4)
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    for method in ("dpo", "kto"):
+        ds, stats, _ = prepared_split(_cfg(tiny_model, train, tmp_path, f"method={method}"), tok, str(train))
+        assert stats.kept == len(ds) == len(rows) * (2 if method == "kto" else 1)
+        for i in (0, ENCODE_BATCH + 5):
+            got = ds[i * 2 if method == "kto" else i]
+            want = encode_completion(tok, rows[i]["prompt"], rows[i]["chosen"])
+            assert got["prompt_ids"] == want.prompt_ids
+            assert got["chosen_ids" if method == "dpo" else "completion_ids"] == want.completion_ids
+    # A template whose generation prompt the whole conversation does not start with, for one record
+    # only (its user turn says BREAK).
+    tok.chat_template = ("{% if add_generation_prompt and 'BREAK' in messages[-1]['content'] %}!{% endif %}"
+                         + CHATML_TEMPLATE)
+    broken = rows[ENCODE_BATCH + 7]
+    broken["prompt"] = [{"role": "user", "content": "BREAK " + broken["prompt"][-1]["content"]}]
+    train = write_jsonl(tmp_path / "broken.jsonl", rows)
+    with pytest.raises(DataError, match=f"{train}:{ENCODE_BATCH + 8}: the chat template does not render the prompt"):
+        prepared_split(_cfg(tiny_model, train, tmp_path), tok, str(train))
+
+
 def test_bad_preference_lines_are_all_named_with_their_line_numbers(tiny_model, tmp_path):
     from finetune.data import DataError
     from finetune.data_cache import prepared_split
