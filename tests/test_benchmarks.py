@@ -89,6 +89,27 @@ def test_bench_data_path_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_data_path_smoke_on_preference_pairs(tmp_path):
+    import pyarrow as pa
+
+    res, stdout = _run("bench_data_path.py", tmp_path, "--task", "dpo")
+    arms = {(r["examples"], r["arm"]): r for r in res}
+    assert {a for _, a in arms} == {"kit_cold", "kit_warm", "trl"}  # no SFT resume measurement
+    for n in (500, 2000):
+        for arm in ("kit_cold", "kit_warm", "trl"):
+            r = arms[(n, arm)]
+            assert 0 < r["first_step_s"] < 300 and r["peak_rss_mb"] > 100, r
+        builds = (tmp_path / "w" / f"cache_dpo_{n}" / "builds.log").read_text().splitlines()
+        assert len(builds) == 1  # the cold arm built the preference cache, the warm arm only read it
+        first = json.loads((tmp_path / "w" / f"train_dpo_{n}.jsonl").open().readline())
+        assert first["chosen"] != first["rejected"] and first["prompt"][-1]["role"] == "user"
+        (shard,) = (tmp_path / "w" / f"cache_dpo_{n}").glob("*/shard-*.arrow")
+        with pa.memory_map(str(shard)) as src:  # the kit trained DPO on cached pairs
+            assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(pa.ipc.open_stream(src).schema.names)
+    assert "kit cold / TRL time to first step" in stdout
+
+
+@pytest.mark.slow
 def test_bench_export_smoke(tmp_path):
     pytest.importorskip("gguf")
     res, stdout = _run("bench_export.py", tmp_path)
