@@ -316,16 +316,20 @@ class EncodedCompletion:
     completion_bytes: int  # UTF-8 bytes of the completion's text (for per-byte figures)
 
 
-def encode_completion(tokenizer: Any, prompt: list[dict], completion: list[dict]) -> EncodedCompletion:
+def encode_completion(tokenizer: Any, prompt: list[dict], completion: list[dict],
+                      tools: list | None = None) -> EncodedCompletion:
     """Token ids of `prompt` (rendered up to the generation prompt) and of `completion` after it.
 
     The same rule as SFT's loss masks (`assistant_spans`): the completion is the rendered text of
     prompt + completion after the rendered prompt with its generation prompt, with trailing
-    whitespace removed, so it ends on the template's end-of-turn token, which is scored. The text is
+    whitespace removed, so it ends on the template's end-of-turn token, which is scored. `tools`
+    (the record's declared functions) are rendered into both, as the template declares them. The text is
     tokenized once, whole: a token that straddles the prompt/completion boundary belongs to the
     completion (it carries completion characters), as in SFT's masks."""
-    text = _render(tokenizer, prompt + completion)
-    prefix = _render(tokenizer, prompt, add_generation_prompt=True)
+    if uses_tools(prompt + completion, tools):
+        check_renders_tools(tokenizer)
+    text = _render(tokenizer, prompt + completion, tools=tools)
+    prefix = _render(tokenizer, prompt, add_generation_prompt=True, tools=tools)
     if not text.startswith(prefix):
         raise ChatFormatError(
             "the chat template does not render the prompt as a prefix of prompt + completion, so the "

@@ -501,8 +501,13 @@ def _check_tool_template(tokenizer, records: list[dict], data) -> None:
     render (the loss metrics would otherwise count every such example as invalid, silently)."""
     from finetune.chat_template import check_renders_tools
 
-    # Preference pairs (no "messages") are rendered without tools.
-    first = next((r for r in records if "messages" in r and uses_tools(r["messages"], r.get("tools"))), None)
+    def tool_calling(r: dict) -> bool:
+        if "preference" in r:
+            pref = r["preference"]
+            return uses_tools(pref.prompt + pref.chosen + (pref.rejected or []), pref.tools)
+        return uses_tools(r["messages"], r.get("tools"))
+
+    first = next((r for r in records if tool_calling(r)), None)
     if first is not None:
         try:
             check_renders_tools(tokenizer)

@@ -119,9 +119,9 @@ def build_preference_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, in
                     res.problems.append(f"{path}:{lineno}: {problem}")
                 continue
             try:
-                first = encode_completion(tokenizer, rec.prompt, rec.chosen)
+                first = encode_completion(tokenizer, rec.prompt, rec.chosen, rec.tools)
                 if rec.paired:
-                    second = encode_completion(tokenizer, rec.prompt, rec.rejected)
+                    second = encode_completion(tokenizer, rec.prompt, rec.rejected, rec.tools)
             except ChatFormatError as exc:
                 res.format_error = f"{path}:{lineno}: {exc}"
                 break

@@ -134,7 +134,7 @@ def score_preferences(model, tokenizer, records: list[dict[str, Any]], *, batch_
         seqs, keep = [], []
         for rec in chunk:
             pref = rec["preference"]
-            encoded = [encode_completion(tokenizer, pref.prompt, side)
+            encoded = [encode_completion(tokenizer, pref.prompt, side, pref.tools)
                        for side in ((pref.chosen, pref.rejected) if pref.paired else (pref.chosen,))]
             if max_length is not None:  # score what fits, prompt first, as training does
                 for e in encoded:

@@ -62,7 +62,7 @@ def _preference_examples(tok, path: str, n: int, unpaired: bool = False) -> list
                 sides = ((("chosen", pref.chosen), ("rejected", pref.rejected)) if pref.paired
                          else ((("desirable" if pref.label else "undesirable"), pref.chosen),))
                 for side, completion in sides:
-                    enc = encode_completion(tok, pref.prompt, completion)
+                    enc = encode_completion(tok, pref.prompt, completion, pref.tools)
                     ids = enc.prompt_ids + enc.completion_ids
                     tokens = [{"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]),
                                "trained": k >= len(enc.prompt_ids)} for k, i in enumerate(ids)]

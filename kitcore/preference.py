@@ -12,6 +12,11 @@
 `prompt`, `chosen`, `rejected` and `completion` may also be plain strings (TRL's standard format):
 a string prompt is one user message, a string answer one assistant message.
 
+Tool calling: a record may declare `tools` (top level; `input.tools` in OpenAI's format), and then
+its messages may hold tool calls and tool results as in chat records (kitcore.schema): a completion
+can be a call (`{"role": "assistant", "content": null, "tool_calls": [...]}`), a prompt can end on
+a tool result. Each side is checked as the chat record prompt + completion with those tools.
+
 `normalize_preference` turns any of them into a `Preference` (prompt messages plus one or two
 completions) or raises `PreferenceError` with the first problem as one sentence; training and
 `data-prep validate` both use it, so a file that validates is a file that trains. A completion
@@ -23,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kitcore.schema import training_problem
+from kitcore.schema import MESSAGE_KEYS, normalize_record, record_problems, training_problem
 
 __all__ = ["Preference", "PreferenceError", "normalize_preference", "preference_problem", "is_preference_record"]
 
@@ -47,6 +52,7 @@ class Preference:
     chosen: list[dict]  # the completion, for an unpaired record
     rejected: list[dict] | None = None  # None for an unpaired (KTO) record
     label: bool | None = None  # unpaired only: is the completion desirable
+    tools: list[dict] | None = None  # the functions the record declares (OpenAI's `tools`)
 
     @property
     def paired(self) -> bool:
@@ -66,28 +72,56 @@ def _messages(value: Any, field: str, role: str) -> list[dict]:
     return value
 
 
-def _check(messages: list[dict], field: str, *, assistant: bool) -> None:
-    problem = training_problem({"messages": messages}, require_assistant=assistant)
+_KEEP = tuple(k for k in MESSAGE_KEYS if k != "function_call")
+
+
+def _plain(messages: list[dict]) -> list[dict]:
+    """The schema's keys of each message (content None on a turn that only calls tools)."""
+    out = [{k: m[k] for k in _KEEP if k in m} for m in messages]
+    for m in out:
+        m.setdefault("content", None)
+    return out
+
+
+def _check(messages: list[dict], field: str, tools: list | None, *, assistant: bool, context: int = 0) -> None:
+    """`messages` as a chat record with the record's tools; `context` leading messages are the
+    prompt a completion is checked after (a call must name a declared function, a tool result must
+    answer a call), and the message numbers in the error count them too."""
+    record = {"messages": messages, **({"tools": tools} if tools else {})}
+    problem = training_problem(record, require_assistant=assistant)
     if problem:
-        raise PreferenceError(f"`{field}`: {problem}", "invalid_messages")
+        kind = record_problems(record, require_assistant=assistant)[0].kind if tools else "invalid_messages"
+        where = f"`{field}` after the prompt's {context} message(s)" if context else f"`{field}`"
+        raise PreferenceError(f"{where}: {problem}", kind)
 
 
-def _completion(value: Any, field: str) -> list[dict]:
+def _completion(value: Any, field: str, prompt: list[dict], tools: list | None) -> list[dict]:
     msgs = _messages(value, field, "assistant")
-    _check(msgs, field, assistant=True)
+    if tools:  # checked after its prompt, with the record's tools
+        _check([*prompt, *msgs], field, tools, assistant=True, context=len(prompt))
+    else:
+        _check(msgs, field, None, assistant=True)
     if msgs[0].get("role") != "assistant":
         raise PreferenceError(f"`{field}` must start with an assistant message (it starts with "
                               f"{msgs[0].get('role')!r})", "completion_not_assistant")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return _plain(msgs)
 
 
-def _prompt(value: Any, field: str) -> list[dict]:
+def _prompt(value: Any, field: str, tools: list | None) -> list[dict]:
     msgs = _messages(value, field, "user")
-    _check(msgs, field, assistant=False)
+    _check(msgs, field, tools, assistant=False)
     if msgs[-1].get("role") == "assistant":
         raise PreferenceError(f"`{field}` ends with an assistant message; the answer belongs in the completion",
                               "prompt_ends_with_assistant")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return _plain(msgs)
+
+
+def _tools(obj: dict) -> list | None:
+    """The record's declared functions: top-level `tools` (or legacy `functions`), or OpenAI's `input.tools`."""
+    inp = obj.get("input")
+    source = {"tools": inp["tools"]} if isinstance(inp, dict) and "tools" in inp else obj
+    return normalize_record({"messages": [], **{k: source[k] for k in ("tools", "functions") if k in source}}
+                            ).get("tools") or None
 
 
 def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
@@ -95,22 +129,25 @@ def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
     giving a desirable and an undesirable example: see `finetune.preference_data`)."""
     if not isinstance(obj, dict):
         raise PreferenceError(f"line is a {type(obj).__name__}, not an object", "not_a_preference_record")
+    tools = _tools(obj)
     if unpaired and UNPAIRED_KEYS <= obj.keys():
         if not isinstance(obj["label"], bool):
             raise PreferenceError(f"`label` must be true or false, not {obj['label']!r}", "invalid_label")
-        return Preference(_prompt(obj["prompt"], "prompt"), _completion(obj["completion"], "completion"),
-                          label=obj["label"])
+        prompt = _prompt(obj["prompt"], "prompt", tools)
+        return Preference(prompt, _completion(obj["completion"], "completion", prompt, tools), label=obj["label"],
+                          tools=tools)
     if {"input", "preferred_output", "non_preferred_output"} <= obj.keys():
         inp = obj["input"]
         if not isinstance(inp, dict) or "messages" not in inp:
             raise PreferenceError("`input` must be an object with a `messages` list (OpenAI's preference format)",
                                   "invalid_messages")
-        prompt = _prompt(inp["messages"], "input.messages")
-        chosen = _completion(obj["preferred_output"], "preferred_output")
-        rejected = _completion(obj["non_preferred_output"], "non_preferred_output")
+        prompt = _prompt(inp["messages"], "input.messages", tools)
+        chosen = _completion(obj["preferred_output"], "preferred_output", prompt, tools)
+        rejected = _completion(obj["non_preferred_output"], "non_preferred_output", prompt, tools)
     elif {"prompt", "chosen", "rejected"} <= obj.keys():
-        prompt = _prompt(obj["prompt"], "prompt")
-        chosen, rejected = _completion(obj["chosen"], "chosen"), _completion(obj["rejected"], "rejected")
+        prompt = _prompt(obj["prompt"], "prompt", tools)
+        chosen = _completion(obj["chosen"], "chosen", prompt, tools)
+        rejected = _completion(obj["rejected"], "rejected", prompt, tools)
     elif {"chosen", "rejected"} <= obj.keys():
         c, r = _messages(obj["chosen"], "chosen", "assistant"), _messages(obj["rejected"], "rejected", "assistant")
         n = 0  # the shared beginning is the prompt; it must end where an assistant turn starts
@@ -121,8 +158,9 @@ def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
         if n == 0:
             raise PreferenceError("`chosen` and `rejected` share no prompt: give both whole conversations with "
                                   "the same beginning, or a separate `prompt`", "no_shared_prompt")
-        prompt = _prompt(c[:n], "chosen (shared prompt)")
-        chosen, rejected = _completion(c[n:], "chosen"), _completion(r[n:], "rejected")
+        prompt = _prompt(c[:n], "chosen (shared prompt)", tools)
+        chosen = _completion(c[n:], "chosen", prompt, tools)
+        rejected = _completion(r[n:], "rejected", prompt, tools)
     else:
         shown = sorted(obj)[:8]
         raise PreferenceError(
@@ -131,7 +169,7 @@ def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
             "not_a_preference_record")
     if chosen == rejected:
         raise PreferenceError("`chosen` and `rejected` are identical: the pair teaches nothing", "identical_pair")
-    return Preference(prompt, chosen, rejected)
+    return Preference(prompt, chosen, rejected, tools=tools)
 
 
 def preference_problem(obj: Any, *, unpaired: bool = False) -> str | None:

@@ -5,13 +5,14 @@ and by an independent recomputation with plain transformers + peft)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
 
 import pytest
 
-from finetune.chat_template import encode_chat, encode_completion, render_prompt
+from finetune.chat_template import CHATML_TEMPLATE, encode_chat, encode_completion, render_prompt
 from kitcore.preference import PreferenceError, normalize_preference, preference_problem
 from tests.conftest import make_chat_examples, write_jsonl
 
@@ -146,7 +147,6 @@ def test_the_cache_equals_encode_completion_and_names_the_line_a_template_cannot
     """Past the first write batch too, for pairs (DPO) and pairs read as unpaired examples (KTO), the
     cached ids are encode_completion's; a record whose prompt the template does not render as a
     prefix of the whole conversation stops the build with its line."""
-    from finetune.chat_template import CHATML_TEMPLATE
     from finetune.data import DataError
     from finetune.data_cache import ENCODE_BATCH, prepared_split
     from finetune.modeling import load_tokenizer
@@ -171,6 +171,89 @@ def test_the_cache_equals_encode_completion_and_names_the_line_a_template_cannot
     train = write_jsonl(tmp_path / "broken.jsonl", rows)
     with pytest.raises(DataError, match=f"{train}:{ENCODE_BATCH + 8}: the chat template does not render the prompt"):
         prepared_split(_cfg(tiny_model, train, tmp_path), tok, str(train))
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def _call(city: str, name: str = "weather") -> list[dict]:
+    return [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps({"city": city})}}]}]
+
+
+def tool_pairs(n: int) -> list[dict]:
+    """Preference pairs over tool calls: the right city chosen, another one rejected."""
+    cities = ["Oslo", "Lima", "Pune", "Kyiv", "Accra", "Quito"]
+    return [{"tools": [WEATHER], "prompt": [{"role": "user", "content": f"Weather in {cities[i % 6]}?"}],
+             "chosen": _call(cities[i % 6]), "rejected": _call(cities[(i + 1) % 6])} for i in range(n)]
+
+
+def test_preference_records_with_tools_are_read_checked_and_cached_with_the_tools_rendered(tiny_model, tmp_path):
+    """A pair may declare `tools` (top level, or OpenAI's `input.tools`) and its completions be calls:
+    each side is checked as a chat record with those tools, the cache holds the ids of prompt and
+    calls rendered with the tools block (encode_completion with the tools), and DPO trains on them."""
+    from data_prep.validate import validate_file
+    from finetune.config import load_config
+    from finetune.data import DataError
+    from finetune.data_cache import prepared_split
+    from finetune.evaluate import evaluate
+    from finetune.modeling import load_tokenizer
+    from finetune.preview import preview_examples
+    from finetune.train import train
+
+    pair = tool_pairs(1)[0]
+    pref = normalize_preference(pair)
+    assert pref.tools == [WEATHER] and pref.chosen == _call("Oslo") and pref.rejected == _call("Lima")
+    openai = {"input": {"messages": pair["prompt"], "tools": [WEATHER]}, "preferred_output": pair["chosen"],
+              "non_preferred_output": pair["rejected"]}
+    assert normalize_preference(openai) == pref
+    with pytest.raises(PreferenceError, match="`rejected` after the prompt's 1 message") as e:
+        normalize_preference({**pair, "rejected": _call("Lima", name="stocks")})
+    assert e.value.kind == "undeclared_function"
+    # without its tools a call is refused as before (nothing declares the function)
+    assert preference_problem({k: v for k, v in pair.items() if k != "tools"}) is not None
+
+    # A tiny model whose tokenizer saw these tool chats as the template renders them, so that the
+    # tools block is a few tokens (as in a real vocabulary), not ~500 characters' worth.
+    from finetune.tiny import build_tiny_model
+
+    rows = tool_pairs(12)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"tools": r["tools"], "messages": r["prompt"] + r[side]}
+                                                     for r in rows for side in ("chosen", "rejected")])
+    tiny_model = build_tiny_model(tmp_path / "tool-model", [corpus], vocab_size=400, hidden_size=64, layers=2, heads=4,
+                                  kv_heads=2, max_positions=1024)
+    tok = load_tokenizer(str(tiny_model))
+    train_path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    ds, stats, _ = prepared_split(_cfg(tiny_model, train_path, tmp_path, "max_length=1024"), tok, str(train_path))
+    assert stats.kept == len(ds) == 12 and stats.truncated == 0
+    want_c = encode_completion(tok, rows[3]["prompt"], rows[3]["chosen"], rows[3]["tools"])
+    want_r = encode_completion(tok, rows[3]["prompt"], rows[3]["rejected"], rows[3]["tools"])
+    assert ds[3]["prompt_ids"] == want_c.prompt_ids and ds[3]["chosen_ids"] == want_c.completion_ids
+    assert ds[3]["rejected_ids"] == want_r.completion_ids
+    assert "weather" in tok.decode(ds[3]["prompt_ids"])  # the tools block is in the prompt
+    assert '"Kyiv"' in tok.decode(ds[3]["chosen_ids"]) and '"Accra"' in tok.decode(ds[3]["rejected_ids"])
+    run = tmp_path / "run"
+    train(load_config(None, [f"model={tiny_model}", f"data.train={train_path}", f"output_dir={run}", "method=dpo",
+                             "max_length=1024", "training.batch_size=4", "training.max_steps=2",
+                             "training.logging_steps=1", "training.report_to=[none]", "lora.dropout=0"]))
+    first = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # eval scores the same tokens; preview shows the calls as the trained tokens; validate agrees
+    report = evaluate(data=train_path, adapter=run / "adapter", output=tmp_path / "eval", distributed=False)
+    assert report["models"]["tuned"]["preference"]["n"] == 12
+    (row,) = [r for r in map(json.loads, (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines())
+              if r["model"] == "base" and r["line"] == 4]
+    assert row["chosen_tokens"] == len(want_c.completion_ids) and row["rejected_tokens"] == len(want_r.completion_ids)
+    shown = preview_examples(_cfg(tiny_model, train_path, tmp_path, "max_length=1024"), n=1)
+    trained = ["".join(t["text"] for t in e["tokens"] if t["trained"]) for e in shown]
+    assert trained == ['<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+                       '<tool_call>\n{"name": "weather", "arguments": {"city": "Lima"}}\n</tool_call><|im_end|>']
+    assert validate_file(str(train_path)).ok
+    # a template that cannot render tools is refused for such pairs, naming the line
+    tok.chat_template = CHATML_TEMPLATE
+    with pytest.raises(DataError, match=f"{train_path}:1: .*cannot render it"):
+        prepared_split(_cfg(tiny_model, train_path, tmp_path, "max_length=1024"), tok, str(train_path))
 
 
 def test_bad_preference_lines_are_all_named_with_their_line_numbers(tiny_model, tmp_path):
