@@ -295,11 +295,20 @@ def preference_record(
     """The record of one row, or RowError with the reject reason. `strict` for JSON sources;
     `unpaired` (task kto) also reads prompt/completion/label; `system` is added first to a prompt
     that has no system message (a row's `system` column before it)."""
+    # Training reads pairs with tools (kitcore.preference), but this build's steps clean and redact
+    # text turns only: such a row is refused, never written without its tools.
+    tool_error = RowError("tool_calling_pair: a preference build does not carry tools or tool calls; give such "
+                          "pairs to training as JSONL (`prompt`/`chosen`/`rejected` with `tools`) directly")
+    if strict and ("tools" in row or "functions" in row):  # a JSON record's OpenAI keys (a sheet column is data)
+        raise tool_error
     obj = _schema_record(row, cols, strict, unpaired)
     try:
         pref = normalize_preference(obj, unpaired=unpaired)
     except PreferenceError as err:
         raise RowError(f"{err.kind}: {err}") from None
+    messages = pref.prompt + pref.chosen + (pref.rejected or [])
+    if pref.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        raise tool_error
     prompt = [dict(m) for m in pref.prompt]
     if not any(m["role"] == "user" for m in prompt):
         raise RowError("no_user_message: the prompt has no user turn")

@@ -174,6 +174,30 @@ def test_kto_builds_keep_unpaired_examples_and_pairs(tmp_path: Path) -> None:
     assert "task: kto" in rejects[0]["reason"]
 
 
+def test_tool_calling_pairs_are_refused_by_the_build_with_their_reason(tmp_path: Path) -> None:
+    """Training reads pairs with tools (kitcore.preference); the build's text steps do not carry
+    them, so such a row is a reject naming why, never written without its tools."""
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+    def call(city: str) -> list[dict]:
+        return [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_0", "type": "function",
+                 "function": {"name": "weather", "arguments": json.dumps({"city": city})}}]}]
+
+    src = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"tools": [weather], "prompt": [user("Weather in Oslo?")], "chosen": call("Oslo"), "rejected": call("Lima")},
+        {"input": {"messages": [user("Weather in Pune?")], "tools": [weather]},
+         "preferred_output": call("Pune"), "non_preferred_output": call("Kyiv")},
+        {"prompt": "Is 5 odd?", "chosen": "Yes.", "rejected": "No."},
+    ])
+    report = build([src], tmp_path / "out", task="preference", **ALL_TRAIN)
+    lines = built(tmp_path / "out")
+    assert [prompt_of(ln) for ln in lines["train"]] == ["is 5 odd"]
+    assert [(r["locator"], r["reason"].split(":")[0]) for r in lines["rejects"]] == [
+        ("line=1", "tool_calling_pair"), ("line=2", "tool_calling_pair")]
+    assert report["rejects_by_reason"] == {"tool_calling_pair": 2}
+    assert normalize_preference(json.loads(src.read_text().splitlines()[0])).tools == [weather]
+
+
 # ---- rejects --------------------------------------------------------------------------------------
 def test_every_bad_pair_is_a_reject_with_its_reason_and_line(tmp_path: Path) -> None:
     good = {"prompt": "Is 1 odd?", "chosen": "Yes.", "rejected": "No."}
