@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -80,37 +81,27 @@ def child_kit(spec: dict, out: str, stamp: str) -> None:
     train(cfg, callbacks=[first_step_callback(stamp)])
 
 
-def child_trl_dpo(spec: dict, out: str, stamp: str) -> None:
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    ds = load_dataset("json", data_files=spec["train"], split="train", cache_dir=spec["trl_cache"])
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="float32")
-    args = DPOConfig(output_dir=out, max_steps=1, per_device_train_batch_size=8, bf16=False, use_cpu=True,
-                     report_to="none", save_strategy="no", max_length=512)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                         peft_config=LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-                         callbacks=[first_step_callback(stamp)])
-    trainer.train()
-
-
 def child_trl(spec: dict, out: str, stamp: str) -> None:
+    """Plain TRL on `datasets.load_dataset("json")`: SFTTrainer, or DPOTrainer for --task dpo."""
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+
+    if spec.get("task") == "dpo":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+    else:
+        from trl import SFTConfig as Config
+        from trl import SFTTrainer as Trainer
 
     ds = load_dataset("json", data_files=spec["train"], split="train", cache_dir=spec["trl_cache"])
     tok = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="float32")
-    args = SFTConfig(output_dir=out, max_steps=1, per_device_train_batch_size=8, bf16=False, use_cpu=True,
-                     report_to="none", save_strategy="no", max_length=512)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                         peft_config=LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-                         callbacks=[first_step_callback(stamp)])
+    args = Config(output_dir=out, max_steps=1, per_device_train_batch_size=8, bf16=False, use_cpu=True,
+                  report_to="none", save_strategy="no", max_length=512)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                      peft_config=LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+                      callbacks=[first_step_callback(stamp)])
     trainer.train()
 
 
@@ -119,8 +110,6 @@ def child_trl(spec: dict, out: str, stamp: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def make_pair(rng: random.Random) -> dict:
     """A chat of make_example as a preference pair: the right price chosen, another one rejected."""
-    import re
-
     msgs = make_example(rng, 2, 14)["messages"]
     answer = msgs[-1]["content"]
     wrong = re.sub(r"\$[0-9][0-9.,]*", lambda _: f"${rng.randint(1, 999)}.{rng.randint(0, 99):02d}", answer, count=1)
@@ -146,8 +135,7 @@ def run_arm(arm: str, spec: dict, work: Path) -> dict:
     stamp = work / f"{arm}.stamp"
     stamp.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    child = ("trl_dpo" if spec.get("task") == "dpo" else "trl") if arm == "trl" else "kit"
-    cmd = [sys.executable, __file__, "--child", child, json.dumps(spec),
+    cmd = [sys.executable, __file__, "--child", "trl" if arm == "trl" else "kit", json.dumps(spec),
            str(work / f"out_{arm}"), str(stamp)]
     t0 = time.time()
     # stderr to a file, not a pipe: a child's progress bars fill a pipe nobody reads until exit,
@@ -212,7 +200,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         arm, spec, out, stamp = args.child
-        {"trl": child_trl, "trl_dpo": child_trl_dpo, "kit": child_kit}[arm](json.loads(spec), out, stamp)
+        (child_trl if arm == "trl" else child_kit)(json.loads(spec), out, stamp)
         return 0
     sizes = [500, 2000] if args.smoke else [int(x) for x in args.sizes.split(",")]
     arms = args.arms.split(",")
