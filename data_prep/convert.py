@@ -65,14 +65,16 @@ class ColumnMapping:
     aliases: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_COLUMNS))
 
     def column(self, part: str, row: dict[str, Any]) -> str | None:
-        explicit = getattr(self, part)
-        if explicit is not None:
-            return explicit
-        lowered = {k.lower().strip(): k for k in row if isinstance(k, str)}
-        for name in self.aliases[part]:
-            if name in lowered:
-                return lowered[name]
-        return None
+        return find_column(getattr(self, part), self.aliases[part], row)
+
+
+def find_column(explicit: str | None, aliases: list[str], row: dict[str, Any]) -> str | None:
+    """The column a part is read from: the one the recipe names, else the first of `aliases` the
+    row has (header case and surrounding spaces ignored), else None."""
+    if explicit is not None:
+        return explicit
+    lowered = {k.lower().strip(): k for k in row if isinstance(k, str)}
+    return next((lowered[name] for name in aliases if name in lowered), None)
 
 
 @dataclass

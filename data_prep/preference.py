@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.convert import RowError
+from data_prep.convert import RowError, find_column
 from data_prep.record import Message, Record
 from data_prep.steps.base import Step
 from data_prep.steps.chat import ChatFilterStep
@@ -108,14 +108,7 @@ class PreferenceColumns:
         return any(getattr(self, part) is not None for part in ("prompt", "chosen", "rejected", "completion"))
 
     def column(self, part: str, row: dict[str, Any]) -> str | None:
-        explicit = getattr(self, part)
-        if explicit is not None:
-            return explicit
-        lowered = {k.lower().strip(): k for k in row if isinstance(k, str)}
-        for name in DEFAULT_COLUMNS[part]:
-            if name in lowered:
-                return lowered[name]
-        return None
+        return find_column(getattr(self, part), DEFAULT_COLUMNS[part], row)
 
 
 # ---- HH-RLHF's conversation strings ------------------------------------------------------------
