@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kitcore.schema import MESSAGE_KEYS, normalize_record, record_problems, training_problem
+from kitcore.schema import normalize_record, record_problems, training_example, training_problem
 
 __all__ = ["Preference", "PreferenceError", "normalize_preference", "preference_problem", "is_preference_record"]
 
@@ -72,15 +72,9 @@ def _messages(value: Any, field: str, role: str) -> list[dict]:
     return value
 
 
-_KEEP = tuple(k for k in MESSAGE_KEYS if k != "function_call")
-
-
 def _plain(messages: list[dict]) -> list[dict]:
     """The schema's keys of each message (content None on a turn that only calls tools)."""
-    out = [{k: m[k] for k in _KEEP if k in m} for m in messages]
-    for m in out:
-        m.setdefault("content", None)
-    return out
+    return training_example({"messages": messages})["messages"]
 
 
 def _check(messages: list[dict], field: str, tools: list | None, *, assistant: bool, context: int = 0) -> None:
