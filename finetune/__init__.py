@@ -22,8 +22,8 @@ _EXPORTS = {
     "export_gguf": "finetune.export",
     "load_config": "finetune.config",
     "TrainConfig": "finetune.config",
-    "train": "finetune.train",
-    "evaluate": "finetune.evaluate",
+    "train": "finetune.training",
+    "evaluate": "finetune.evaluation",
     "encode_chat": "finetune.chat_template",
     "build_tiny_model": "finetune.tiny",
 }

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.errors import USER_ERRORS, Preempted
 
         if isinstance(exc, Preempted):
-            from finetune.train import PREEMPTED_EXIT_CODE
+            from finetune.training import PREEMPTED_EXIT_CODE
 
             return PREEMPTED_EXIT_CODE
         if isinstance(exc, USER_ERRORS):
@@ -209,7 +209,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             logging.getLogger("finetune").info(
                 "one process without a launcher: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); "
                 "use `accelerate launch` for data parallel")
-        from finetune.train import train
+        from finetune.training import train
 
         train(cfg)
     elif cmd == "prepare":
@@ -223,7 +223,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         preview(cfg, n=args.n, as_json=args.json, split=args.split)
     elif cmd == "eval":
-        from finetune.evaluate import eval_command
+        from finetune.evaluation import eval_command
 
         return eval_command(args)
     elif cmd == "generate":

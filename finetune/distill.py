@@ -31,17 +31,19 @@ gradients; it returns only its final hidden states at the trained positions ([N,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import types
 from typing import Any
 
 from transformers import Trainer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from finetune.chat_template import IGNORE_INDEX
 from finetune.config import ConfigError, DistillSection, TrainConfig
 from finetune.losses import chunked_nll, lm_parts
-from finetune.train import LengthGroupedSampling
+from finetune.training import LengthGroupedSampling
 from finetune.utils import rank0_print
 
 logger = logging.getLogger(__name__)
@@ -246,13 +248,24 @@ def install_teacher_hidden(model) -> None:
 # ----------------------------------------------------------------------------------------------
 # the student's loss
 # ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DistillOutput(CausalLMOutputWithPast):
+    """The student's loss and, for the logs, this micro-batch's summed CE and divergence over its
+    `tokens` trained positions (detached). Fields, not attributes set on a CausalLMOutputWithPast:
+    under mixed precision accelerate rebuilds a model's outputs from their items
+    (convert_outputs_to_fp32), and an attribute outside them is dropped on the way."""
+
+    ce_sum: Any = None
+    kd_sum: Any = None
+    tokens: Any = None
+
+
 def install_distill_loss(model, teacher, d: DistillSection) -> None:
     """Make `model(..., labels=L, teacher_hidden=H_t)` return the distillation loss (see the module
     docstring) with `.ce_sum`, `.kd_sum`, `.tokens` (this micro-batch, detached) for the logs.
     Install on the transformers model before PEFT wraps it; `teacher` is the unwrapped teacher,
     whose LM head the divergence reads."""
     import torch
-    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     original = model.forward
     beta, alpha, temperature = divergence_beta(d), d.alpha, d.temperature
@@ -270,10 +283,10 @@ def install_distill_loss(model, teacher, d: DistillSection) -> None:
         _, head, post = _parts(self)
         vocab = self.config.get_text_config().vocab_size
         if alpha > 0:
-            ce, hits = chunked_nll(h, head, target, vocab=vocab, post=post)
+            ce, _ = chunked_nll(h, head, target, vocab=vocab, post=post)
         else:  # for the logs only
             with torch.no_grad():
-                ce, hits = chunked_nll(h.detach(), head, target, vocab=vocab, post=post)
+                ce, _ = chunked_nll(h.detach(), head, target, vocab=vocab, post=post)
         if alpha < 1:
             kd = token_divergence(h, self, teacher_hidden, teacher, beta=beta, temperature=temperature).sum()
         else:  # for the logs only
@@ -282,11 +295,8 @@ def install_distill_loss(model, teacher, d: DistillSection) -> None:
                                       temperature=temperature).sum()
         n = num_items_in_batch if num_items_in_batch is not None else max(1, target.numel())
         loss = (alpha * ce + (1 - alpha) * kd) / n
-        out = CausalLMOutputWithPast(loss=loss, logits=None)
-        out.token_hits = hits
-        out.ce_sum, out.kd_sum = ce.detach(), kd.detach()
-        out.tokens = torch.tensor(float(target.numel()), device=h.device)
-        return out
+        return DistillOutput(loss=loss, ce_sum=ce.detach(), kd_sum=kd.detach(),
+                             tokens=torch.tensor(float(target.numel()), device=h.device))
 
     model.forward = types.MethodType(forward, model)
     model._kit_chunked_loss = True  # its loss never returns logits (finetune.losses.installed)

@@ -12,7 +12,7 @@ checkpointing per chunk). Peak extra memory: one chunk of logits and their gradi
 given labels, so the call still goes through DDP's and DeepSpeed's wrappers (their gradient hooks
 need the wrapper's forward) and the Trainer's token-weighted gradient accumulation
 (`num_items_in_batch`) applies unchanged; without labels (generation) the original forward runs.
-Evaluation scores with the same function (finetune.evaluate.scored_token_sums).
+Evaluation scores with the same function (finetune.evaluation.scored_token_sums).
 """
 
 from __future__ import annotations
@@ -121,12 +121,10 @@ def install_chunked_loss(model, *, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> boo
         target = labels[:, 1:].to(hidden.device)
         scored = target != -100
         h = hidden[:, :-1][scored]  # [N, H]: only the positions that are trained
-        nll, hits = chunked_nll(h, head, target[scored], vocab=self.config.get_text_config().vocab_size,
+        nll, _ = chunked_nll(h, head, target[scored], vocab=self.config.get_text_config().vocab_size,
                                 post=post, chunk_bytes=chunk_bytes)
         n = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)
-        out = CausalLMOutputWithPast(loss=nll / n, logits=None)
-        out.token_hits = hits  # argmax == target count, for token accuracy without logits
-        return out
+        return CausalLMOutputWithPast(loss=nll / n, logits=None)
 
     model.forward = types.MethodType(forward, model)
     model._kit_chunked_loss = True

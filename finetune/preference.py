@@ -5,7 +5,7 @@ What the kit adds around TRL's trainer, and nothing else: the pairs are tokenize
 template module (finetune.chat_template.encode_completion, the same masks rule as SFT) into the
 data cache (finetune.preference_data), so TRL's own tokenization is skipped; batches come from the
 kit's length-grouped sampler; the run directory, checkpoints, pre-emption, metrics and export are
-the SFT recipe's (finetune.train).
+the SFT recipe's (finetune.training).
 
 ORPO and SimPO need no reference model. TRL has their losses (ORPOTrainer.odds_ratio_loss,
 CPOTrainer.cpo_loss with loss_type "simpo"), but only inside experimental trainers that tokenize the
@@ -38,7 +38,7 @@ from transformers import Trainer
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from finetune.config import TrainConfig
-from finetune.train import LengthGroupedSampling
+from finetune.training import LengthGroupedSampling
 
 __all__ = ["dpo_arguments", "kto_arguments", "method_arguments", "method_trainer", "KitDPOTrainer",
            "KitKTOTrainer", "KitReferenceFreeTrainer", "KTOBatchCollator"]
@@ -58,9 +58,8 @@ def dpo_arguments(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
         # The cache already fits every pair into max_length (data.too_long); TRL's collator would cut
         # the same way, so it is given the same limit.
         "max_length": cfg.max_length,
-        # TRL's defaults that differ from the kit's recipe: checkpointing is set on the model by
-        # finetune.train._setup_model (training.gradient_checkpointing), dropout follows lora.dropout.
-        "gradient_checkpointing": False,
+        # TRL's defaults that differ from the kit's recipe: dropout follows lora.dropout (and its
+        # checkpointing default is turned off with every other config's by finetune.compat).
         "disable_dropout": False,
         "dataset_num_proc": None,
     }
@@ -79,7 +78,6 @@ def kto_arguments(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
         # position. The kit pairs them inside each batch instead (KTOBatchCollator), so any order is
         # right; KitKTOTrainer restores the kit's sampling after TRL's check.
         "train_sampling_strategy": "sequential",
-        "gradient_checkpointing": False,
         "disable_dropout": False,
         "dataset_num_proc": None,
     }

@@ -121,7 +121,7 @@ def score_preferences(model, tokenizer, records: list[dict[str, Any]], *, batch_
     """(metrics, one row per pair with its log-probabilities) for one model; all ranks score a shard
     and the rows are gathered, so every rank returns the whole set."""
     from finetune.chat_template import encode_completion
-    from finetune.evaluate import _dist, _shard
+    from finetune.evaluation import _dist, _shard
 
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)

@@ -30,7 +30,7 @@ def quickstart(output_dir: str | Path = "quickstart_output", *, overwrite: bool 
     from finetune.config import load_config
     from finetune.inference import chat, load_for_inference
     from finetune.tiny import build_tiny_model
-    from finetune.train import train
+    from finetune.training import train
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -71,7 +71,7 @@ def first_step_callback(path: str):
 # ----------------------------------------------------------------------------------------------
 def child_kit(spec: dict, out: str, stamp: str) -> None:
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
 
     cfg = load_config(None, [
         f"model={spec['model']}", f"data.train={spec['train']}", f"output_dir={out}", "max_length=512",

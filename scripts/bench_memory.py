@@ -89,7 +89,7 @@ def child(cfg_path: str, result_path: str) -> int:
     from transformers import TrainerCallback
 
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
 
     gc.collect()
     baseline = _status("VmRSS")

@@ -272,7 +272,7 @@ def run_kit(spec: dict, out: Path, variant: str) -> dict:
     """The kit in-process with the same Timer callback as TRL (the token counts come from the parent,
     which tokenizes the same file with the same template: none of that work happens in this child)."""
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
 
     timer = timer_callback()
     train(load_config(None, kit_overrides(spec, out, variant)), callbacks=[timer])
@@ -318,7 +318,7 @@ def child(spec_path: str, arm: str, seed: str) -> None:
 
 
 def score(spec: dict, adapter: str, out: Path) -> dict:
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate
 
     rep = evaluate(data=spec["test"], adapter=adapter, output=out, metrics=["exact_match"],
                    max_new_tokens=24, batch_size=32, distributed=False)

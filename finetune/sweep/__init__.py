@@ -17,7 +17,7 @@ run more than `n_trials` trials between them.
 
 Search and pruning are Optuna's (samplers, pruners, storages, heartbeats, retries of stale trials,
 plots); this package only maps a sweep YAML onto them and runs each trial through
-`finetune.train.train`. One file per part:
+`finetune.training.train`. One file per part:
 
     config.py   the sweep YAML: schema, `key=value` overrides, checks against the base config
     study.py    Optuna factories: sampler, pruner, storage (with its heartbeat), the study

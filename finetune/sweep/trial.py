@@ -1,4 +1,4 @@
-"""One trial: sampled params -> a training config -> `finetune.train.train` in its own run dir,
+"""One trial: sampled params -> a training config -> `finetune.training.train` in its own run dir,
 with a Trainer callback that reports eval losses to the pruner; returns the objective or raises."""
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _best_eval_loss(run_dir: Path) -> float:
 
 def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[float, dict[str, Any]]:
     """The tuned model's `finetune eval` scores on eval.data (the base is not re-scored per trial)."""
-    from finetune.evaluate import extrinsic_scores, intrinsic_scores, read_eval_records
+    from finetune.evaluation import extrinsic_scores, intrinsic_scores, read_eval_records
     from finetune.inference import load_for_inference
 
     kind, _, name = objective.partition(".")
@@ -149,7 +149,7 @@ def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[flo
         records = records[: cfg.eval.max_examples]
     teacher = None
     if name == "kl_to_teacher":  # the teacher this run distilled from, as `finetune eval` loads it
-        from finetune.evaluate import _load_eval_teacher, _resolve_teacher
+        from finetune.evaluation import _load_eval_teacher, _resolve_teacher
 
         teacher = _load_eval_teacher(_resolve_teacher("auto", None, False, run_dir / "adapter", run_dir / "model"),
                                      tok, str(cfg.model))
@@ -169,7 +169,7 @@ def _run_trial(trial, sweep: SweepConfig) -> float:
     """One training run in OUTPUT/trials/trial-NNNN; returns the objective or raises."""
     import optuna
 
-    from finetune.train import train
+    from finetune.training import train
 
     keys = _suggest(trial, sweep)
     if sweep.enqueue_base and sweep.sampler == "grid" and trial.params == _base_params(sweep):

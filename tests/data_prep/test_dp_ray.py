@@ -211,7 +211,7 @@ def test_finetune_prepare_and_train_read_the_shard_directory(runs, tiny_model, t
     from finetune.data_cache import prepared_split
     from finetune.modeling import load_tokenizer
     from finetune.prepare import prepare
-    from finetune.train import train
+    from finetune.training import train
 
     out, report = runs["drop", 2]
     local, _ = runs["drop", "local"]

@@ -9,7 +9,7 @@ and, after training, the sum and local size of its trainable weights (DDP and Ze
 agree; ZeRO-3 ranks hold shards) and the model's module classes (e.g. Linear4bit for QLoRA).
 FINETUNE_RANK_PROBE_EXIT=R:S makes rank R die (os._exit) after step S, to check that a dead rank
 fails the job instead of hanging it. The batch hashes come from wrapping the collator the trainer
-is built with (a test-only patch of finetune.train.make_collator).
+is built with (a test-only patch of finetune.training.make_collator).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class RankProbe(TrainerCallback):
 
 
 def main(argv: list[str]) -> int:
-    import finetune.train as T
+    import finetune.training as T
     from finetune.cli import main as cli_main
 
     probe = RankProbe()

@@ -58,7 +58,7 @@ def test_chunked_scoring_equals_full_logits(tiny_model, chat_data, chunk_bytes):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.evaluate import scored_token_sums
+    from finetune.evaluation import scored_token_sums
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     b = _batch(tok, chat_data)
@@ -87,7 +87,7 @@ def test_scoring_never_builds_batch_by_sequence_logits(tiny_model, chat_data):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.evaluate import scored_token_sums
+    from finetune.evaluation import scored_token_sums
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     b = _batch(tok, chat_data)
@@ -189,7 +189,7 @@ def test_resume_setup_rules(tmp_path):
 def test_train_restores_the_environment_and_leaves_the_config_alone(tiny_model, chat_data, tmp_path):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from finetune.train import train
+    from finetune.training import train
 
     cfg = _cfg(tiny_model, chat_data, tmp_path, "training.max_steps=2", "training.report_to=[tensorboard]",
                "max_length=128")
@@ -264,7 +264,7 @@ def test_an_8bit_qlora_adapter_merges_into_the_8bit_base(tiny_model, chat_data, 
 
     from finetune import merge_adapter
     from finetune.modeling import load_base_model
-    from finetune.train import train
+    from finetune.training import train
 
     run = train(_cfg(tiny_model, chat_data, tmp_path, "adapter=qlora", "quantization.bits=8",
                      "training.max_steps=3", "training.batch_size=8", "max_length=128", "lora.r=4"))
@@ -286,7 +286,7 @@ def test_an_8bit_qlora_adapter_merges_into_the_8bit_base(tiny_model, chat_data, 
 def test_the_post_training_eval_of_a_full_fine_tune_compares_the_base_with_the_tuned_model(
         tiny_model, chat_data, tmp_path):
     """It used to score only the tuned model, and label it "base"."""
-    from finetune.train import train
+    from finetune.training import train
 
     run = train(_cfg(tiny_model, chat_data, tmp_path, "adapter=full", "training.max_steps=12",
                      "training.batch_size=8", "training.learning_rate=1e-3", "eval.after_train=true",

@@ -343,7 +343,7 @@ def test_a_resumed_run_skips_consumed_batches_by_index_and_sees_the_same_batches
 
     from transformers import TrainerCallback
 
-    from finetune.train import train
+    from finetune.training import train
 
     data = write_jsonl(tmp_path / "d" / "train.jsonl", make_chat_examples(20_000, seed=12))
 

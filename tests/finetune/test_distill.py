@@ -222,7 +222,7 @@ def test_relative_teacher_paths_are_read_next_to_the_yaml(tiny_model, chat_data,
 def test_a_teacher_with_another_tokenizer_is_refused_before_weights_load(tiny_student, chat_data, tmp_path):
     from finetune.config import ConfigError, load_config
     from finetune.tiny import build_tiny_model
-    from finetune.train import train
+    from finetune.training import train
 
     other = build_tiny_model(tmp_path / "other", [chat_data["train"]], vocab_size=300, hidden_size=32, layers=1)
     (other / "model.safetensors").unlink()  # the check reads tokenizers and config.json only
@@ -343,8 +343,8 @@ def _independent_kl(student_dir: Path, adapter: Path, teacher_dir: Path, rows: l
 @pytest.mark.slow
 def test_distillation_trains_the_student_towards_the_teacher(tiny_model, tiny_student, chat_data, tmp_path):
     from finetune.config import load_config
-    from finetune.evaluate import evaluate
-    from finetune.train import train
+    from finetune.evaluation import evaluate
+    from finetune.training import train
 
     run = tmp_path / "run"
     train(load_config(None, [
@@ -378,6 +378,23 @@ def test_distillation_trains_the_student_towards_the_teacher(tiny_model, tiny_st
     assert not math.isnan(tuned["kl_to_teacher"])
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "kl_to_teacher" in md
+
+
+@pytest.mark.slow
+def test_distillation_trains_under_bf16_mixed_precision(tiny_model, tiny_student, chat_data, tmp_path):
+    """bf16 autocast, as on every bf16 GPU: accelerate then rebuilds the student's outputs from their
+    items (convert_outputs_to_fp32). The per-batch CE and KD sums must survive that (one H200 run
+    failed its first step when they were attributes outside the items). The CPU has bf16 autocast too."""
+    from finetune.config import load_config
+    from finetune.training import train
+
+    run = tmp_path / "run"
+    train(load_config(None, [
+        *_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}",
+        "max_length=128", "training.max_steps=2", "training.batch_size=4", "training.precision=bf16",
+        "training.logging_steps=1", "training.report_to=[none]", "lora.r=8", "seed=0"]))
+    logs = [m for m in _metrics(run) if "kd_loss" in m]
+    assert len(logs) == 2 and all(m["kd_loss"] > 0 and m["ce_loss"] > 0 for m in logs), logs
 
 
 @pytest.mark.distributed
@@ -445,7 +462,7 @@ def test_a_lora_on_an_output_layer_is_refused_where_the_divergence_reads_it(tiny
                                                                            tmp_path):
     from finetune.config import ConfigError, load_config
     from finetune.tiny import build_random_adapter
-    from finetune.train import train
+    from finetune.training import train
 
     head_adapter = build_random_adapter(tiny_model, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
     base = [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}",
@@ -466,7 +483,7 @@ def test_packed_distillation_gives_the_loss_of_padded_batches(tiny_model, tiny_s
     pytest.importorskip("bitsandbytes")
     from finetune.config import load_config
     from finetune.tiny import build_random_adapter
-    from finetune.train import train
+    from finetune.training import train
 
     common = [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}",
               "distill.alpha=0.3", "max_length=128", "training.max_steps=2", "training.batch_size=8",

@@ -43,7 +43,7 @@ def _hand_nll(model_dir, data_path):
 
 
 def test_perplexity_and_bits_per_byte_match_hand_computation(tiny_model, chat_data, tmp_path):
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate
 
     nll, n_tok, n_bytes = _hand_nll(tiny_model, chat_data["eval"])
     report = evaluate(model=str(tiny_model), data=chat_data["eval"], output=tmp_path / "eval",
@@ -57,7 +57,7 @@ def test_perplexity_and_bits_per_byte_match_hand_computation(tiny_model, chat_da
 
 
 def test_bad_eval_input_is_counted_not_fatal(tiny_model, chat_data, tmp_path):
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate
 
     good = chat_data["eval"].read_text().splitlines()[:3]
     bad = [

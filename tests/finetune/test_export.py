@@ -48,7 +48,7 @@ def export_base(tmp_path_factory, chat_data):
 def export_run(tmp_path_factory, export_base, chat_data):
     """A quickstart-like LoRA run: all linear layers plus trained embeddings and head."""
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
 
     out = tmp_path_factory.mktemp("export-run") / "run"
     return train(load_config(None, [

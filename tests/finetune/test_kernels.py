@@ -75,7 +75,7 @@ def test_the_trainer_gets_liger_and_the_kit_does_not_install_a_second_loss(chat_
     from finetune import losses
     from finetune.modeling import load_tokenizer
     from finetune.run_setup import Kernels
-    from finetune.train import _setup_model, _training_args
+    from finetune.training import _setup_model, _training_args
 
     cfg = _cfg(chat_data, tiny_model, "training.kernels=liger")
     k = kernel_settings(cfg, GPU, "llama")
@@ -109,3 +109,23 @@ def test_plan_counts_what_liger_saves_per_layer_and_in_the_head():
     # On CPU the kernels do not run, so they save nothing.
     cpu = replace(liger, device="cpu")
     assert layer_activation_bytes(LLAMA_8B, cpu) == layer_activation_bytes(LLAMA_8B, replace(cpu, kernels="none"))
+
+
+def test_a_liger_run_leaves_the_model_familys_module_as_it_found_it(chat_data, tiny_model):
+    """Liger rebinds names in transformers' modeling module process-wide; a later model of that family
+    in the same process (an evaluation on CPU) ran its Triton kernels on CPU tensors and failed. The
+    run restores every rebound name on the way out, also when training raises."""
+    from transformers.models.llama import modeling_llama
+
+    from finetune.training import _modeling_module, scoped_module_globals
+
+    cfg = _cfg(chat_data, tiny_model)
+    assert _modeling_module(cfg) == "transformers.models.llama.modeling_llama"
+    norm, rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    with pytest.raises(RuntimeError), scoped_module_globals(_modeling_module(cfg)):
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (), {})
+        modeling_llama.apply_rotary_pos_emb = lambda *a: None
+        raise RuntimeError("training failed")
+    assert modeling_llama.LlamaRMSNorm is norm and modeling_llama.apply_rotary_pos_emb is rope
+    with scoped_module_globals(None):  # kernels=none: nothing is touched
+        pass

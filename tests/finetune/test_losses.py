@@ -81,7 +81,7 @@ def test_a_run_with_the_chunked_loss_matches_one_with_the_full_loss(tiny_model, 
     import json
 
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
 
     losses = {}
     for impl in ("chunked", "full"):

@@ -197,10 +197,10 @@ def test_preference_records_with_tools_are_read_checked_and_cached_with_the_tool
     from finetune.config import load_config
     from finetune.data import DataError
     from finetune.data_cache import prepared_split
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate
     from finetune.modeling import load_tokenizer
     from finetune.preview import preview_examples
-    from finetune.train import train
+    from finetune.training import train
 
     pair = tool_pairs(1)[0]
     pref = normalize_preference(pair)
@@ -370,8 +370,8 @@ def _independent_logps(base_dir: Path, adapter: Path, rows: list[dict]) -> dict[
 @pytest.mark.slow
 def test_dpo_with_lora_makes_the_model_prefer_the_right_answer(tiny_model, tmp_path):
     from finetune.config import load_config
-    from finetune.evaluate import evaluate
-    from finetune.train import train
+    from finetune.evaluation import evaluate
+    from finetune.training import train
 
     train_rows, held_out = parity_pairs(480, 60)
     train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)
@@ -405,7 +405,7 @@ def test_eval_scores_unpaired_kto_records_next_to_pairs(tiny_model, tmp_path):
     accuracy of the tuned model against the base, equal to plain transformers + peft."""
     from transformers import AutoTokenizer
 
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate
     from finetune.tiny import build_random_adapter
 
     adapter = build_random_adapter(tiny_model, tmp_path / "adapter", std=0.2, seed=3)
@@ -527,7 +527,7 @@ def test_dpo_with_lora_under_zero3_on_two_processes(tiny_model, tmp_path):
 def test_qlora_dpo_trains_and_exports_a_plain_peft_adapter(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes")
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
     from tests.finetune.test_distributed import _check_adapter
 
     config, run = _dpo_config(tmp_path, tiny_model, adapter="qlora")
@@ -542,7 +542,7 @@ def test_full_fine_tuning_dpo_precomputed_reference_equals_a_reference_model(tin
     """Full fine-tuning: the reference is a second model loaded from the same path, or its log-probs
     computed once before training (dpo.precompute_ref_log_probs): the losses are the same."""
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", price_pairs(48, 0))
     losses = {}
@@ -586,7 +586,7 @@ def _first_step(tiny_model, tmp_path, rows, method, *extra, name: str = ""):
     """Train one step on exactly one batch of these rows; the logged first-step record (its loss
     comes from the forward pass before the update, on the untouched base: a fresh adapter is 0)."""
     from finetune.config import load_config
-    from finetune.train import train
+    from finetune.training import train
 
     path = write_jsonl(tmp_path / f"{method}{name}.jsonl", rows)
     run = tmp_path / f"run-{method}{name}"
@@ -660,8 +660,8 @@ def test_orpo_simpo_and_kto_with_lora_also_make_the_model_prefer_the_right_answe
     replies by their mean log-probability per token, so theirs is the per-token accuracy (the
     replies differ in length: "odd" and "even" are not the same number of tokens here)."""
     from finetune.config import load_config
-    from finetune.evaluate import evaluate
-    from finetune.train import train
+    from finetune.evaluation import evaluate
+    from finetune.training import train
 
     train_rows, held_out = parity_pairs(480, 60)
     train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)

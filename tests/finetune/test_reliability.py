@@ -36,7 +36,7 @@ def _limit_file_size_child(cfg: Path, event: str, condition: str) -> str:
 import resource, signal, sys
 from transformers import TrainerCallback
 from finetune.cli import main
-import finetune.train as T
+import finetune.training as T
 
 class LimitFileSize(TrainerCallback):
     def {event}(self, args, state, control, **kw):

@@ -28,5 +28,22 @@ def test_the_cli_and_its_help_load_no_ml_library():
 
 def test_training_evaluation_and_inference_modules_load_only_what_every_run_needs():
     optional = ("deepspeed", "matplotlib", "optuna", "trl", "lm_eval", "sacrebleu")
-    code = "import finetune.train, finetune.evaluate, finetune.inference, finetune.plan, finetune.data_cache"
+    code = "import finetune.training, finetune.evaluation, finetune.inference, finetune.plan, finetune.data_cache"
     assert _loaded(code, optional) == set()
+
+
+def test_the_public_names_stay_functions_after_every_module_is_imported():
+    """`from finetune import evaluate` once gave the module finetune.evaluate, not the function, when
+    that module had been imported before (importing a submodule sets the package's attribute of that
+    name, which a lazy export cannot override): no public name may be a module's name too."""
+    code = ("import importlib, pkgutil, finetune\n"
+            "for m in pkgutil.walk_packages(finetune.__path__, 'finetune.'):\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
+            "from finetune import *\n"
+            "bad = [n for n in finetune.__all__ if not callable(getattr(finetune, n)) or type(getattr(finetune, n))"
+            ".__name__ == 'module']\n"
+            "print('BAD', bad)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BAD []" in out.stdout, out.stdout[-2000:]

@@ -308,7 +308,7 @@ def test_a_distillation_sweep_minimises_the_held_out_kl_to_the_teacher(tmp_path,
     from transformers import AutoModelForCausalLM
 
     from finetune.config import ConfigError
-    from finetune.evaluate import intrinsic_scores, read_eval_records
+    from finetune.evaluation import intrinsic_scores, read_eval_records
     from finetune.inference import load_for_inference
     from finetune.sweep import load_sweep_config, run_sweep
     from finetune.tiny import build_tiny_model

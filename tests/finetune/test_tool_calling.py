@@ -116,7 +116,7 @@ def test_chatml_without_tools_is_one_clear_error_before_training(tool_model, tmp
     from finetune.config import load_config
     from finetune.data import DataError
     from finetune.modeling import load_tokenizer
-    from finetune.train import train
+    from finetune.training import train
 
     plain = load_tokenizer(str(tool_model), chat_template="chatml")
     with pytest.raises(ChatFormatError, match="`chatml`.*cannot render it: it ignores `tools`.*chat_template: chatml_tools"):
@@ -215,7 +215,7 @@ def test_eval_scores_tool_call_references_next_to_the_text_metrics(tool_model, t
     """The wiring of `finetune eval`: what the model generates (replaced here by fixed replies, so
     the figures are known) is parsed in the template's format and scored against the references."""
     import finetune.inference as inference
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate
 
     short = TOOL_CHAT[:2]  # system + user; each row adds its reference turn
     lima = {**CALL_OSLO, "function": {"name": "weather", "arguments": '{"city": "Lima"}'}}

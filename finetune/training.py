@@ -26,6 +26,7 @@ from typing import Any
 from transformers import Trainer
 
 from finetune.callbacks import PREEMPTED_EXIT_CODE, CheckpointMarker, MetricsLogger, Preemption
+from finetune.compat import checkpointing_off
 from finetune.config import PAIRED_METHODS, ConfigError, TrainConfig
 from finetune.data import DataStats, LengthGroupedShuffledSampler, pad_collate
 from finetune.errors import CheckpointWriteError, Preempted, RunDirError
@@ -83,14 +84,17 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
 
         check_teacher(cfg, tokenizer)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
-    stopped_at = _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
+    # Liger patches its model family's transformers module for the whole process; undone on return.
+    patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
+    with scoped_module_globals(patched):
+        stopped_at = _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
     runtime.release_accelerator_memory()
     _cleanup_distributed()
     if stopped_at is not None:
         raise Preempted(stopped_at)
     if cfg.eval.after_train and cfg.eval.data and rt.is_main:
-        from finetune.evaluate import evaluate_run
+        from finetune.evaluation import evaluate_run
 
         evaluate_run(run_dir, cfg, subprocess=rt.distributed or bool(cfg.deepspeed))
     return run_dir
@@ -144,6 +148,46 @@ class _scoped_environ:
             if os.environ.get(key) != value:
                 os.environ[key] = value
         return False
+
+
+class scoped_module_globals:
+    """Restore, on exit, the names of module `name` (e.g. transformers.models.llama.modeling_llama)
+    that were rebound inside the block. Liger's kernels are applied by rebinding that module's
+    RMSNorm, MLP and rotary-embedding names process-wide, not only on the model being trained: left
+    so, every later model of that family built in the process (an evaluation on CPU, the next sweep
+    trial with training.kernels=none) would run Triton kernels, and fail on a CPU tensor. The
+    trained model keeps its own Liger modules. `name` None: nothing to do."""
+
+    def __init__(self, name: str | None):
+        self.name = name
+
+    def __enter__(self):
+        import importlib
+
+        self._module = importlib.import_module(self.name) if self.name else None
+        self._before = dict(vars(self._module)) if self._module else {}
+        return self
+
+    def __exit__(self, *exc):
+        if self._module is not None:
+            names = vars(self._module)
+            for key, value in self._before.items():
+                if names.get(key) is not value:
+                    setattr(self._module, key, value)
+        return False
+
+
+def _modeling_module(cfg: TrainConfig) -> str | None:
+    """The transformers module that holds the model family's classes (None when it has none, e.g.
+    remote code)."""
+    import importlib.util
+
+    model_type = _model_type(cfg)
+    name = f"transformers.models.{model_type}.modeling_{model_type}"
+    try:
+        return name if importlib.util.find_spec(name) else None
+    except ModuleNotFoundError:
+        return None
 
 
 def _setup_distributed(cfg: TrainConfig):
@@ -347,7 +391,6 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels:
         greater_is_better=False if has_eval else None,
         bf16=bf16,
         fp16=fp16,
-        activation_checkpointing=False,  # enabled on the model in _setup_model (PEFT needs it there)
         train_sampling_strategy=method_args.pop("train_sampling_strategy", "random"),  # group_by_length: the
         # kit's sampler (LengthGroupedSampling._get_train_sampler)
         remove_unused_columns=False,
@@ -364,6 +407,7 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels:
         save_only_model=False,
         **dist_kwargs,
         **method_args,
+        **checkpointing_off(args_class),  # enabled on the model in _setup_model (PEFT needs it there)
     )
     if args.n_gpu > 1:
         # One process that sees several GPUs: the Trainer would wrap the model in nn.DataParallel
@@ -432,7 +476,7 @@ class KitTrainer(LengthGroupedSampling, Trainer):
 # the override silently never being called.
 _SAMPLER_HOOK = list(inspect.signature(Trainer._get_train_sampler).parameters)
 if _SAMPLER_HOOK != ["self", "train_dataset"]:
-    raise ImportError(f"transformers' Trainer._get_train_sampler now takes {_SAMPLER_HOOK}; finetune.train."
+    raise ImportError(f"transformers' Trainer._get_train_sampler now takes {_SAMPLER_HOOK}; finetune.training."
                       "KitTrainer._get_train_sampler (the length-grouped sampler) must be updated for it")
 
 
