@@ -28,6 +28,7 @@ COMMANDS = {
     "sweep": "Hyperparameter search on Optuna: many training runs in one resumable study, shared by workers.",
     "tiny-model": "Build a small Llama model and a locally trained tokenizer (for tests and demos).",
     "quickstart": "Run the whole path on CPU: data prep, tiny model, LoRA training, eval, inference.",
+    "env": "Report this environment for a bug report: versions against the tested ranges, GPUs, CUDA, kernels.",
 }
 
 
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help=COMMANDS["quickstart"], description=COMMANDS["quickstart"])
     p.add_argument("--output-dir", default="quickstart_output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p = sub.add_parser("env", help=COMMANDS["env"], description=COMMANDS["env"])
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     from finetune.sweep import add_sweep_arguments  # light: optuna is imported inside the command
 
     p = sub.add_parser("sweep", help=COMMANDS["sweep"], description=COMMANDS["sweep"])
@@ -257,6 +260,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
                                hidden_size=args.hidden_size, layers=args.layers, seed=args.seed,
                                tokenizer_from=args.tokenizer_from)
         print(f"tiny model -> {out}")
+    elif cmd == "env":
+        from finetune.env import env_command
+
+        return env_command(args)
     elif cmd == "quickstart":
         from finetune.quickstart import quickstart
 
