@@ -40,8 +40,9 @@ step "finetune eval (QLoRA adapter, 4-bit base)"
 test -f "$W/eval/report.json"
 
 step "finetune merge + export (GGUF q8_0)"
-"$BIN/finetune" merge --adapter "$Q/run/adapter" --output "$W/merged" >/dev/null
-"$BIN/finetune" export --adapter "$Q/run/adapter" --output "$W/gguf" --quant q8_0 >/dev/null
+"$BIN/finetune" merge --adapter "$Q/run/adapter" --output "$W/merged" >"$W/merge.log" 2>&1 || { tail -40 "$W/merge.log"; exit 1; }
+test -f "$W/merged/config.json"
+"$BIN/finetune" export --adapter "$Q/run/adapter" --output "$W/gguf" --quant q8_0 >"$W/export.log" 2>&1 || { tail -40 "$W/export.log"; exit 1; }
 ls "$W/gguf"/*.gguf >/dev/null
 
 step "data-prep validate"

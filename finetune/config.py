@@ -544,7 +544,12 @@ def describe_schema(model: type[BaseModel] = TrainConfig, prefix: str = "", mark
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             lines.extend(describe_schema(ann, key + ".", markdown))
             continue
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        # The factory itself, not get_default(call_default_factory=True): pydantic 2.10 refuses that call
+        # without validated data, even for a factory that takes none.
+        if field.is_required():
+            default = "required"
+        else:
+            default = repr(field.default_factory() if field.default_factory is not None else field.default)
         tname = _type_name(ann)
         if markdown:
             lines.append(f"| `{key}` | {tname} | `{default}` | {field.description or ''} |")
