@@ -122,7 +122,7 @@ def install_chunked_loss(model, *, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> boo
         scored = target != -100
         h = hidden[:, :-1][scored]  # [N, H]: only the positions that are trained
         nll, _ = chunked_nll(h, head, target[scored], vocab=self.config.get_text_config().vocab_size,
-                                post=post, chunk_bytes=chunk_bytes)
+                             post=post, chunk_bytes=chunk_bytes)
         n = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)
         return CausalLMOutputWithPast(loss=nll / n, logits=None)
 
