@@ -30,7 +30,13 @@ def test_env_json_lists_every_declared_dependency_with_a_verdict():
     assert "environment" in r and "HF_HUB_OFFLINE" in r["environment"]
 
 
-def test_a_version_outside_the_tested_range_and_a_missing_package_are_reported(monkeypatch):
+@pytest.fixture
+def no_deepspeed_probe(monkeypatch):
+    """The DeepSpeed probe imports DeepSpeed in a child process (seconds): the JSON test runs it."""
+    monkeypatch.setattr(env, "_deepspeed", lambda: {"installed": None})
+
+
+def test_a_version_outside_the_tested_range_and_a_missing_package_are_reported(monkeypatch, no_deepspeed_probe):
     real = env._version
     fake = {"transformers": "5.3.0", "liger-kernel": None, "trl": None}
     monkeypatch.setattr(env, "_version", lambda name: fake[name] if name in fake else real(name))
@@ -43,7 +49,7 @@ def test_a_version_outside_the_tested_range_and_a_missing_package_are_reported(m
     assert "UNTESTED" in text and "liger-kernel" in text and "not installed" in text
 
 
-def test_a_broken_probe_is_reported_not_raised_and_no_gpu_is_said(monkeypatch):
+def test_a_broken_probe_is_reported_not_raised_and_no_gpu_is_said(monkeypatch, no_deepspeed_probe):
     import torch
 
     def broken():
