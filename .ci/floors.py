@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 try:
     from packaging.requirements import Requirement

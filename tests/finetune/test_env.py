@@ -68,9 +68,6 @@ def test_a_broken_probe_is_reported_not_raised_and_no_gpu_is_said(monkeypatch, n
 def test_ranges_come_from_pyproject_when_the_kit_is_not_installed(monkeypatch):
     """On a machine that runs the checkout from PYTHONPATH (no pip install), the ranges are read
     from the pyproject.toml beside the package."""
-    if sys.version_info < (3, 11):
-        pytest.skip("reading pyproject.toml needs tomllib (Python 3.11+)")
-
     def not_installed(name):
         raise md.PackageNotFoundError(name)
 
