@@ -46,6 +46,7 @@ from data_prep.steps.chat import DedupStep
 from data_prep.steps.dedup import Deduplicator
 from data_prep.tokens import distribution
 from data_prep.writers import AtomicFile, JsonlWriter, check_output_dir, write_json
+from kitcore.integrity import digest_files, write_manifest
 
 __all__ = ["build", "run_recipe", "Builder"]
 
@@ -187,6 +188,9 @@ class Builder:
             report["engine"] = {"name": "local", "workers": self.r.workers}
             report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
             write_json(out / "report.json", report)
+            # Last: each output's checksum (kitcore.integrity), verified when `finetune` reads it.
+            names = [f"{s}.jsonl" for s in (*SPLITS, "rejects")] + ["report.json"]
+            write_manifest(out, files=digest_files(out, names))
         except BaseException:
             for w in writers.values():
                 w.discard()

@@ -39,7 +39,8 @@ __all__ = [
     "write_shard",
 ]
 
-OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "rejects.jsonl", "report.json")
+OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "rejects.jsonl", "report.json",
+                "checksums.json")  # the local engine's outputs; checksums.json (kitcore.integrity) written last
 SHARD_DIRS = ("train", "val", "test", "rejects")
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "data-prep-shards/1"

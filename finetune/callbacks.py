@@ -127,14 +127,33 @@ class Preemption(TrainerCallback):
 
 
 class CheckpointMarker(TrainerCallback):
-    """Write checkpoint-N/COMPLETE after every rank finished saving it; resume trusts only those."""
+    """Write checkpoint-N/checksums.json, then checkpoint-N/COMPLETE, after every rank finished
+    saving it; resume trusts only complete checkpoints, and verifies their checksums first.
+
+    The ranks on the first node share the hashing (each takes every k-th file, DeepSpeed's
+    per-rank shards included) and rank 0 writes the manifest, so a large checkpoint is hashed
+    once, in parallel, while the files are still in the page cache."""
 
     def on_save(self, args, state, control, **kw):
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        from kitcore.integrity import digest_files, list_files, write_manifest
+        from kitcore.runtime import current
+
+        up = dist.is_available() and dist.is_initialized()
+        if up:
             dist.barrier()
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                atomic_write_text(ckpt / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        rt = current()
+        part: dict = {}
+        if rt.rank < rt.local_world_size and ckpt.is_dir():  # ranks of the node rank 0 is on
+            names = list_files(ckpt, exclude=(COMPLETE_MARKER,))
+            part = digest_files(ckpt, names[rt.local_rank::rt.local_world_size])
+        parts = [part]
+        if up:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, part)
+        if state.is_world_process_zero and ckpt.is_dir():
+            files = {k: v for p in parts for k, v in (p or {}).items()}
+            write_manifest(ckpt, files=files)
+            atomic_write_text(ckpt / COMPLETE_MARKER, json.dumps({"step": state.global_step}))

@@ -28,6 +28,7 @@ COMMANDS = {
     "sweep": "Hyperparameter search on Optuna: many training runs in one resumable study, shared by workers.",
     "tiny-model": "Build a small Llama model and a locally trained tokenizer (for tests and demos).",
     "quickstart": "Run the whole path on CPU: data prep, tiny model, LoRA training, eval, inference.",
+    "verify": "Check a run, adapter, model, checkpoint, data cache, data-prep output or GGUF file against its checksums.",
     "env": "Report this environment for a bug report: versions against the tested ranges, GPUs, CUDA, kernels.",
 }
 
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help=COMMANDS["quickstart"], description=COMMANDS["quickstart"])
     p.add_argument("--output-dir", default="quickstart_output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p = sub.add_parser("verify", help=COMMANDS["verify"], description=COMMANDS["verify"])
+    p.add_argument("path", help="a run directory, adapter, model, checkpoint, data cache, data-prep output or file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("env", help=COMMANDS["env"], description=COMMANDS["env"])
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     from finetune.sweep import add_sweep_arguments  # light: optuna is imported inside the command
@@ -260,6 +264,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
                                hidden_size=args.hidden_size, layers=args.layers, seed=args.seed,
                                tokenizer_from=args.tokenizer_from)
         print(f"tiny model -> {out}")
+    elif cmd == "verify":
+        from finetune.verify import verify_command
+
+        return verify_command(args)
     elif cmd == "env":
         from finetune.env import env_command
 

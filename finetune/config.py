@@ -350,7 +350,9 @@ class TrainConfig(Section):
     quantization: QuantConfig = Field(default_factory=QuantConfig)
     deepspeed: str | None = Field(None, description="DeepSpeed JSON (configs/deepspeed/), or null.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+    resume: bool | Literal["latest_intact"] = Field(
+        False, description="Continue from the latest checkpoint in output_dir (its checksums verified first; "
+        "a damaged one is refused). `latest_intact`: fall back to the newest intact checkpoint instead.")
     overwrite: bool = Field(False, description="Allow training into an output_dir that holds a run.")
     force: bool = Field(False, description="Train even when `finetune plan` predicts the run does not fit.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model repository.")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.chat_template import ChatFormatError, LossOn, encode_chat
+from kitcore.integrity import require_listed_intact
 from kitcore.schema import training_example, training_problem
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def read_chat_jsonl(path: str | Path, *, require_assistant: bool = True) -> list
     problems: list[str] = []
     first_bad: Path | None = None
     for path in ds.files:
+        require_listed_intact(path)  # against data-prep's checksums.json, when it wrote this file
         with path.open(encoding="utf-8", errors="strict") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():

@@ -46,6 +46,13 @@ from typing import Any
 
 from finetune.chat_template import IGNORE_INDEX, ChatFormatError, assistant_spans
 from finetune.data import DataFiles, DataStats, data_files
+from kitcore.integrity import (
+    ALGORITHM,
+    digest_files,
+    require_listed_intact,
+    verification_enabled,
+    verify_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -411,6 +418,8 @@ def build_cache(spec: CacheSpec, tokenizer: Any, final: Path, key: str, key_inpu
     tmp.mkdir()
     t0 = time.perf_counter()
     ds = data_files(spec.path)
+    for f in ds.files:
+        require_listed_intact(f)  # against data-prep's checksums.json, when it wrote this file
     sizes = [f.stat().st_size for f in ds.files]
     size = sum(sizes)
     workers = num_proc or default_num_proc()
@@ -440,9 +449,11 @@ def build_cache(spec: CacheSpec, tokenizer: Any, final: Path, key: str, key_inpu
                     bar.update(job[3][1] - job[3][0])
         bar.close()
         stats = _merge_and_check(spec, results)
+        # Each shard's size and checksum, verified before the cache is read (integrity.ALGORITHM).
+        digests = digest_files(tmp, [Path(r.file).name for r in results])
         meta = {"key": key, "inputs": key_inputs, "stats": stats, "seconds": round(time.perf_counter() - t0, 2),
                 "num_proc": workers,
-                "shards": [{"file": Path(r.file).name, "rows": r.rows, "bytes": Path(r.file).stat().st_size,
+                "shards": [{"file": Path(r.file).name, "rows": r.rows, **digests[Path(r.file).name],
                             **({} if ds.single else {"source": r.source})} for r in results]}
         from kitcore.runtime import launch_env
 
@@ -482,26 +493,40 @@ def _remove_dead_builds(parent: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
-def _valid(final: Path, key: str) -> dict[str, Any] | None:
-    """meta.json when the cache is complete and its files are the ones it recorded, else None."""
+def _valid(final: Path, key: str, *, verify: bool) -> dict[str, Any] | None:
+    """meta.json when the cache is complete and its files are the ones it recorded, else None.
+    `verify`: also check every shard's checksum (a damaged shard is named in a warning)."""
     try:
         if (final / COMPLETE).read_text() != key:
             return None
         meta = json.loads((final / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    for sh in meta.get("shards", []):
-        f = final / sh["file"]
+    shards = {sh["file"]: sh for sh in meta.get("shards", [])}
+    if verify and verification_enabled():
+        if shards and not any(ALGORITHM in sh for sh in shards.values()):
+            logger.info("data cache %s records no checksums (built before they existed): read unverified", final)
+        rep = verify_entries(final, shards)
+        if not rep.ok:
+            logger.warning("data cache %s is damaged (%s); rebuilding it", final, "; ".join(rep.problems()))
+            return None
+        return meta
+    for name, sh in shards.items():
+        f = final / name
         if not f.is_file() or f.stat().st_size != sh["bytes"]:
             return None
     return meta
 
 
-def open_cache(final: Path, key: str):
-    """(Dataset, stats dict) memory-mapped from a complete cache; None when it is absent or broken."""
+def open_cache(final: Path, key: str, *, verify: bool = True, verified_by: str | None = None):
+    """(Dataset, stats dict) memory-mapped from a complete cache; None when it is absent, broken or
+    damaged. `verify`: check the shards' checksums here. `verified_by`: instead, open it only once the
+    process that verifies it for this job (the cache's builder) has left its marker."""
     from datasets import Dataset, concatenate_datasets
 
-    meta = _valid(final, key)
+    if verified_by is not None and not (final / _verified_marker(verified_by)).is_file():
+        return None
+    meta = _valid(final, key, verify=verify and verified_by is None)
     if meta is None:
         return None
     try:
@@ -513,6 +538,27 @@ def open_cache(final: Path, key: str):
     if len(ds) != meta["stats"]["kept"]:
         return None
     return ds, meta["stats"]
+
+
+def _verified_marker(job: str) -> str:
+    """The dotfile by which a cache's builder tells the other ranks of job `job` that it verified it."""
+    return ".verified-" + hashlib.sha256(job.encode()).hexdigest()[:16]
+
+
+def _mark_verified(final: Path, job: str) -> None:
+    """Leave this job's marker (and remove other jobs' markers more than a day old)."""
+    now = time.time()
+    for old in final.glob(".verified-*"):
+        try:
+            if now - old.stat().st_mtime > 86400:
+                old.unlink()
+        except OSError:
+            pass
+    try:
+        (final / _verified_marker(job)).write_text(job)
+    except OSError as exc:
+        raise CacheError(f"cannot write in the data cache {final} ({exc.strerror or exc}); the other ranks "
+                         "wait for a marker there") from exc
 
 
 def _job_id() -> str:
@@ -559,7 +605,10 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
     builder = rt.is_main if cfg.data.cache_build == "main" else rt.is_local_main
     failed = final.with_name(final.name + ".failed")
     job = _job_id()
-    opened = open_cache(final, key)
+    # The builder verifies the shards' checksums once; in a distributed job the other ranks open the
+    # cache only after its marker says so (sizes checked, nothing hashed twice per node).
+    waits_for_builder = rt.distributed and not builder
+    opened = open_cache(final, key, verified_by=job if waits_for_builder else None)
     if opened is None and builder:
         if final.exists():
             logger.warning("data cache %s is incomplete or damaged; rebuilding it", final)
@@ -573,7 +622,9 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
             failed.write_text(json.dumps({"job": job, "type": type(exc).__name__, "message": str(exc)}))
             raise
         opened = open_cache(final, key)
-    elif opened is None:
+    if opened is not None and builder and rt.distributed:
+        _mark_verified(final, job)
+    elif opened is None and not builder:
         from finetune.data import DataError
 
         deadline = time.monotonic() + cfg.data.cache_wait_s
@@ -592,7 +643,7 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
                     "If the cache directory is not shared between nodes, set data.cache_build=local_main; for a "
                     "long build raise data.cache_wait_s, or build it first with `finetune prepare`.")
             time.sleep(1.0)
-            opened = open_cache(final, key)
+            opened = open_cache(final, key, verified_by=job if waits_for_builder else None)
     if opened is None:
         raise CacheError(f"the data cache {final} was built but cannot be read back")
     ds, stats = opened

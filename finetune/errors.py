@@ -5,6 +5,7 @@ from __future__ import annotations
 from finetune.chat_template import ChatFormatError
 from finetune.config import ConfigError
 from finetune.data import DataError
+from kitcore.integrity import IntegrityError
 
 
 class AdapterError(ValueError):
@@ -40,4 +41,4 @@ class GenerateError(ValueError):
 
 
 USER_ERRORS = (ConfigError, DataError, ChatFormatError, AdapterError, RunDirError, FileNotFoundError,
-               CheckpointWriteError, UnsafeCheckpointError, ExportError, GenerateError)
+               CheckpointWriteError, UnsafeCheckpointError, ExportError, GenerateError, IntegrityError)

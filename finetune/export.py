@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ExportError
+from kitcore.integrity import require_intact, update_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def _model_dir(model: str | Path) -> Path:
             raise ExportError(f"{d} is an adapter, not a model: pass it as --adapter")
         raise ExportError(f"{d} is not a model directory (no config.json): pass a `finetune merge` output "
                           "or another Hugging Face model directory as --model")
+    require_intact(d, "model", note=logging.WARNING if (d / "finetune.json").is_file() else logging.DEBUG)
     return d
 
 
@@ -167,6 +169,7 @@ def _export_model(model_dir: Path, output: Path, quant: str, *, run_dir: Path | 
     path = output / f"model-{quant}.gguf"
     _write_gguf(path, arch, metadata, plan, progress=progress)
     modelfile = write_modelfile(output, path.name, tokenizer, run_dir=run_dir)
+    update_manifest(output, [path.name, modelfile.name])  # `finetune verify` checks them later
     logger.info("GGUF -> %s (%d tensors, %s); Ollama: ollama create NAME -f %s", path, len(plan), quant, modelfile)
     return ExportResult(path, modelfile, quant, len(plan))
 
@@ -542,6 +545,7 @@ def _export_adapter(adapter_dir: Path, output: Path, quant: str, *, base_model: 
     tokenizer, _ = load_adapter_tokenizer(adapter_dir, str(base))
     modelfile = write_modelfile(output, base_gguf or str(base.resolve()), tokenizer, adapter=path.name,
                                 run_dir=adapter_dir.resolve().parent)
+    update_manifest(output, [path.name, modelfile.name])
     logger.info("LoRA GGUF -> %s (%d tensors, alpha %g)", path, len(plan), alpha)
     return ExportResult(path, modelfile, quant, len(plan))
 

@@ -21,6 +21,7 @@ from typing import Any
 from finetune.chat_template import end_of_turn_token, parse_tool_calls, render_prompt
 from finetune.errors import AdapterError
 from finetune.modeling import load_base_model, load_tokenizer, model_ref, resolve_dtype
+from kitcore.integrity import require_intact, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def read_adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
                 f"{d} is a full model directory, not an adapter: pass it as --model (or `model=`) instead"
             )
         raise AdapterError(f"{d} is not an adapter: expected adapter_config.json (PEFT layout) in it")
+    # Checked before anything reads it: eval, merge, export and load_for_inference all come here.
+    require_intact(d, "adapter")
     info = json.loads(cfg_file.read_text())
     meta = d / "finetune.json"
     if meta.is_file():
@@ -387,6 +390,7 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "
     output = Path(output)
     merged.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
+    write_manifest(output)  # last: what eval, export and training read back is verified against it
     return output
 
 

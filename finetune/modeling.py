@@ -67,6 +67,20 @@ def quantization_config(bits: int, *, quant_type: str = "nf4", double_quant: boo
     )
 
 
+def verify_model_dir(name: str) -> None:
+    """A model directory the kit wrote (a merge, a full fine-tune's export) is checked against its
+    checksums before it loads. One process per node checks (under a launch the others would only
+    repeat it; when it finds damage it stops with the error and the launcher ends the job)."""
+    from kitcore.integrity import require_intact
+    from kitcore.runtime import launch_env
+
+    path = Path(name).expanduser()
+    if not path.is_dir() or launch_env()[1] != 0:
+        return
+    # A model directory from elsewhere (the Hub, a download) has no checksums and is not noted.
+    require_intact(path, "model", note=logging.WARNING if (path / "finetune.json").is_file() else logging.DEBUG)
+
+
 def load_base_model(
     name: str,
     *,
@@ -102,6 +116,7 @@ def load_base_model(
             device_map = {"": current().device}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    verify_model_dir(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_ref(name), **kwargs)
     except Exception as exc:

@@ -27,17 +27,70 @@ from finetune.errors import CheckpointWriteError, RunDirError
 from finetune.modeling import model_ref
 from finetune.run_setup import autocast_flags, zero_stage
 from finetune.utils import atomic_write_text, is_main_process, rank0_print
+from kitcore.integrity import write_manifest
 
-__all__ = ["latest_complete_checkpoint", "setup_run_dir", "parallel_setup", "check_resume_setup", "write_run_info",
+__all__ = ["latest_complete_checkpoint", "complete_checkpoints", "intact_checkpoint", "setup_run_dir", "parallel_setup", "check_resume_setup", "write_run_info",
            "export_weights"]
 
 
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest checkpoint whose save finished on every rank (a kill mid-save leaves none)."""
+    done = complete_checkpoints(ckpt_dir)
+    return done[0] if done else None
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Every checkpoint whose save finished on every rank, newest first."""
     if not ckpt_dir.is_dir():
-        return None
+        return []
     done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(done, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def _checkpoint_verdict(ckpt_dir: Path, newest: Path, fall_back: bool) -> tuple[str, str]:
+    """("ok", checkpoint) or ("error", message), decided by one process."""
+    from kitcore.integrity import IntegrityError, require_intact
+
+    try:
+        require_intact(newest, "checkpoint", exclude=(COMPLETE_MARKER,))
+        return "ok", str(newest)
+    except IntegrityError as exc:
+        damage = str(exc)
+    intact = None
+    for older in complete_checkpoints(ckpt_dir):
+        if int(older.name.split("-")[-1]) >= int(newest.name.split("-")[-1]):
+            continue
+        try:
+            require_intact(older, "checkpoint", exclude=(COMPLETE_MARKER,))
+            intact = older
+            break
+        except IntegrityError:
+            continue
+    if intact is not None and fall_back:
+        rank0_print(f"WARNING: {damage}\nresume=latest_intact: resuming from {intact} instead")
+        return "ok", str(intact)
+    if intact is None:
+        return "error", f"{damage}. No older checkpoint in {ckpt_dir} is intact either; start again without resume=true"
+    return "error", (f"{damage}. The newest intact checkpoint is {intact}: pass resume=latest_intact to continue "
+                     "from it (the steps after it are trained again)")
+
+
+def intact_checkpoint(ckpt_dir: Path, newest: Path, *, fall_back: bool = False) -> Path:
+    """The checkpoint to resume from, its checksums verified: `newest`, or with `fall_back` the
+    newest intact one; a RunDirError naming the damaged file and the newest intact checkpoint
+    otherwise. Rank 0 verifies and every rank gets its verdict, so no rank hangs or reads alone."""
+    import torch.distributed as dist
+
+    up = dist.is_available() and dist.is_initialized()
+    verdict = [None]
+    if not up or dist.get_rank() == 0:
+        verdict = [_checkpoint_verdict(ckpt_dir, newest, fall_back)]
+    if up:
+        dist.broadcast_object_list(verdict, src=0)
+    status, value = verdict[0]
+    if status != "ok":
+        raise RunDirError(value)
+    return Path(value)
 
 
 def setup_run_dir(cfg: TrainConfig, run_dir: Path, rt) -> Path | None:
@@ -52,6 +105,7 @@ def setup_run_dir(cfg: TrainConfig, run_dir: Path, rt) -> Path | None:
                 f"resume=true but {ckpt_dir} holds no complete checkpoint; start without resume=true"
             )
         check_resume_setup(run_dir, parallel_setup(cfg, rt))
+        ckpt = intact_checkpoint(ckpt_dir, ckpt, fall_back=cfg.resume == "latest_intact")
         rank0_print(f"Resuming from {ckpt}")
         return ckpt
     if has_run and not cfg.overwrite:
@@ -231,6 +285,8 @@ def export_weights(cfg: TrainConfig, run_dir: Path, trainer, tokenizer) -> None:
                 "max_length": cfg.max_length,
                 **_distill_meta(cfg),
             }, indent=2))
+            # Last, before the rename: every file's checksum, verified by whatever reads it back.
+            write_manifest(tmp)
     except OSError as exc:
         if is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)

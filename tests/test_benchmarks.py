@@ -134,3 +134,15 @@ def test_bench_distill_smoke(tmp_path):
     assert sft["tokens"] == kd["tokens"] > 0  # scored on the same held-out tokens
     assert kd["kl_to_teacher"] < sft["kl_to_teacher"] < init["kl_to_teacher"], res
     assert "distilled student's KL to the teacher:" in stdout
+
+
+@pytest.mark.slow
+def test_bench_verify_smoke(tmp_path):
+    res, stdout = _run("bench_verify.py", tmp_path)
+    arms = {(r["artifact"], r["cache"]) for r in res}
+    assert {("data cache", "warm"), ("checkpoint", "warm")} <= arms
+    for r in res:
+        assert r["bytes"] > 0 and r["read"] > 0 and r["xxh3_128"] > 0 and r["sha256"] > 0, r
+    ckpt = next(r for r in res if r["artifact"] == "checkpoint")
+    assert ckpt["bytes"] == 200_000_000
+    assert "xxh3 / read" in stdout and not (tmp_path / "w" / "checkpoint").exists()

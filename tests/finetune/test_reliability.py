@@ -58,6 +58,9 @@ def _steps(run: Path) -> list[int]:
 def test_sigterm_on_two_ranks_saves_exits_and_resumes(tiny_model, chat_data, tmp_path):
     grace = 30
     cfg = _config(tmp_path, tiny_model, chat_data, max_steps=400, save_steps=1000, preemption_grace_s=grace)
+    c = yaml.safe_load(cfg.read_text())
+    c["data"]["cache_dir"] = str(tmp_path / "cache")  # this test damages its cache: its own
+    cfg.write_text(yaml.safe_dump(c))
     run = tmp_path / "run"
     cmd = [str(ACCELERATE), "launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2",
            "--main_process_port", str(_free_port()), "-m", "finetune", "train", str(cfg)]
@@ -89,10 +92,30 @@ def test_sigterm_on_two_ranks_saves_exits_and_resumes(tiny_model, chat_data, tmp
     # Both ranks saved their part (DDP: rank 0 writes weights, every rank its RNG state).
     assert (ckpts[0] / "rng_state_0.pth").is_file() and (ckpts[0] / "rng_state_1.pth").is_file()
     assert not (run / "adapter").exists()
+    # The two ranks hashed the checkpoint between them; the manifest covers both ranks' files.
+    hashed = json.loads((ckpts[0] / "checksums.json").read_text())["files"]
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= set(hashed)
 
-    res = subprocess.run([*cmd[:7], str(_free_port()), *cmd[8:], "resume=true", "training.max_steps=" +
-                          str(stopped_at + 6)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    resume = [*cmd[:7], str(_free_port()), *cmd[8:], "resume=true", "training.max_steps=" + str(stopped_at + 6)]
+    # A damaged checkpoint: rank 0 finds it, and both ranks stop with its error (no rank hangs).
+    from tests.kitcore.test_integrity import flip_middle
+
+    weights = ckpts[0] / "adapter_model.safetensors"
+    flip_middle(weights)
+    t0 = time.monotonic()
+    res = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and f"{weights}: content differs" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 120
+    flip_middle(weights)  # repaired
+    # A damaged data cache shard: rank 0 verifies it, names it and rebuilds it; rank 1 waits for it.
+    [cache] = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    shard = next(cache.glob("shard-*.arrow"))
+    flip_middle(shard)
+    res = subprocess.run([*resume[:7], str(_free_port()), *resume[8:]], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"{shard.name}: content differs" in res.stderr and "rebuilding it" in res.stderr, res.stderr[-3000:]
+    assert len((tmp_path / "cache" / "builds.log").read_text().splitlines()) == 2
     assert _steps(run) == list(range(1, stopped_at + 7))
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
