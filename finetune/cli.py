@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help=COMMANDS["verify"], description=COMMANDS["verify"])
     p.add_argument("path", help="a run directory, adapter, model, checkpoint, data cache, data-prep output or file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--record", action="store_true", help="(re)write the directory's checksums.json instead: after "
+                   "a deliberate edit, or for an artifact from before checksums existed")
     p = sub.add_parser("env", help=COMMANDS["env"], description=COMMANDS["env"])
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     from finetune.sweep import add_sweep_arguments  # light: optuna is imported inside the command

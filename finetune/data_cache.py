@@ -418,8 +418,16 @@ def build_cache(spec: CacheSpec, tokenizer: Any, final: Path, key: str, key_inpu
     tmp.mkdir()
     t0 = time.perf_counter()
     ds = data_files(spec.path)
-    for f in ds.files:
+    for f, recorded in zip(ds.files, ds.sha256):
         require_listed_intact(f)  # against data-prep's checksums.json, when it wrote this file
+        if recorded and spec.key_mode == "stat" and verification_enabled():
+            # a shard's SHA-256 from its manifest (the sha256 key mode checked it already, in cache_key)
+            rep = verify_entries(f.parent, {f.name: {"bytes": f.stat().st_size, "sha256": recorded}})
+            if not rep.ok:
+                from finetune.data import DataError
+
+                raise DataError(f"{f}: its SHA-256 differs from the one in {f.parent / 'manifest.json'}; the shard "
+                                "changed after data-prep wrote it (rebuild the dataset)")
     sizes = [f.stat().st_size for f in ds.files]
     size = sum(sizes)
     workers = num_proc or default_num_proc()

@@ -48,6 +48,9 @@ def read_eval_records(path: str | Path) -> tuple[list[dict[str, Any]], dict[str,
     whose tool calling the schema refuses (the template could not render it, or its reference call
     could not be scored) is skipped with the problem's kind."""
     path = Path(path)
+    from kitcore.integrity import require_listed_intact
+
+    require_listed_intact(path)  # against data-prep's checksums.json, when it wrote this file
     records, skipped = [], []
     for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():

@@ -58,6 +58,9 @@ def read_preference_records(path: str | Path) -> tuple[list[dict[str, Any]], dic
     from kitcore.preference import PreferenceError, normalize_preference
 
     path = Path(path)
+    from kitcore.integrity import require_listed_intact
+
+    require_listed_intact(path)  # against data-prep's checksums.json, when it wrote this file
     records, skipped = [], []
     with path.open(encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):

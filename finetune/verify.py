@@ -8,7 +8,9 @@
 Every manifest at or under PATH is checked (kitcore.integrity): checksums.json (adapters, models,
 checkpoints, exports, data-prep outputs), a data cache's meta.json, a shard directory's
 manifest.json. Exit code 0 when everything found is intact, 1 when a file is missing or damaged,
-2 when PATH holds nothing with checksums.
+2 when PATH holds nothing with checksums. `--record DIR` (re)writes a directory's checksums.json:
+after an edit made on purpose (a base model path in adapter_config.json), or for an artifact from
+before checksums existed.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from kitcore.integrity import verify_tree
+from kitcore.integrity import MANIFEST, IntegrityError, verify_tree, write_manifest
 
-__all__ = ["verify_command", "verify_path"]
+__all__ = ["verify_command", "verify_path", "record"]
 
 
 def verify_path(path: str | Path) -> dict:
@@ -40,7 +42,23 @@ def verify_path(path: str | Path) -> dict:
             "gb_per_s": round(total / seconds / 1e9, 2) if seconds > 0 and total else None}
 
 
+def record(path: str | Path) -> int:
+    """(Re)write the checksums.json of a directory: after a deliberate edit, or for an artifact
+    from before checksums existed. A data cache is rebuilt, never re-recorded."""
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: --record takes a directory (an adapter, a model, a checkpoint, an export)")
+    if (d / "meta.json").is_file() and (d / "COMPLETE").is_file():
+        raise IntegrityError(f"{d} is a data cache: delete it and it is rebuilt from the data (its checksums are "
+                             "never re-recorded)")
+    files = write_manifest(d)
+    print(f"recorded {len(files)} file(s) in {d / MANIFEST}")
+    return 0
+
+
 def verify_command(args) -> int:
+    if args.record:
+        return record(args.path)
     out = verify_path(args.path)
     if args.json:
         print(json.dumps(out, indent=2))

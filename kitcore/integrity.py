@@ -227,13 +227,14 @@ def require_intact(directory: str | os.PathLike, what: str, *, exclude: Iterable
         return None
     rep = verify(directory, exclude=exclude)
     if not rep.has_manifest:
-        logger.log(note, "%s %s has no %s (written before checksums existed): used unverified",
-                   what, directory, MANIFEST)
+        logger.log(note, "%s %s has no %s (written before checksums existed): used unverified "
+                   "(`finetune verify --record %s` records them)", what, directory, MANIFEST, directory)
         return rep
     if not rep.ok:
         raise IntegrityError(f"the {what} {directory} is damaged: " + "; ".join(rep.problems())
                              + f". It no longer matches the checksums recorded when it was written ({MANIFEST}); "
-                             "restore it from a good copy or write it again (FINETUNE_VERIFY=0 skips this check)")
+                             "restore it from a good copy or write it again. If you changed it on purpose, record "
+                             f"its new checksums: finetune verify --record {directory}")
     return rep
 
 

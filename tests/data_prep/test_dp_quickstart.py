@@ -123,7 +123,7 @@ def test_refuses_non_empty_dir_and_overwrite_keeps_other_files(shop: Path, tmp_p
     build([shop / "pages", shop / "questions.csv"], out, overwrite=True, **ARGS)
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["notes.txt", "train.jsonl", "val.jsonl", "test.jsonl", "rejects.jsonl", "report.json"]
+        ["notes.txt", "train.jsonl", "val.jsonl", "test.jsonl", "rejects.jsonl", "report.json", "checksums.json"]
     )
 
 

@@ -56,6 +56,14 @@ def test_not_an_adapter_and_missing_base_are_clear_errors(trained_run, tiny_mode
     cfg = json.loads((moved / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "gone")
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    from kitcore.integrity import IntegrityError
+
+    # An edit is a change the checksums catch; the error says how to record one made on purpose.
+    with pytest.raises(IntegrityError, match=r"adapter_config\.json: size .*finetune verify --record"):
+        load_for_inference(moved)
+    r = subprocess.run([sys.executable, "-m", "finetune", "verify", "--record", str(moved)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "recorded" in r.stdout, r.stderr
     with pytest.raises(AdapterError, match="not on this machine"):
         load_for_inference(moved)
 

@@ -205,6 +205,12 @@ def test_data_prep_outputs_carry_checksums_that_finetune_checks_before_reading(t
         prepared_split(cfg, load_tokenizer(str(tiny_model)), str(out / "train.jsonl"))
     res = _verify(out / "train.jsonl")
     assert res.returncode == 1 and "train.jsonl" in res.stdout
+    from finetune.evaluation import read_eval_records
+
+    read_eval_records(out / "test.jsonl")
+    flip_middle(out / "test.jsonl", 8)  # the held-out split, as `finetune eval` reads it
+    with pytest.raises(IntegrityError, match=r"test\.jsonl: content differs"):
+        read_eval_records(out / "test.jsonl")
     # --overwrite removes the old manifest with the old outputs, and writes a new one last.
     build([src], out, seed=0, test_fraction=0.1, val_fraction=0.1, overwrite=True)
     assert _verify(out).returncode == 0

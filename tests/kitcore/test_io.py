@@ -40,7 +40,7 @@ def test_data_prep_build_outputs_get_the_umask_mode(umask, tmp_path: Path) -> No
     out = tmp_path / "out"
     build([str(_questions(tmp_path / "q.csv"))], out, seed=0)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["rejects.jsonl", "report.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+    assert names == ["checksums.json", "rejects.jsonl", "report.json", "test.jsonl", "train.jsonl", "val.jsonl"]
     for name in names:
         assert _mode(out / name) == 0o666 & ~umask, name
 
