@@ -42,7 +42,8 @@ def read_adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
             )
         raise AdapterError(f"{d} is not an adapter: expected adapter_config.json (PEFT layout) in it")
     # Checked before anything reads it: eval, merge, export and load_for_inference all come here.
-    require_intact(d, "adapter")
+    # A plain PEFT adapter (the Hub's) never had checksums: only the kit's own are noted when they lack them.
+    require_intact(d, "adapter", note=logging.WARNING if (d / "finetune.json").is_file() else logging.DEBUG)
     info = json.loads(cfg_file.read_text())
     meta = d / "finetune.json"
     if meta.is_file():
