@@ -3,7 +3,7 @@
 # floors leg runs beside the quick tests (the full suite runs on the newest releases).
 #   bash .ci/smoke.sh VENV_DIR
 # quickstart (data-prep build, tiny model, LoRA training, base-vs-tuned eval, adapter loaded back),
-# then QLoRA and DPO training, eval of the QLoRA adapter, merge, GGUF export, data-prep validate.
+# then QLoRA and DPO training, eval of the QLoRA adapter, merge, GGUF export, finetune verify, data-prep validate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(cd "$1/bin" && pwd)
@@ -44,6 +44,11 @@ step "finetune merge + export (GGUF q8_0)"
 test -f "$W/merged/config.json"
 "$BIN/finetune" export --adapter "$Q/run/adapter" --output "$W/gguf" --quant q8_0 >"$W/export.log" 2>&1 || { tail -40 "$W/export.log"; exit 1; }
 ls "$W/gguf"/*.gguf >/dev/null
+
+step "finetune verify (checksums of the quickstart's data, run, merge and export)"
+for p in "$Q/data" "$Q/run" "$W/merged" "$W/gguf"; do
+  "$BIN/finetune" verify "$p" >"$W/verify.log" 2>&1 || { cat "$W/verify.log"; exit 1; }
+done
 
 step "data-prep validate"
 "$BIN/data-prep" validate "$Q/data/train.jsonl" >/dev/null

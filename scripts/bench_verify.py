@@ -6,7 +6,8 @@
     python scripts/bench_verify.py --smoke             # toy sizes, seconds (run by the tests)
 
 Two artifacts, each hashed three ways on the same files in the same run:
-  read      reading every byte and doing nothing with it: the floor any verification pays
+  read      reading every byte (as many files at once as verification) and doing nothing with it:
+            the floor any verification pays
   xxh3_128  the kit's verification (kitcore.integrity.verify_entries: size + XXH3-128, 4 files at once)
   sha256    what the Hub's LFS pointers and data-prep's shard manifests record, for comparison
 each warm (the files just written, in the page cache) and, when this process may drop the page
@@ -51,11 +52,19 @@ def drop_page_cache() -> bool:
 
 
 def read_only(root: Path, names: list[str]) -> None:
-    buf = bytearray(CHUNK)
-    for n in names:
+    """Read every byte, as many files at once as verification reads (kitcore.integrity's threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kitcore.integrity import _THREADS
+
+    def one(n: str) -> None:
+        buf = bytearray(CHUNK)
         with open(root / n, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass
+
+    with ThreadPoolExecutor(min(_THREADS, len(names))) as pool:
+        list(pool.map(one, names))
 
 
 def measure(root: Path, files: dict[str, dict], cold: bool) -> dict[str, float]:
