@@ -570,9 +570,21 @@ def _mark_verified(final: Path, job: str) -> None:
 
 
 def _job_id() -> str:
-    """Names this launch (the same on every rank), so a failure marker of an earlier job is ignored."""
-    return os.environ.get("TORCHELASTIC_RUN_ID") or (
-        f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}")
+    """Names this launch (the same on every rank that waits for one builder), so that the failure and
+    verification markers of an earlier launch are never trusted.
+
+    torchrun's run id when the launcher set one: its default `--rdzv-id` is "none", the same for every
+    launch (`accelerate launch` leaves it so), and is not used. Under Slurm: the job, its step and its
+    requeue count. Otherwise the rendezvous address and the launcher's pid (every rank of a node is
+    its child), which names one launch on one node: enough for `data.cache_build: local_main`; with
+    `main` across nodes outside Slurm, give the launch a run id (`--rdzv_id`)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return run_id
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm:" + ":".join(os.environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID",
+                                                                      "SLURM_RESTART_COUNT"))
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}"
 
 
 def _cache_root(cfg, ds: DataFiles) -> Path:

@@ -373,3 +373,22 @@ def test_a_resumed_run_skips_consumed_batches_by_index_and_sees_the_same_batches
     assert clock.first_step_s < 5, clock.first_step_s
     for step in range(251, 261):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-4), step
+
+
+def test_the_job_id_differs_between_launches_even_when_torchrun_names_every_run_none(monkeypatch):
+    """`accelerate launch` leaves torchrun's run id at its default "none" for every launch: a marker
+    keyed by it would make a later launch trust an earlier one's failure or verification."""
+    from finetune.data_cache import _job_id
+
+    for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert _job_id() == f"10.0.0.1:29500:{os.getppid()}"  # the launcher's pid: one per launch
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert _job_id() == "slurm:42:0:1"  # the same on every node of the step; a requeue is another launch
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-7")
+    assert _job_id() == "run-7"
