@@ -190,10 +190,10 @@ def resume_skip(cache: Path, batch_size: int = 8) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="25000,200000", help="comma-separated example counts")
+    ap.add_argument("--sizes", help="comma-separated example counts (default 25000,200000; with --smoke 500,2000)")
     ap.add_argument("--arms", default="kit_cold,kit_warm,trl")
     ap.add_argument("--work", default="bench_output/data_path")
-    ap.add_argument("--smoke", action="store_true", help="sizes 500 and 2000")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: 500 and 2000 unless --sizes is given")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--task", choices=("sft", "dpo"), default="sft", help="chats (sft) or preference pairs (dpo)")
     ap.add_argument("--child", nargs=4, metavar=("ARM", "SPEC", "OUT", "STAMP"), help=argparse.SUPPRESS)
@@ -202,7 +202,7 @@ def main() -> int:
         arm, spec, out, stamp = args.child
         (child_trl if arm == "trl" else child_kit)(json.loads(spec), out, stamp)
         return 0
-    sizes = [500, 2000] if args.smoke else [int(x) for x in args.sizes.split(",")]
+    sizes = [int(x) for x in (args.sizes or ("500,2000" if args.smoke else "25000,200000")).split(",")]
     arms = args.arms.split(",")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -103,12 +103,19 @@ def test_a_damaged_checkpoint_is_refused_on_resume_naming_the_file_and_the_newes
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
     assert steps[-6:] == [4, 5, 6, 7, 8, 9]  # steps 4-6 trained again after checkpoint-3
 
-    for n in (3, 6, 9):  # nothing intact is left: the error says so
-        p = ckpts / f"checkpoint-{n}" / "trainer_state.json"
-        if p.exists():
-            p.write_text(p.read_text().replace("{", "[", 1))
-    with pytest.raises(RunDirError, match="No older checkpoint .* is intact either"):
+    # Nothing intact is left (one flipped, one truncated, one with a file deleted): the error says so.
+    left = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
+    assert left == [3, 6, 9], left
+    flip_middle(ckpts / "checkpoint-9" / "optimizer.pt")
+    with (ckpts / "checkpoint-6" / "adapter_model.safetensors").open("r+b") as fh:
+        fh.truncate(100)
+    (ckpts / "checkpoint-3" / "trainer_state.json").unlink()
+    with pytest.raises(RunDirError) as err:
         train(load_config(None, [*base, "training.max_steps=12", "resume=latest_intact"]))
+    msg = str(err.value)
+    assert "optimizer.pt: content differs" in msg and "No older checkpoint" in msg and "intact either" in msg, msg
+    res = _verify(ckpts)
+    assert res.returncode == 1 and "trainer_state.json" in res.stdout and "size 100 bytes" in res.stdout, res.stdout
 
 
 # ----------------------------------------------------------------------------------------------
