@@ -49,6 +49,7 @@ from finetune.data import DataFiles, DataStats, data_files
 from kitcore.integrity import (
     ALGORITHM,
     digest_files,
+    file_digest,
     require_listed_intact,
     verification_enabled,
     verify_entries,
@@ -172,11 +173,7 @@ def _file_identity(path: Path, mode: str) -> dict[str, Any]:
     st = path.stat()
     if mode == "stat":
         return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return {"sha256": h.hexdigest(), "size": st.st_size}
+    return {"sha256": file_digest(path, "sha256"), "size": st.st_size}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -206,12 +203,16 @@ def _data_identity(ds: DataFiles, mode: str) -> dict[str, Any]:
     for f, recorded in zip(ds.files, ds.sha256):
         ident = _file_identity(f, mode)
         if recorded and "sha256" in ident and ident["sha256"] != recorded:
-            from finetune.data import DataError
-
-            raise DataError(f"{f}: its SHA-256 differs from the one in {f.parent / 'manifest.json'}; the shard "
-                            "changed after data-prep wrote it (rebuild the dataset, or remove the manifest entry)")
+            raise _changed_shard(f)
         out.append({"file": str(f.relative_to(ds.home)) if f.is_relative_to(ds.home) else str(f), **ident})
     return {"shards": out}
+
+
+def _changed_shard(f: Path):
+    from finetune.data import DataError
+
+    return DataError(f"{f}: its SHA-256 differs from the one in {f.parent / 'manifest.json'}; the shard "
+                     "changed after data-prep wrote it (rebuild the dataset, or remove the manifest entry)")
 
 
 def cache_key(spec: CacheSpec, tokenizer: Any) -> tuple[str, dict[str, Any]]:
@@ -420,14 +421,9 @@ def build_cache(spec: CacheSpec, tokenizer: Any, final: Path, key: str, key_inpu
     ds = data_files(spec.path)
     for f, recorded in zip(ds.files, ds.sha256):
         require_listed_intact(f)  # against data-prep's checksums.json, when it wrote this file
-        if recorded and spec.key_mode == "stat" and verification_enabled():
-            # a shard's SHA-256 from its manifest (the sha256 key mode checked it already, in cache_key)
-            rep = verify_entries(f.parent, {f.name: {"bytes": f.stat().st_size, "sha256": recorded}})
-            if not rep.ok:
-                from finetune.data import DataError
-
-                raise DataError(f"{f}: its SHA-256 differs from the one in {f.parent / 'manifest.json'}; the shard "
-                                "changed after data-prep wrote it (rebuild the dataset)")
+        # a shard's SHA-256 from its manifest (the sha256 key mode checked it already, in cache_key)
+        if recorded and spec.key_mode == "stat" and verification_enabled() and file_digest(f, "sha256") != recorded:
+            raise _changed_shard(f)
     sizes = [f.stat().st_size for f in ds.files]
     size = sum(sizes)
     workers = num_proc or default_num_proc()
@@ -641,7 +637,7 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
             # The waiting ranks read this and stop with the same error instead of timing out.
             failed.write_text(json.dumps({"job": job, "type": type(exc).__name__, "message": str(exc)}))
             raise
-        opened = open_cache(final, key)
+        opened = open_cache(final, key, verify=False)  # its shards were hashed as it was built
     if opened is not None and builder and rt.distributed:
         _mark_verified(final, job)
     elif opened is None and not builder:

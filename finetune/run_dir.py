@@ -11,7 +11,6 @@ checkpoints), run.json, and the exported adapter or model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -197,11 +196,9 @@ def _data_identity(spec: str) -> dict[str, Any]:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from kitcore.integrity import file_digest
+
+    return file_digest(path, "sha256")
 
 
 def git_commit() -> str | None:

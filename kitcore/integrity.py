@@ -75,14 +75,18 @@ def entry(path: str | os.PathLike) -> dict[str, Any]:
     return {"bytes": os.path.getsize(path), ALGORITHM: file_digest(path)}
 
 
+def _each(fn, names: list[str]) -> dict[str, Any]:
+    """{name: fn(name)}, a few files at a time."""
+    if len(names) <= 1:
+        return {n: fn(n) for n in names}
+    with ThreadPoolExecutor(min(_THREADS, len(names))) as pool:
+        return dict(zip(names, pool.map(fn, names)))
+
+
 def digest_files(root: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{name: entry} for files named relative to `root`, hashed a few at a time."""
     root = Path(root)
-    names = list(names)
-    if len(names) <= 1:
-        return {n: entry(root / n) for n in names}
-    with ThreadPoolExecutor(min(_THREADS, len(names))) as pool:
-        return dict(zip(names, pool.map(lambda n: entry(root / n), names)))
+    return _each(lambda n: entry(root / n), list(names))
 
 
 def list_files(root: str | os.PathLike, exclude: Iterable[str] = ()) -> list[str]:
@@ -187,12 +191,7 @@ def verify_entries(root: str | os.PathLike, files: Mapping[str, Mapping[str, Any
             continue
         present.append(name)
     algo = {n: next((a for a in _ALGORITHMS if a in files[n]), None) for n in present}
-    checked = [n for n in present if algo[n]]
-    if len(checked) > 1:
-        with ThreadPoolExecutor(min(_THREADS, len(checked))) as pool:
-            digests = dict(zip(checked, pool.map(lambda n: file_digest(root / n, algo[n]), checked)))
-    else:
-        digests = {n: file_digest(root / n, algo[n]) for n in checked}
+    digests = _each(lambda n: file_digest(root / n, algo[n]), [n for n in present if algo[n]])
     for name in present:
         rep.bytes_checked += (root / name).stat().st_size
         a = algo[name]

@@ -272,6 +272,28 @@ def test_zero3_with_the_post_training_eval_on_gpus(tiny_model, chat_data, tmp_pa
     assert report["meta"]["device"].startswith("cuda") and report["models"]["tuned"]["extrinsic"]["n"] == 4
 
 
+def test_checkpoints_are_hashed_across_ranks_and_a_damaged_one_is_refused_under_zero3_on_gpus(
+        tiny_model, chat_data, tmp_path):
+    """The checksum collectives on NCCL: the ranks hash the checkpoint between them (all_gather_object)
+    and rank 0's verdict on resume reaches every rank (broadcast_object_list)."""
+    pytest.importorskip("deepspeed")
+    from tests.kitcore.test_integrity import flip_middle
+
+    nproc = min(2, torch.cuda.device_count())
+    config, run = _config(tmp_path, tiny_model, chat_data, "training.save_steps=3")
+    _launch("deepspeed_zero3.yaml", nproc, "-m", "finetune", "train", str(config))
+    ckpt = run / "checkpoints" / "checkpoint-6"
+    files = json.loads((ckpt / "checksums.json").read_text())["files"]
+    shards = sorted(f for f in files if f.endswith("optim_states.pt"))
+    assert len(shards) == nproc, sorted(files)  # every rank's ZeRO shard is in the manifest
+    flip_middle(ckpt / shards[-1])
+    res = subprocess.run([str(ACCELERATE), "launch", "--config_file", "configs/accelerate/deepspeed_zero3.yaml",
+                          "--num_processes", str(nproc), "-m", "finetune", "train", str(config), "resume=true",
+                          "training.max_steps=9"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and f"{shards[-1]}: content differs" in out and "checkpoint-3" in out, out[-4000:]
+
+
 @two_gpus
 def test_distributed_eval_reduces_on_the_gpus_under_nccl(gpu_run, chat_data, tmp_path):
     """Every rank scores a shard; the sums are all-reduced as CUDA tensors (NCCL has no CPU path)."""
