@@ -15,16 +15,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_for_inference": "finetune.inference",
-    "chat": "finetune.inference",
-    "generate_replies": "finetune.inference",
-    "merge_adapter": "finetune.inference",
-    "export_gguf": "finetune.export",
+    "load_for_inference": "finetune.inference.load",
+    "chat": "finetune.inference.load",
+    "generate_replies": "finetune.inference.load",
+    "merge_adapter": "finetune.inference.load",
+    "export_gguf": "finetune.export.gguf",
     "load_config": "finetune.config",
     "TrainConfig": "finetune.config",
-    "train": "finetune.training",
-    "evaluate": "finetune.evaluation",
-    "encode_chat": "finetune.chat_template",
+    "train": "finetune.training.recipe",
+    "evaluate": "finetune.eval.evaluation",
+    "encode_chat": "finetune.data.chat_template",
     "build_tiny_model": "finetune.tiny",
 }
 

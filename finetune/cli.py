@@ -12,8 +12,8 @@ import os
 import sys
 
 from finetune.config import ConfigError, describe_schema, load_config
-from finetune.generate import add_generate_arguments
-from finetune.plan import add_plan_arguments
+from finetune.inference.generate import add_generate_arguments
+from finetune.plan.memory import add_plan_arguments
 
 COMMANDS = {
     "train": "Fine-tune a model (LoRA, QLoRA or full) from a YAML config plus key=value overrides.",
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.errors import USER_ERRORS, Preempted
 
         if isinstance(exc, Preempted):
-            from finetune.training import PREEMPTED_EXIT_CODE
+            from finetune.training.recipe import PREEMPTED_EXIT_CODE
 
             return PREEMPTED_EXIT_CODE
         if isinstance(exc, USER_ERRORS):
@@ -218,41 +218,41 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             logging.getLogger("finetune").info(
                 "one process without a launcher: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); "
                 "use `accelerate launch` for data parallel")
-        from finetune.training import train
+        from finetune.training.recipe import train
 
         train(cfg)
     elif cmd == "prepare":
         cfg = load_config(args.config, args.overrides)
-        from finetune.prepare import prepare
+        from finetune.data.prepare import prepare
 
         prepare(cfg, num_proc=args.num_proc)
     elif cmd == "preview":
         cfg = load_config(args.config, args.overrides)
-        from finetune.preview import preview
+        from finetune.data.preview import preview
 
         preview(cfg, n=args.n, as_json=args.json, split=args.split)
     elif cmd == "eval":
-        from finetune.evaluation import eval_command
+        from finetune.eval.evaluation import eval_command
 
         return eval_command(args)
     elif cmd == "generate":
-        from finetune.generate import generate_command
+        from finetune.inference.generate import generate_command
 
         return generate_command(args)
     elif cmd == "chat":
-        from finetune.inference import chat_command
+        from finetune.inference.load import chat_command
 
         return chat_command(args)
     elif cmd == "merge":
-        from finetune.inference import merge_command
+        from finetune.inference.load import merge_command
 
         return merge_command(args)
     elif cmd == "export":
-        from finetune.export import export_command
+        from finetune.export.gguf import export_command
 
         return export_command(args)
     elif cmd == "plan":
-        from finetune.plan import plan_command
+        from finetune.plan.memory import plan_command
 
         return plan_command(args)
     elif cmd == "sweep":

@@ -22,7 +22,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -31,6 +30,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from finetune.methods import registry as methods
+from finetune.methods.distill import DistillSection
+from finetune.methods.dpo import DPOSection
+from finetune.methods.kto import KTOSection
+from finetune.methods.reference_free import ORPOSection, SimPOSection
+from finetune.section import Section, model_present
 from kitcore import overrides as kitcore_overrides
 
 __all__ = [
@@ -54,13 +59,6 @@ class ConfigError(ValueError):
         lines = [f"{len(problems)} problem(s) in config {source}:"]
         lines += [f"  - {key}: {msg}" for key, msg in problems]
         super().__init__("\n".join(lines))
-
-
-class Section(BaseModel):
-    """Base of every config section (the sweep's too)."""
-
-    # An unknown key is an error, never ignored: a typo like `lora.rank` would otherwise train r=8.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
@@ -102,7 +100,7 @@ class DataConfig(Section):
     def _exists(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from finetune.data import DataError, data_files
+        from finetune.data.files import DataError, data_files
 
         try:
             ds = data_files(v)
@@ -140,7 +138,7 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     loss: Literal["chunked", "full"] = Field(
         "chunked", description="chunked: the LM head runs only at trained positions, a chunk of fp32 logits "
-        "at a time (no [batch, seq, vocab] tensor; finetune.losses); full: the model's own loss over full logits.",
+        "at a time (no [batch, seq, vocab] tensor; finetune.models.losses); full: the model's own loss over full logits.",
     )
     kernels: Literal["none", "liger"] = Field(
         "none", description="GPU kernel library: liger = Liger's Triton kernels for RMSNorm, RoPE, SwiGLU and a "
@@ -213,121 +211,17 @@ class EvalConfig(Section):
         return v
 
 
-# TRL's DPO loss types (DPOConfig.loss_type), checked here so that a typo fails before anything loads.
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
-
-class DPOSection(Section):
-    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (DPO's beta).")
-    loss_type: list[str] | str = Field(
-        "sigmoid", description="TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, apo_zero, ...; a list combines "
-        "several (with loss_weights).")
-    loss_weights: list[float] | None = Field(None, description="Weights of the loss_type list.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO / EXO label smoothing.")
-    precompute_ref_log_probs: bool = Field(
-        False, description="Score the training data under the reference once before training, instead of a "
-        "reference forward pass per step (full fine-tuning: no reference model in memory while training).")
-
-    @field_validator("loss_type")
-    @classmethod
-    def _known_loss(cls, v: list[str] | str) -> list[str] | str:
-        bad = [x for x in ([v] if isinstance(v, str) else v) if x not in DPO_LOSS_TYPES]
-        if bad:
-            raise ValueError(f"unknown DPO loss {', '.join(map(repr, bad))}; one of {', '.join(DPO_LOSS_TYPES)}")
-        return v
-
-
-class ORPOSection(Section):
-    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term against the chosen reply's NLL "
-                        "(ORPO's lambda; TRL's ORPOConfig.beta).")
-
-
-class SimPOSection(Section):
-    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward (SimPO's beta).")
-    gamma: float = Field(0.5, ge=0, description="Target reward margin (SimPO's gamma; TRL's simpo_gamma).")
-    sft_weight: float = Field(0.0, ge=0, description="Weight of the chosen reply's NLL added to the loss "
-                              "(TRL's cpo_alpha; 0 is SimPO as published).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative (label-smoothed) SimPO.")
-
-
-class KTOSection(Section):
-    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (KTO's beta).")
-    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
-        "kto", description="kto (with the KL estimate from mismatched pairs of each batch) or apo_zero_unpaired.")
-    desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable examples' losses.")
-    undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples' losses.")
-
-
-class DistillSection(Section):
-    teacher: str | None = Field(
-        None, description="method distill: the teacher, a model directory or hub id (required). It must share the "
-        "student's tokenizer (the same vocabulary, token for token).")
-    teacher_adapter: str | None = Field(
-        None, description="A LoRA adapter directory applied to the teacher (e.g. a fine-tuned teacher's RUN/adapter).")
-    temperature: float = Field(
-        1.0, gt=0, description="Softmax temperature of both distributions in the divergence term (no T^2 factor, "
-        "as in TRL's DistillationTrainer).")
-    alpha: float = Field(
-        0.5, ge=0, le=1, description="Loss = alpha x cross-entropy on the data's answers + (1 - alpha) x divergence "
-        "to the teacher, both per trained (assistant) token.")
-    divergence: Literal["forward", "reverse", "jsd"] = Field(
-        "forward", description="forward: KL from the teacher to the student, E_teacher[log p_teacher - log p_student] "
-        "(mass-covering); reverse: E_student[log p_student - log p_teacher] (mode-seeking); jsd: the generalized "
-        "Jensen-Shannon divergence (jsd_beta).")
-    jsd_beta: float = Field(
-        0.5, gt=0, lt=1, description="divergence jsd: the teacher's weight in the mixture "
-        "m = (1 - jsd_beta) p_student + jsd_beta p_teacher (TRL's beta); 0.5 is the symmetric JSD.")
-    teacher_load_in_4bit: bool = Field(
-        False, description="Load the teacher in 4-bit (bitsandbytes, with the quantization section's quant_type, "
-        "double_quant, compute and storage dtypes): a quarter of its 16-bit weight memory.")
-
-    @field_validator("teacher")
-    @classmethod
-    def _teacher_present(cls, v: str | None) -> str | None:
-        return None if v is None else _model_present(v)
-
-    @field_validator("teacher_adapter")
-    @classmethod
-    def _teacher_adapter_exists(cls, v: str | None) -> str | None:
-        if v is not None and not (Path(v) / "adapter_config.json").is_file():
-            raise ValueError(f"no adapter_config.json in {v} (expected a PEFT adapter directory, e.g. RUN/adapter)")
-        return v
-
-    @field_validator("jsd_beta")
-    @classmethod
-    def _beta_is_jsd(cls, v: float, info: ValidationInfo) -> float:
-        divergence = info.data.get("divergence", "jsd")
-        if v != 0.5 and divergence != "jsd":
-            raise ValueError(f"set, but distill.divergence is {divergence!r}; jsd_beta weighs the mixture of "
-                             "divergence: jsd only")
-        return v
-
-
-def _model_present(v: str) -> str:
-    """A model named by a local path must exist; a hub id (org/name) is looked up when it loads."""
-    looks_local = v.startswith((".", "/", "~")) or os.sep in v.rstrip(os.sep).split(os.sep, 1)[-1]
-    if looks_local and not Path(v).expanduser().is_dir():
-        raise ValueError(f"model directory not found: {v}")
-    return v
-
-
-# The training methods, what their data holds and whether a reference model scores it.
-PAIRED_METHODS = ("dpo", "orpo", "simpo")
-REFERENCE_METHODS = ("dpo", "kto")
-METHOD_SECTIONS = {"dpo": DPOSection, "orpo": ORPOSection, "simpo": SimPOSection, "kto": KTOSection,
-                   "distill": DistillSection}
+# The settings of the built-in training methods: each method's module declares its section
+# (finetune.methods); re-exported here, where the schema assembles them.
+METHOD_SECTIONS = {m.name: m.section for m in methods.methods() if m.section is not None}
 
 
 class TrainConfig(Section):
     model: str = Field(description="Base model: a local directory or a hub id.")
     adapter: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained.")
-    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "distill"] = Field(
-        "sft", description="sft: supervised on chat JSONL; dpo, orpo, simpo: preference tuning on preference "
-        "pairs (prompt/chosen/rejected, OpenAI's preference format, or chosen/rejected conversations); dpo and "
-        "kto train against a reference (the starting model), orpo and simpo need none; kto: unpaired examples "
-        "(prompt, completion, label) or pairs, read as a desirable and an undesirable example; distill: chat "
-        "JSONL, cross-entropy plus a divergence to a teacher's token distributions (the distill section).")
+    method: str = Field(
+        methods.DEFAULT, description="The training method (finetune.methods): "
+        + "; ".join(f"{m.name}: {m.description}" for m in methods.methods()) + ".")
     dpo: DPOSection = Field(default_factory=DPOSection)
     orpo: ORPOSection = Field(default_factory=ORPOSection)
     simpo: SimPOSection = Field(default_factory=SimPOSection)
@@ -372,6 +266,12 @@ class TrainConfig(Section):
             raise ValueError(f"no adapter_config.json in {v} (expected a PEFT adapter directory, e.g. RUN/adapter)")
         return v
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        methods.get(v)  # ValueError naming the registered methods
+        return v
+
     @field_validator(*METHOD_SECTIONS)
     @classmethod
     def _section_needs_method(cls, v: Section, info: ValidationInfo) -> Section:
@@ -383,27 +283,27 @@ class TrainConfig(Section):
                              "section")
         return v
 
-    @field_validator("distill")
+    @field_validator("*")
     @classmethod
-    def _distill_has_a_teacher(cls, v: DistillSection, info: ValidationInfo) -> DistillSection:
-        if info.data.get("method") == "distill" and v.teacher is None:
-            raise PydanticCustomError("value_error", "method distill needs a teacher: a model directory or hub id",
-                                      {"key": "teacher"})
-        return v
-
-    @field_validator("training")
-    @classmethod
-    def _distill_loss_is_chunked(cls, v: TrainingConfig, info: ValidationInfo) -> TrainingConfig:
-        if info.data.get("method") == "distill" and v.loss != "chunked":
-            raise PydanticCustomError("value_error", "method distill always computes its loss a chunk of trained "
-                                      "positions at a time; set training.loss: chunked", {"key": "loss"})
+    def _method_checks(cls, v: Any, info: ValidationInfo) -> Any:
+        """What the run's method requires of this field (its record's `checks`)."""
+        try:
+            method = methods.get(info.data.get("method", methods.DEFAULT))
+        except ValueError:
+            return v  # reported on `method`
+        check = method.checks.get(info.field_name)
+        problem = check(v, info.data) if check else None
+        if problem:
+            key, message = problem
+            raise PydanticCustomError("value_error", message, {"key": key} if key else {})
         return v
 
     @field_validator("packing")
     @classmethod
-    def _packing_is_sft(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("method", "sft") not in ("sft", "distill"):
-            raise ValueError(f"not supported with method {info.data['method']!r} (pairs are scored per sequence)")
+    def _packing_supported(cls, v: bool, info: ValidationInfo) -> bool:
+        method = info.data.get("method", methods.DEFAULT)
+        if v and method in methods.names() and not methods.get(method).packing:
+            raise ValueError(f"not supported with method {method!r} (pairs are scored per sequence)")
         return v
 
     @field_validator("deepspeed")
@@ -416,7 +316,12 @@ class TrainConfig(Section):
     @field_validator("model")
     @classmethod
     def _model_present(cls, v: str) -> str:
-        return _model_present(v)
+        return model_present(v)
+
+    @property
+    def method_spec(self) -> methods.Method:
+        """The record of this run's training method (finetune.methods)."""
+        return methods.get(self.method)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -463,7 +368,9 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
 
     for key in ("deepspeed", "model", "init_adapter"):
         fix(raw, key)
-    for section, keys in (("data", ("train", "eval")), ("eval", ("data",)), ("distill", ("teacher", "teacher_adapter"))):
+    sections = [("data", ("train", "eval")), ("eval", ("data",))]
+    sections += [(m.name, m.path_keys) for m in methods.methods() if m.path_keys]
+    for section, keys in sections:
         if isinstance(raw.get(section), dict):
             for key in keys:
                 fix(raw[section], key)

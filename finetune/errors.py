@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from finetune.chat_template import ChatFormatError
 from finetune.config import ConfigError
-from finetune.data import DataError
+from finetune.data.chat_template import ChatFormatError
+from finetune.data.files import DataError
 from kitcore.integrity import IntegrityError
 
 

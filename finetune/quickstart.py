@@ -28,9 +28,9 @@ def quickstart(output_dir: str | Path = "quickstart_output", *, overwrite: bool 
                overrides: list[str] | None = None) -> dict:
     from data_prep.build import build
     from finetune.config import load_config
-    from finetune.inference import chat, load_for_inference
+    from finetune.inference.load import chat, load_for_inference
     from finetune.tiny import build_tiny_model
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:

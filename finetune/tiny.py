@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from finetune.chat_template import CHATML_TOOLS_TEMPLATE, render_chat
+from finetune.data.chat_template import CHATML_TOOLS_TEMPLATE, render_chat
 from kitcore.schema import training_example, training_problem, uses_tools
 
 logger = logging.getLogger(__name__)

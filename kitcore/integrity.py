@@ -255,7 +255,7 @@ def require_listed_intact(path: str | os.PathLike, what: str = "data file") -> N
 # ----------------------------------------------------------------------------------------------
 # `finetune verify PATH`: every manifest under a path
 # ----------------------------------------------------------------------------------------------
-CACHE_META = "meta.json"  # a data cache's manifest (finetune.data_cache), beside its COMPLETE marker
+CACHE_META = "meta.json"  # a data cache's manifest (finetune.data.cache), beside its COMPLETE marker
 SHARD_MANIFEST = "manifest.json"  # a data-prep shard directory's (data_prep.writers), SHA-256 per shard
 
 

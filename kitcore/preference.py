@@ -120,7 +120,7 @@ def _tools(obj: dict) -> list | None:
 
 def normalize_preference(obj: Any, *, unpaired: bool = False) -> Preference:
     """The record as a Preference; `unpaired=True` reads KTO records (and also accepts pairs, each
-    giving a desirable and an undesirable example: see `finetune.preference_data`)."""
+    giving a desirable and an undesirable example: see `finetune.data.preference`)."""
     if not isinstance(obj, dict):
         raise PreferenceError(f"line is a {type(obj).__name__}, not an object", "not_a_preference_record")
     tools = _tools(obj)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-__all__ = ["Runtime", "launch_env", "decide_device", "start", "current", "end", "inference_device_map",
+__all__ = ["Runtime", "launch_env", "decide_device", "start", "process_group", "current", "end", "inference_device_map",
            "release_accelerator_memory", "single_process_gpu", "worker_gpus"]
 
 
@@ -135,13 +135,20 @@ def start(*, deepspeed: bool = False, timeout_s: float | None = None) -> Runtime
     return _from_state(state, deepspeed)
 
 
+def process_group():
+    """`torch.distributed` when this process is in an initialized process group, else None: the one
+    place that asks "is the group up?"."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def current() -> Runtime:
     """Where this process runs, without creating a process group: the existing accelerate state
     when there is one, else the launcher's environment and the local hardware."""
-    import torch.distributed as dist
-
     rank, local_rank, world, local_world = launch_env()
-    if dist.is_available() and dist.is_initialized():
+    dist = process_group()
+    if dist is not None:
         return Runtime(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
                        local_world_size=local_world, device=_local_device(local_rank),
                        backend=str(dist.get_backend()))
@@ -152,9 +159,8 @@ def current() -> Runtime:
 def end() -> None:
     """Tear the process group down (every rank past its last collective). Left to interpreter
     exit, gloo ranks have aborted ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = process_group()
+    if dist is not None:
         dist.destroy_process_group()
 
 

@@ -71,7 +71,7 @@ def first_step_callback(path: str):
 # ----------------------------------------------------------------------------------------------
 def child_kit(spec: dict, out: str, stamp: str) -> None:
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     cfg = load_config(None, [
         f"model={spec['model']}", f"data.train={spec['train']}", f"output_dir={out}", "max_length=512",
@@ -168,7 +168,7 @@ def resume_skip(cache: Path, batch_size: int = 8) -> dict:
     from datasets import Dataset, concatenate_datasets
     from torch.utils.data import BatchSampler
 
-    from finetune.data import LengthGroupedShuffledSampler
+    from finetune.data.sampler import LengthGroupedShuffledSampler
 
     shards = sorted(glob.glob(str(cache / "*" / "shard-*.arrow")))
     ds = concatenate_datasets([Dataset.from_file(f) for f in shards])

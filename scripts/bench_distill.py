@@ -57,9 +57,9 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 def run(args) -> dict:
     from finetune.config import load_config
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
     from finetune.tiny import build_tiny_model
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     work = Path(args.work).resolve()
     if work.exists():

@@ -89,7 +89,7 @@ def child(cfg_path: str, result_path: str) -> int:
     from transformers import TrainerCallback
 
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     gc.collect()
     baseline = _status("VmRSS")
@@ -164,7 +164,13 @@ def main() -> int:
         args.hidden, args.layers, args.heads, args.vocab, args.length, args.steps = 128, 2, 4, 1024, 64, 2
     import yaml
 
-    from finetune.plan import ModelShape, make_plan, param_counts, resolve_model_config, setup_from_config
+    from finetune.plan.memory import (
+        ModelShape,
+        make_plan,
+        param_counts,
+        resolve_model_config,
+        setup_from_config,
+    )
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -201,7 +207,7 @@ def main() -> int:
             print(f"[{method}] failed with exit code {proc.returncode}", file=sys.stderr)
             return 1
         res = json.loads((d / "result.json").read_text())
-        from finetune.plan import load_plan_config
+        from finetune.plan.memory import load_plan_config
 
         plan = make_plan(shape, setup_from_config(load_plan_config(d / "train.yaml"), device="cpu"), alternatives=False)
         res["plan_peak"] = plan.device_total

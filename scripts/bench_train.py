@@ -114,9 +114,9 @@ def prepare(work: Path, args) -> dict:
 
 def token_lengths(model_dir: str, path: str) -> tuple[list[int], list[int]]:
     """(tokens, trained tokens) per example under the kit's chat template."""
-    from finetune.chat_template import encode_chat
-    from finetune.data import read_chat_jsonl
-    from finetune.modeling import load_tokenizer
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import read_chat_jsonl
+    from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     lens, trained = [], []
@@ -157,8 +157,8 @@ def matmul_ceiling(dtype_name: str, seconds: float = 2.0, n: int = 2048) -> floa
 
 def model_counts(model_dir: str, lora_r: int) -> dict:
     """N (matmul parameters: every Linear incl. lm_head, not the embedding lookup), N_lora, L, d,
-    from config.json through finetune.plan's counts (tested equal to the transformers model's)."""
-    from finetune.plan import ModelShape, lora_trainable_params, param_counts, resolve_model_config
+    from config.json through finetune.plan.memory's counts (tested equal to the transformers model's)."""
+    from finetune.plan.memory import ModelShape, lora_trainable_params, param_counts, resolve_model_config
 
     shape = ModelShape.from_config(*resolve_model_config(model_dir))
     p = param_counts(shape)
@@ -218,7 +218,7 @@ def run_trl(spec: dict, out: Path, variant: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.data import read_chat_jsonl
+    from finetune.data.files import read_chat_jsonl
 
     rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in read_chat_jsonl(spec["train"])]
     tok = AutoTokenizer.from_pretrained(spec["model"])
@@ -282,7 +282,7 @@ def run_kit(spec: dict, out: Path, variant: str) -> dict:
     """The kit in-process with the same Timer callback as TRL (the token counts come from the parent,
     which tokenizes the same file with the same template: none of that work happens in this child)."""
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     timer = timer_callback()
     train(load_config(None, kit_overrides(spec, out, variant)), callbacks=[timer])
@@ -328,7 +328,7 @@ def child(spec_path: str, arm: str, seed: str) -> None:
 
 
 def score(spec: dict, adapter: str, out: Path) -> dict:
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
 
     rep = evaluate(data=spec["test"], adapter=adapter, output=out, metrics=["exact_match"],
                    max_new_tokens=24, batch_size=32, distributed=False)

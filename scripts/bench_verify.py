@@ -95,8 +95,8 @@ def measure(root: Path, files: dict[str, dict], cold: bool) -> dict[str, float]:
 
 def build_cache(work: Path, n: int) -> tuple[Path, dict[str, dict]]:
     from finetune.config import load_config
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
     from finetune.tiny import build_tiny_model
 
     rng = random.Random(0)

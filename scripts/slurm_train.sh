@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from finetune.config import load_config
-from finetune.training import latest_complete_checkpoint
+from finetune.training.recipe import latest_complete_checkpoint
 
 cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("resume=")])
 ckpt = latest_complete_checkpoint(Path(cfg.output_dir) / "checkpoints")

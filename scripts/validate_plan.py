@@ -199,7 +199,13 @@ def run_case(case, model: Path, data: Path, teacher: Path | None = None) -> dict
 
 
 def predict(cfg_path: Path, nproc: int):
-    from finetune.plan import ModelShape, load_plan_config, make_plan, resolve_model_config, setup_from_config
+    from finetune.plan.memory import (
+        ModelShape,
+        load_plan_config,
+        make_plan,
+        resolve_model_config,
+        setup_from_config,
+    )
 
     cfg = load_plan_config(cfg_path)
     raw, src = resolve_model_config(cfg.model)

@@ -64,7 +64,7 @@ def tiny_model(tmp_path_factory, chat_data) -> Path:
 def trained_run(tmp_path_factory, tiny_model, chat_data) -> Path:
     """A short LoRA run on the tiny model (adapter/ with tokenizer and template)."""
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     cfg = load_config(None, [

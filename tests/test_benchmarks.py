@@ -53,7 +53,7 @@ def test_bench_memory_smoke(tmp_path):
     assert full["frozen weights"] == 0 and full["grads"] == full["trainable"]
     assert full["optimizer"] >= 2 * full["trainable"]
     # LoRA: frozen fp32 base plus small adapters; QLoRA: packed 4-bit weights and their quant state
-    from finetune.plan import ModelShape, lora_trainable_params, param_counts, resolve_model_config
+    from finetune.plan.memory import ModelShape, lora_trainable_params, param_counts, resolve_model_config
 
     shape = ModelShape.from_config(*resolve_model_config(str(tmp_path / "w" / "model")))
     assert lora["trainable"] == qlora["trainable"] == 4 * lora_trainable_params(shape, 16, "all-linear")

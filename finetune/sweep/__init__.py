@@ -17,7 +17,7 @@ run more than `n_trials` trials between them.
 
 Search and pruning are Optuna's (samplers, pruners, storages, heartbeats, retries of stale trials,
 plots); this package only maps a sweep YAML onto them and runs each trial through
-`finetune.training.train`. One file per part:
+`finetune.training.recipe.train`. One file per part:
 
     config.py   the sweep YAML: schema, `key=value` overrides, checks against the base config
     study.py    Optuna factories: sampler, pruner, storage (with its heartbeat), the study
@@ -28,23 +28,24 @@ plots); this package only maps a sweep YAML onto them and runs each trial throug
     cli.py      `finetune sweep` / `python -m finetune.sweep`, local worker processes
 """
 
-# The underscored names are internal pieces that tests and tools import from the package.
-from finetune.sweep.cli import _worker_gpus as _worker_gpus
-from finetune.sweep.cli import add_sweep_arguments, main, run_sweep, sweep_command
-from finetune.sweep.config import ParamSpec, SweepConfig, choice_label, load_sweep_config
+from finetune.sweep.cli import add_sweep_arguments, assign_worker_gpus, main, run_sweep, sweep_command
+from finetune.sweep.config import ParamSpec, SweepConfig, load_sweep_config
 from finetune.sweep.locking import StudyLock
 from finetune.sweep.report import write_reports
-from finetune.sweep.study import _make_pruner as _make_pruner
-from finetune.sweep.study import _make_sampler as _make_sampler
-from finetune.sweep.study import _make_storage as _make_storage
-from finetune.sweep.study import default_storage, open_study
-from finetune.sweep.trial import TrialFailed, TrialMonitor, trial_config
-from finetune.sweep.trial import _suggest as _suggest
-from finetune.sweep.worker import _counts_toward_budget as _counts_toward_budget
-from finetune.sweep.worker import run_worker
+from finetune.sweep.search import choice_label, grid_size, make_pruner, make_sampler
+from finetune.sweep.study import default_storage, make_storage, open_study
+from finetune.sweep.trial import TrialFailed, TrialMonitor, suggest, trial_config
+from finetune.sweep.worker import counts_toward_budget, run_worker
 
 __all__ = [
     "ParamSpec",
+    "assign_worker_gpus",
+    "counts_toward_budget",
+    "grid_size",
+    "make_pruner",
+    "make_sampler",
+    "make_storage",
+    "suggest",
     "StudyLock",
     "SweepConfig",
     "TrialFailed",

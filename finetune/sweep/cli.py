@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune.config import ConfigError
 from finetune.sweep.config import SweepConfig, load_sweep_config
-from finetune.sweep.report import _count_states, _trial_rows, write_reports
+from finetune.sweep.report import count_states, trial_rows, write_reports
 from finetune.sweep.study import default_storage, open_study
 from finetune.sweep.worker import run_worker
 
@@ -41,8 +41,8 @@ def run_sweep(sweep: SweepConfig, storage_url: str | None = None, workers: int =
     summary: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1), "storage": storage_url}
     if report:
         summary["reports"] = {k: str(v) for k, v in write_reports(study, sweep).items()}
-    rows = _trial_rows(study)
-    summary["states"] = _count_states(rows)
+    rows = trial_rows(study)
+    summary["states"] = count_states(rows)
     complete = [r for r in rows if r["state"] == "complete"]
     if complete:
         best = study.best_trial
@@ -53,7 +53,7 @@ def run_sweep(sweep: SweepConfig, storage_url: str | None = None, workers: int =
     return summary
 
 
-def _worker_gpus(workers: int) -> list[str | None]:
+def assign_worker_gpus(workers: int) -> list[str | None]:
     """One GPU per local worker, round-robin over the GPUs this process may use; else every
     worker would train on cuda:0."""
     from kitcore.runtime import worker_gpus
@@ -76,7 +76,7 @@ def _spawn_workers(sweep_path: Path, storage_url: str, workers: int, overrides: 
     cmd = [sys.executable, "-m", "finetune.sweep", str(sweep_path), *overrides, "--storage", storage_url,
            "--no-report"]
     procs = []
-    for gpu in _worker_gpus(workers):
+    for gpu in assign_worker_gpus(workers):
         procs.append(subprocess.Popen(cmd, env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}))
     try:
         codes = [p.wait() for p in procs]
@@ -132,9 +132,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m finetune.sweep` (what `--workers N` spawns; the same as `finetune sweep`)."""
-    import finetune.sweep
-
-    description = (finetune.sweep.__doc__ or "").split("\n")[0]
+    description = "`finetune sweep`: hyperparameter search on Optuna; one trial = one full `finetune train` run."
     parser = add_sweep_arguments(argparse.ArgumentParser(prog="finetune sweep", description=description))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -3,7 +3,6 @@ every searched value makes a valid training config before any trial runs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,12 +18,13 @@ from finetune.config import (
     resolve_yaml_path,
     validation_problems,
 )
+from finetune.sweep.search import choice_label, make_pruner, make_sampler
 
 # Objectives where lower is better; any other objective defaults to `direction: maximize`.
 _LOWER_IS_BETTER = {"eval_loss", "intrinsic.nll", "intrinsic.perplexity", "intrinsic.bits_per_byte",
                     "intrinsic.kl_to_teacher"}
 _INTRINSIC = {"nll", "perplexity", "bits_per_byte", "token_accuracy", "kl_to_teacher"}
-# `finetune eval` on preference pairs (finetune.preference_eval), scored for the tuned model alone.
+# `finetune eval` on preference pairs (finetune.eval.preference), scored for the tuned model alone.
 _PREFERENCE = {"preference_accuracy", "preference_accuracy_per_token", "logp_margin", "logp_margin_per_token",
                "unpaired_logp_margin_per_token"}
 
@@ -110,15 +110,6 @@ class SweepConfig(Section):
         return self.direction or ("minimize" if self.objective in _LOWER_IS_BETTER else "maximize")
 
 
-def choice_label(choice: Any) -> Any:
-    """Optuna stores categorical values as str/int/float/bool/None; dicts and lists get a JSON label."""
-    if choice is None or isinstance(choice, (str, int, float, bool)):
-        return choice
-    if isinstance(choice, dict) and isinstance(choice.get("name"), str):
-        return choice["name"]
-    return json.dumps(choice, sort_keys=True)
-
-
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Load and check a sweep YAML with `key=value` overrides of its keys (the grammar of `finetune
     train`); every problem (sweep keys, base config, search values) at once.
@@ -151,7 +142,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     return sweep
 
 
-def _nested(params: dict[str, Any]) -> dict[str, Any]:
+def nested_params(params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
         node = out
@@ -162,7 +153,7 @@ def _nested(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _expand(key: str, value: Any) -> dict[str, Any]:
+def expand_param(key: str, value: Any) -> dict[str, Any]:
     """A dict choice sets several dotted keys at once (`name` is only its label)."""
     if isinstance(value, dict):
         return {k: v for k, v in value.items() if k != "name"}
@@ -176,17 +167,14 @@ def _lookup(cfg: TrainConfig, dotted: str) -> Any:
     return node
 
 
-def _base_config(sweep: SweepConfig, **extra: Any) -> TrainConfig:
+def base_config(sweep: SweepConfig, **extra: Any) -> TrainConfig:
     return load_config(sweep.base, sweep.overrides, **extra)
 
 
 def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
     """Each searched value must make a valid training config; the objective must have its data."""
-    # Imported here: the factories module needs this schema (the options are checked by building them).
-    from finetune.sweep.study import _make_pruner, _make_sampler
-
     try:
-        base = _base_config(sweep)
+        base = base_config(sweep)
     except ConfigError as exc:
         return [(f"base ({sweep.base}): {key}", msg) for key, msg in exc.problems]
     problems: list[tuple[str, str]] = []
@@ -197,12 +185,12 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
                 value = int(value)
             where = f"search_space.{key}" + (f".choices[{i}]" if spec.type == "categorical" else "")
             try:
-                _base_config(sweep, **_nested(_expand(key, value)))
+                base_config(sweep, **nested_params(expand_param(key, value)))
             except ConfigError as exc:
                 problems += [(where, f"{k}: {m}") for k, m in exc.problems]
         if sweep.enqueue_base and not problems:
             if _base_param(base, key, spec) is _MISSING:
-                shown = {k: _lookup(base, k) for k in _expand(key, (spec.choices or [None])[0])} \
+                shown = {k: _lookup(base, k) for k in expand_param(key, (spec.choices or [None])[0])} \
                     if spec.type == "categorical" else _lookup(base, key)
                 problems.append((f"search_space.{key}", f"the base config's value {shown!r} is not in this "
                                  "search space, so the baseline trial cannot run it; widen the space or set "
@@ -215,8 +203,8 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
         kind, _, name = obj.partition(".")
         if not base.eval.data:
             problems.append(("objective", f"{obj} is scored on eval.data; set it in the base config"))
-        elif kind == "preference" or base.method != "sft":
-            from finetune.preference_eval import is_preference_file
+        else:
+            from finetune.eval.preference import is_preference_file
 
             pairs = is_preference_file(base.eval.data)
             if kind == "preference" and not pairs:
@@ -228,7 +216,7 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
         if kind == "preference" and name not in _PREFERENCE:
             problems.append(("objective", f"unknown preference score {name!r} (one of {sorted(_PREFERENCE)})"))
         elif kind == "preference" and base.eval.data and pairs:
-            from finetune.preference_eval import preference_kinds
+            from finetune.eval.preference import preference_kinds
 
             needs = "unpaired" if name.startswith("unpaired_") else "paired"
             if needs not in preference_kinds(base.eval.data):
@@ -236,9 +224,9 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
                                  f"has none"))
         if kind == "intrinsic" and name not in _INTRINSIC:
             problems.append(("objective", f"unknown intrinsic score {name!r} (one of {sorted(_INTRINSIC)})"))
-        if name == "kl_to_teacher" and base.method != "distill":
-            problems.append(("objective", f"{obj} is the KL to a distillation run's teacher: the base config's "
-                             f"method is {base.method}, not distill"))
+        if name == "kl_to_teacher" and base.method_spec.teacher(base) is None:
+            problems.append(("objective", f"{obj} is the KL to the teacher of the run: the base config's "
+                             f"method ({base.method}) trains against no teacher"))
         if kind == "extrinsic" and name not in base.eval.metrics:
             problems.append(("objective", f"{name!r} is not in eval.metrics {base.eval.metrics}"))
     else:
@@ -252,7 +240,7 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
                 problems.append((f"search_space.{key}", "the grid sampler needs choices or a `step`"))
     for name, options in (("sampler", sweep.sampler_options), ("pruner", sweep.pruner_options)):
         try:
-            (_make_sampler if name == "sampler" else _make_pruner)(sweep, check_only=True)
+            (make_sampler if name == "sampler" else make_pruner)(sweep, check_only=True)
         except (TypeError, ValueError) as exc:
             where = name if "pip install" in str(exc) else f"{name}_options"
             problems.append((where, f"{exc}" + ("" if where == name else f" (options: {options})")))
@@ -266,7 +254,7 @@ def _base_param(base: TrainConfig, key: str, spec: ParamSpec) -> Any:
     """The Optuna value that reproduces the base config for `key`, or _MISSING."""
     if spec.type == "categorical":
         for choice in spec.choices or []:
-            if all(_lookup(base, k) == v for k, v in _expand(key, choice).items()):
+            if all(_lookup(base, k) == v for k, v in expand_param(key, choice).items()):
                 return choice_label(choice)
         return _MISSING
     value = _lookup(base, key)
@@ -276,6 +264,6 @@ def _base_param(base: TrainConfig, key: str, spec: ParamSpec) -> Any:
     return int(value) if spec.type == "int" else float(value)
 
 
-def _base_params(sweep: SweepConfig) -> dict[str, Any]:
-    base = _base_config(sweep)
+def base_params(sweep: SweepConfig) -> dict[str, Any]:
+    base = base_config(sweep)
     return {k: _base_param(base, k, spec) for k, spec in sweep.search_space.items()}

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from finetune.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +39,8 @@ class StudyLock:
             import sqlalchemy
             from sqlalchemy.pool import NullPool
 
-            from finetune.sweep.study import _with_pg_driver
 
-            self._engine = sqlalchemy.create_engine(_with_pg_driver(url), poolclass=NullPool)
+            self._engine = sqlalchemy.create_engine(with_pg_driver(url), poolclass=NullPool)
         else:
             logger.warning("no cross-worker lock for %s: concurrent workers may start a few trials past "
                            "n_trials", url.split("://")[0])
@@ -77,3 +79,14 @@ class _Held:
     def release(self) -> None:
         """Idempotent: the block's end releases only what is still held."""
         self._stack.close()
+
+
+def with_pg_driver(url: str) -> str:
+    """`postgresql://` names no driver; SQLAlchemy 2.1 then wants psycopg 3. Use whichever is installed."""
+    if not url.startswith("postgresql://"):
+        return url
+    for module, scheme in (("psycopg", "postgresql+psycopg://"), ("psycopg2", "postgresql+psycopg2://")):
+        if importlib.util.find_spec(module) is not None:
+            return scheme + url.removeprefix("postgresql://")
+    raise ConfigError("--storage", [("--storage", "PostgreSQL needs a driver: pip install psycopg2-binary "
+                                     "(or psycopg[binary])")])

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import dump_config, load_config
+from finetune.console import atomic_write_text
 from finetune.sweep.config import SweepConfig
-from finetune.sweep.trial import _params_to_keys, trial_config
-from finetune.utils import atomic_write_text
+from finetune.sweep.trial import params_to_keys, trial_config
 
 logger = logging.getLogger(__name__)
 
 
-def _trial_rows(study) -> list[dict[str, Any]]:
+def trial_rows(study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
@@ -51,7 +51,7 @@ def write_reports(study, sweep: SweepConfig, out: str | Path | None = None) -> d
     """trials.csv/.md, best_config.yaml (checked with load_config) and PNG plots in `out`."""
     out = Path(out or sweep.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _trial_rows(study)
+    rows = trial_rows(study)
     cols = ["number", "state", "objective", "best_eval_loss", "duration_s", "pruned_at_step", "pruned_at",
             "baseline", *[f"params.{k}" for k in sweep.search_space], "error"]
     buf = io.StringIO()
@@ -68,7 +68,7 @@ def write_reports(study, sweep: SweepConfig, out: str | Path | None = None) -> d
     md = [f"# Sweep {sweep.study_name}", "",
           f"objective: {sweep.objective} ({sweep.resolved_direction}), sampler {sweep.sampler}, pruner "
           f"{sweep.pruner}; {len(rows)} trials: "
-          + ", ".join(f"{n} {s}" for s, n in sorted(_count_states(rows).items())), ""]
+          + ", ".join(f"{n} {s}" for s, n in sorted(count_states(rows).items())), ""]
     if best is not None:
         md.append(f"best: trial {best.number}, {sweep.objective} = {best.value:.5g}"
                   + (f"; baseline (base config's values, trial {baseline.number}) = {baseline.value:.5g}"
@@ -90,7 +90,7 @@ def write_reports(study, sweep: SweepConfig, out: str | Path | None = None) -> d
     return paths
 
 
-def _count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
+def count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -102,7 +102,7 @@ def _write_best_config(sweep: SweepConfig, best, out: Path) -> Path:
     n = 2
     while fresh.exists():
         fresh, n = out / f"best_run-{n}", n + 1
-    cfg = trial_config(sweep, _params_to_keys(sweep, best.params), fresh.resolve())
+    cfg = trial_config(sweep, params_to_keys(sweep, best.params), fresh.resolve())
     header = (f"# Best trial {best.number} of sweep {sweep.study_name}: {sweep.objective} = {best.value:.5g}\n"
               f"#   finetune train {out / 'best_config.yaml'}\n"
               f"# params: {json.dumps(best.params, default=str)}\n")

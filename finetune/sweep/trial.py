@@ -1,4 +1,4 @@
-"""One trial: sampled params -> a training config -> `finetune.training.train` in its own run dir,
+"""One trial: sampled params -> a training config -> `finetune.training.recipe.train` in its own run dir,
 with a Trainer callback that reports eval losses to the pruner; returns the objective or raises."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import TrainConfig, dump_config
-from finetune.sweep.config import SweepConfig, _base_config, _base_params, _expand, _nested, choice_label
-from finetune.utils import atomic_write_text
+from finetune.console import atomic_write_text
+from finetune.sweep.config import SweepConfig, base_config, base_params, expand_param, nested_params
+from finetune.sweep.search import choice_label
 
 
-def _suggest(trial, sweep: SweepConfig) -> dict[str, Any]:
+def suggest(trial, sweep: SweepConfig) -> dict[str, Any]:
     """Sample every searched key; returns the dotted training keys to set (dict choices expanded)."""
     out: dict[str, Any] = {}
     for key, spec in sweep.search_space.items():
@@ -23,7 +24,7 @@ def _suggest(trial, sweep: SweepConfig) -> dict[str, Any]:
             choices = spec.choices or []
             labels = [choice_label(c) for c in choices]
             label = trial.suggest_categorical(key, labels)
-            out.update(_expand(key, choices[labels.index(label)]))
+            out.update(expand_param(key, choices[labels.index(label)]))
         elif spec.type == "int":
             out[key] = trial.suggest_int(key, int(spec.low), int(spec.high), step=int(spec.step or 1))
         else:
@@ -32,20 +33,20 @@ def _suggest(trial, sweep: SweepConfig) -> dict[str, Any]:
     return out
 
 
-def _params_to_keys(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
+def params_to_keys(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
         spec = sweep.search_space.get(key)
         if spec is not None and spec.type == "categorical":
             labels = [choice_label(c) for c in spec.choices or []]
             value = (spec.choices or [])[labels.index(value)] if value in labels else value
-        out.update(_expand(key, value))
+        out.update(expand_param(key, value))
     return out
 
 
 def trial_config(sweep: SweepConfig, keys: dict[str, Any], output_dir: str | Path) -> TrainConfig:
     """base + overrides + sampled keys, in `output_dir`; eval at a fixed number of examples."""
-    cfg = _base_config(sweep, **_nested(keys))
+    cfg = base_config(sweep, **nested_params(keys))
     cfg.output_dir = str(output_dir)
     if sweep.eval_every_examples:
         per_step = cfg.training.batch_size * cfg.training.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
@@ -130,13 +131,13 @@ def _best_eval_loss(run_dir: Path) -> float:
 
 def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[float, dict[str, Any]]:
     """The tuned model's `finetune eval` scores on eval.data (the base is not re-scored per trial)."""
-    from finetune.evaluation import extrinsic_scores, intrinsic_scores, read_eval_records
-    from finetune.inference import load_for_inference
+    from finetune.eval.evaluation import extrinsic_scores, intrinsic_scores, read_eval_records
+    from finetune.inference.load import load_for_inference
 
     kind, _, name = objective.partition(".")
     model, tok = load_for_inference(run_dir / ("model" if cfg.adapter == "full" else "adapter"))
     if kind == "preference":
-        from finetune.preference_eval import read_preference_records, score_preferences
+        from finetune.eval.preference import read_preference_records, score_preferences
 
         records, _ = read_preference_records(cfg.eval.data)
         metrics, _ = score_preferences(model, tok, records[: cfg.eval.max_examples or None],
@@ -149,9 +150,9 @@ def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[flo
         records = records[: cfg.eval.max_examples]
     teacher = None
     if name == "kl_to_teacher":  # the teacher this run distilled from, as `finetune eval` loads it
-        from finetune.evaluation import _load_eval_teacher, _resolve_teacher
+        from finetune.eval.evaluation import load_eval_teacher, resolve_teacher
 
-        teacher = _load_eval_teacher(_resolve_teacher("auto", None, False, run_dir / "adapter", run_dir / "model"),
+        teacher = load_eval_teacher(resolve_teacher("auto", None, False, run_dir / "adapter", run_dir / "model"),
                                      tok, str(cfg.model))
     scores: dict[str, Any] = {"intrinsic": intrinsic_scores(
         model, tok, [r["messages"] for r in records], loss_on=cfg.data.loss_on,
@@ -165,14 +166,14 @@ def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[flo
     return float(scores[kind][name]), scores
 
 
-def _run_trial(trial, sweep: SweepConfig) -> float:
+def run_trial(trial, sweep: SweepConfig) -> float:
     """One training run in OUTPUT/trials/trial-NNNN; returns the objective or raises."""
     import optuna
 
-    from finetune.training import train
+    from finetune.training.recipe import train
 
-    keys = _suggest(trial, sweep)
-    if sweep.enqueue_base and sweep.sampler == "grid" and trial.params == _base_params(sweep):
+    keys = suggest(trial, sweep)
+    if sweep.enqueue_base and sweep.sampler == "grid" and trial.params == base_params(sweep):
         trial.set_user_attr("baseline", True)
     run_dir = Path(sweep.output_dir).resolve() / "trials" / f"trial-{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir))

@@ -21,21 +21,20 @@ import warnings
 from typing import Any
 
 from finetune.sweep.config import SweepConfig
+from finetune.sweep.search import grid_size, make_sampler
 from finetune.sweep.study import (
     HEARTBEAT_S,
-    _grid_size,
-    _make_sampler,
     default_storage,
     has_optuna_heartbeat,
     open_study,
     requeue_trial,
 )
-from finetune.sweep.trial import _run_trial
+from finetune.sweep.trial import run_trial
 
 logger = logging.getLogger(__name__)
 
 
-def _counts_toward_budget(t) -> bool:
+def counts_toward_budget(t) -> bool:
     """Finished or running trials count; a FAIL without our `error` attr is a dead worker's trial."""
     from optuna.trial import TrialState
 
@@ -126,7 +125,7 @@ def _objective(trial, sweep: SweepConfig, me: dict[str, Any], attr_heartbeat: bo
     t0 = time.perf_counter()
     try:
         with _AttrHeartbeat(trial) if attr_heartbeat else contextlib.nullcontext():
-            return _run_trial(trial, sweep)
+            return run_trial(trial, sweep)
     except optuna.TrialPruned:
         raise
     except Preempted as exc:
@@ -152,7 +151,7 @@ def run_worker(sweep: SweepConfig, storage_url: str | None = None) -> int:
     deadline = time.monotonic() + sweep.timeout_s if sweep.timeout_s else math.inf
     me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": psutil.Process().create_time()}
     attr_heartbeat = not has_optuna_heartbeat(storage)
-    budget = min(sweep.n_trials, _grid_size(sweep)) if sweep.sampler == "grid" else sweep.n_trials
+    budget = min(sweep.n_trials, grid_size(sweep)) if sweep.sampler == "grid" else sweep.n_trials
     ran = 0
     while time.monotonic() < deadline:
         stopped: list[BaseException] = []
@@ -161,10 +160,10 @@ def run_worker(sweep: SweepConfig, storage_url: str | None = None) -> int:
             existing = study.get_trials(deepcopy=False)
             # Counted here, under the lock, before a trial is asked for (not Optuna's MaxTrialsCallback,
             # which counts after a trial ends): running trials count, a dead worker's do not.
-            used = sum(_counts_toward_budget(t) for t in existing)
+            used = sum(counts_toward_budget(t) for t in existing)
             if used >= budget:
                 break
-            study.sampler = _make_sampler(sweep, n_existing=len(existing))
+            study.sampler = make_sampler(sweep, n_existing=len(existing))
             ran += 1
             objective = functools.partial(_objective, sweep=sweep, me=me, attr_heartbeat=attr_heartbeat,
                                           held=held, started=f"{used + 1}/{budget}", stopped=stopped)

@@ -377,8 +377,8 @@ def test_split_by_prompt_is_leak_free_and_independent_of_order_and_sharding(tmp_
 # ---- what reads the output ------------------------------------------------------------------------
 def test_finetune_and_validate_read_the_build(tiny_model, tmp_path: Path) -> None:
     from finetune.config import load_config
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
 
     def cfg(path: Path, method: str):
         return load_config(None, [f"model={tiny_model}", f"data.train={path}", f"output_dir={tmp_path / 'run'}",

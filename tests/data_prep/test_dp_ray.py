@@ -208,10 +208,10 @@ def test_missing_ray_says_what_to_install(monkeypatch, corpus, tmp_path, capsys)
 @pytest.mark.slow
 def test_finetune_prepare_and_train_read_the_shard_directory(runs, tiny_model, tmp_path) -> None:
     from finetune.config import load_config
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
-    from finetune.prepare import prepare
-    from finetune.training import train
+    from finetune.data.cache import prepared_split
+    from finetune.data.prepare import prepare
+    from finetune.models.loading import load_tokenizer
+    from finetune.training.recipe import train
 
     out, report = runs["drop", 2]
     local, _ = runs["drop", "local"]

@@ -14,7 +14,7 @@ from dp_fixtures import read_jsonl
 from data_prep.build import build
 from data_prep.convert import ColumnMapping, RowError, convert_row
 from data_prep.steps.redact import redact_arguments
-from finetune.data import read_chat_jsonl
+from finetune.data.files import read_chat_jsonl
 
 WEATHER = {"name": "weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

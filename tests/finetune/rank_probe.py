@@ -9,7 +9,7 @@ and, after training, the sum and local size of its trainable weights (DDP and Ze
 agree; ZeRO-3 ranks hold shards) and the model's module classes (e.g. Linear4bit for QLoRA).
 FINETUNE_RANK_PROBE_EXIT=R:S makes rank R die (os._exit) after step S, to check that a dead rank
 fails the job instead of hanging it. The batch hashes come from wrapping the collator the trainer
-is built with (a test-only patch of finetune.training.make_collator).
+is built with (a test-only patch of finetune.training.recipe.make_collator).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune.utils import atomic_write_text
+from finetune.console import atomic_write_text
 
 
 class RankProbe(TrainerCallback):
@@ -82,7 +82,7 @@ class RankProbe(TrainerCallback):
 
 
 def main(argv: list[str]) -> int:
-    import finetune.training as T
+    import finetune.training.recipe as T
     from finetune.cli import main as cli_main
 
     probe = RankProbe()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from finetune.data import LengthGroupedShuffledSampler
+from finetune.data.sampler import LengthGroupedShuffledSampler
 
 
 def _lengths(n: int = 1000, seed: int = 0) -> list[int]:
@@ -78,8 +78,8 @@ def test_order_is_a_function_of_seed_and_epoch():
 def test_trainer_uses_it_by_default_and_not_when_off(tiny_model, chat_data, tmp_path):
     """The real training path: batches the Trainer's DataLoader yields are length-grouped."""
     from finetune.config import load_config
-    from finetune.modeling import load_tokenizer
-    from finetune.training import _setup_data, _setup_trainer, _training_args
+    from finetune.models.loading import load_tokenizer
+    from finetune.training.recipe import _setup_data, _setup_trainer, _training_args
 
     def loader(*over: str):
         cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
@@ -107,13 +107,13 @@ def test_trainer_uses_it_by_default_and_not_when_off(tiny_model, chat_data, tmp_
 
 def test_the_private_sampler_hook_has_the_signature_the_override_expects():
     """transformers has no public hook for the train sampler; KitTrainer overrides the private one.
-    When transformers changes it, this fails (and importing finetune.training raises) rather than the
+    When transformers changes it, this fails (and importing finetune.training.recipe raises) rather than the
     override silently never being called."""
     import inspect
 
     from transformers import Trainer
 
-    from finetune.training import KitTrainer
+    from finetune.methods.trainer import KitTrainer
 
     assert list(inspect.signature(Trainer._get_train_sampler).parameters) == ["self", "train_dataset"]
     assert KitTrainer._get_train_sampler is not Trainer._get_train_sampler

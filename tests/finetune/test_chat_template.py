@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from finetune.chat_template import IGNORE_INDEX, encode_chat, end_of_turn_token, render_prompt
+from finetune.data.chat_template import IGNORE_INDEX, encode_chat, end_of_turn_token, render_prompt
 
 MSGS = [
     {"role": "system", "content": "Be brief."},

@@ -31,8 +31,8 @@ def _cfg(tiny_model, chat_data, tmp_path, *over):
 # scoring: LM head in chunks, at scored positions only, on the device
 # ----------------------------------------------------------------------------------------------
 def _batch(tok, chat_data, n=6):
-    from finetune.chat_template import encode_chat
-    from finetune.data import pad_collate, read_chat_jsonl
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import pad_collate, read_chat_jsonl
 
     recs = read_chat_jsonl(chat_data["eval"])[:n]
     rows = [encode_chat(tok, r["messages"], max_length=128) for r in recs]
@@ -58,7 +58,7 @@ def test_chunked_scoring_equals_full_logits(tiny_model, chat_data, chunk_bytes):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.evaluation import scored_token_sums
+    from finetune.eval.evaluation import scored_token_sums
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     b = _batch(tok, chat_data)
@@ -87,7 +87,7 @@ def test_scoring_never_builds_batch_by_sequence_logits(tiny_model, chat_data):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.evaluation import scored_token_sums
+    from finetune.eval.evaluation import scored_token_sums
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     b = _batch(tok, chat_data)
@@ -109,7 +109,7 @@ def test_scoring_never_builds_batch_by_sequence_logits(tiny_model, chat_data):
 # precision and 4-bit storage
 # ----------------------------------------------------------------------------------------------
 def test_full_fine_tuning_on_gpu_keeps_fp32_master_weights(tiny_model, chat_data, tmp_path):
-    from finetune.run_setup import weights_dtype as _weights_dtype
+    from finetune.training.launch import weights_dtype as _weights_dtype
 
     full = _cfg(tiny_model, chat_data, tmp_path, "adapter=full")
     assert _weights_dtype(full, GPU) == "float32"  # fp32 weights, bf16 autocast
@@ -128,7 +128,7 @@ def _ds(tmp_path, stage, **precision):
 
 
 def test_4bit_storage_must_match_deepspeeds_dtype(tiny_model, chat_data, tmp_path):
-    from finetune.run_setup import check_quantized_storage as _check_quantized_storage
+    from finetune.training.launch import check_quantized_storage as _check_quantized_storage
 
     def check(ds, *over):
         _check_quantized_storage(_cfg(tiny_model, chat_data, tmp_path, "adapter=qlora", f"deepspeed={ds}", *over), CPU)
@@ -157,7 +157,7 @@ def _saved_setup(run: Path, **setup):
 
 
 def test_resume_setup_rules(tmp_path):
-    from finetune.run_dir import check_resume_setup as _check_resume_setup
+    from finetune.training.run_dir import check_resume_setup as _check_resume_setup
 
     run = tmp_path / "run"
     def setup(world, stage, accum, precision="bf16"):
@@ -189,7 +189,7 @@ def test_resume_setup_rules(tmp_path):
 def test_train_restores_the_environment_and_leaves_the_config_alone(tiny_model, chat_data, tmp_path):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     cfg = _cfg(tiny_model, chat_data, tmp_path, "training.max_steps=2", "training.report_to=[tensorboard]",
                "max_length=128")
@@ -263,8 +263,8 @@ def test_an_8bit_qlora_adapter_merges_into_the_8bit_base(tiny_model, chat_data, 
     from transformers import AutoModelForCausalLM
 
     from finetune import merge_adapter
-    from finetune.modeling import load_base_model
-    from finetune.training import train
+    from finetune.models.loading import load_base_model
+    from finetune.training.recipe import train
 
     run = train(_cfg(tiny_model, chat_data, tmp_path, "adapter=qlora", "quantization.bits=8",
                      "training.max_steps=3", "training.batch_size=8", "max_length=128", "lora.r=4"))
@@ -286,7 +286,7 @@ def test_an_8bit_qlora_adapter_merges_into_the_8bit_base(tiny_model, chat_data, 
 def test_the_post_training_eval_of_a_full_fine_tune_compares_the_base_with_the_tuned_model(
         tiny_model, chat_data, tmp_path):
     """It used to score only the tuned model, and label it "base"."""
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     run = train(_cfg(tiny_model, chat_data, tmp_path, "adapter=full", "training.max_steps=12",
                      "training.batch_size=8", "training.learning_rate=1e-3", "eval.after_train=true",

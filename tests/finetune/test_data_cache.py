@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from finetune.config import load_config
-from finetune.data import DataError, tokenize_dataset
-from finetune.data_cache import encode_conversations, prepared_split
+from finetune.data.cache import encode_conversations, prepared_split
+from finetune.data.files import DataError, tokenize_dataset
 from tests.conftest import make_chat_examples, write_jsonl
 
 
@@ -23,7 +23,7 @@ def _cfg(tiny_model, train, tmp_path, *over):
 
 
 def _tok(tiny_model, template=None):
-    from finetune.modeling import load_tokenizer
+    from finetune.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model), chat_template=template)
 
@@ -59,8 +59,8 @@ TOOL_AND_WEIGHTS = [
 @pytest.mark.parametrize("loss_on", ["assistant", "last_assistant", "all"])
 @pytest.mark.parametrize("max_length", [24, 128, 1024])
 def test_batch_encoder_equals_encode_chat(tiny_model, chat_data, tmp_path, loss_on, max_length):
-    from finetune.chat_template import encode_chat
-    from finetune.data import read_chat_jsonl
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import read_chat_jsonl
 
     tok = _tok(tiny_model)
     # Through the training reader, so the records are in the form the data cache encodes.
@@ -91,7 +91,7 @@ def test_cache_equals_todays_encoder_with_its_counts(tiny_model, tmp_path, too_l
 
 
 def test_a_parallel_build_equals_a_serial_one(tiny_model, tmp_path, monkeypatch):
-    import finetune.data_cache as dc
+    import finetune.data.cache as dc
 
     data = write_jsonl(tmp_path / "d" / "train.jsonl", make_chat_examples(400, seed=4))
     tok = _tok(tiny_model)
@@ -106,7 +106,7 @@ def test_a_parallel_build_equals_a_serial_one(tiny_model, tmp_path, monkeypatch)
 
 
 def test_errors_name_file_and_line_as_before(tiny_model, tmp_path, monkeypatch):
-    import finetune.data_cache as dc
+    import finetune.data.cache as dc
 
     good = [json.dumps(r) for r in make_chat_examples(30, seed=5)]
     lines = good[:10] + ["{not json"] + good[10:20] + [json.dumps({"messages": [{"role": "function",
@@ -228,7 +228,7 @@ def _write_shards(root: Path, examples: list[dict], per_shard: int) -> Path:
 
 
 def test_a_shard_directory_tokenizes_as_its_single_file_does(tiny_model, tmp_path, monkeypatch):
-    import finetune.data_cache as dc
+    import finetune.data.cache as dc
 
     examples = make_chat_examples(230, seed=12) + MULTILINGUAL
     single = write_jsonl(tmp_path / "single" / "train.jsonl", examples)
@@ -282,7 +282,7 @@ def test_sampler_order_is_unchanged_by_the_array_implementation():
     runs and earlier results replay), here written out as the reference."""
     import torch
 
-    from finetune.data import LengthGroupedShuffledSampler
+    from finetune.data.sampler import LengthGroupedShuffledSampler
 
     def reference(lengths, bs, window, seed, epoch):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -343,7 +343,7 @@ def test_a_resumed_run_skips_consumed_batches_by_index_and_sees_the_same_batches
 
     from transformers import TrainerCallback
 
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     data = write_jsonl(tmp_path / "d" / "train.jsonl", make_chat_examples(20_000, seed=12))
 
@@ -378,7 +378,7 @@ def test_a_resumed_run_skips_consumed_batches_by_index_and_sees_the_same_batches
 def test_the_job_id_differs_between_launches_even_when_torchrun_names_every_run_none(monkeypatch):
     """`accelerate launch` leaves torchrun's run id at its default "none" for every launch: a marker
     keyed by it would make a later launch trust an earlier one's failure or verification."""
-    from finetune.data_cache import _job_id
+    from finetune.data.cache import _job_id
 
     for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(k, raising=False)

@@ -25,8 +25,8 @@ def tiny_student(tmp_path_factory, tiny_model) -> Path:
 
 
 def _batch(tokenizer, n: int = 8):
-    from finetune.chat_template import encode_chat
-    from finetune.data import pad_collate
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import pad_collate
 
     rows = [encode_chat(tokenizer, ex["messages"]) for ex in make_chat_examples(n, seed=5)]
     return pad_collate(tokenizer.pad_token_id)([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
@@ -83,8 +83,9 @@ def test_the_kd_loss_equals_a_hand_computation(tiny_model, tiny_student, diverge
     import torch
 
     from finetune.config import DistillSection
-    from finetune.distill import install_distill_loss, install_teacher_hidden
-    from finetune.modeling import load_tokenizer
+    from finetune.methods.distill_trainer import install_distill_loss
+    from finetune.models.loading import load_tokenizer
+    from finetune.models.teacher import install_teacher_hidden
 
     tok = load_tokenizer(str(tiny_student))
     batch = _batch(tok)
@@ -128,8 +129,9 @@ def test_kd_runs_only_over_trained_positions(tiny_model, tiny_student):
     import torch
 
     from finetune.config import DistillSection
-    from finetune.distill import install_distill_loss, install_teacher_hidden
-    from finetune.modeling import load_tokenizer
+    from finetune.methods.distill_trainer import install_distill_loss
+    from finetune.models.loading import load_tokenizer
+    from finetune.models.teacher import install_teacher_hidden
 
     tok = load_tokenizer(str(tiny_student))
     batch = _batch(tok, 2)
@@ -222,7 +224,7 @@ def test_relative_teacher_paths_are_read_next_to_the_yaml(tiny_model, chat_data,
 def test_a_teacher_with_another_tokenizer_is_refused_before_weights_load(tiny_student, chat_data, tmp_path):
     from finetune.config import ConfigError, load_config
     from finetune.tiny import build_tiny_model
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     other = build_tiny_model(tmp_path / "other", [chat_data["train"]], vocab_size=300, hidden_size=32, layers=1)
     (other / "model.safetensors").unlink()  # the check reads tokenizers and config.json only
@@ -237,8 +239,8 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_weights_load(tiny_st
 
 def test_a_teacher_with_another_output_size_is_refused(tiny_model, tiny_student, chat_data, tmp_path):
     from finetune.config import ConfigError, load_config
-    from finetune.distill import check_teacher
-    from finetune.modeling import load_tokenizer
+    from finetune.methods.distill_trainer import before_model as check_teacher
+    from finetune.models.loading import load_tokenizer
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_model, teacher)
@@ -256,7 +258,7 @@ def test_a_teacher_with_another_output_size_is_refused(tiny_model, tiny_student,
 def test_the_plan_counts_the_teacher():
     from dataclasses import replace
 
-    from finetune.plan import ModelShape, Setup, make_plan, nf4_bytes_per_param, param_counts
+    from finetune.plan.memory import ModelShape, Setup, make_plan, nf4_bytes_per_param, param_counts
 
     student = ModelShape(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
@@ -281,7 +283,7 @@ def test_the_plan_counts_the_teacher():
     assert z3["teacher weights (frozen)"] == P["total"] * 2 / 8  # partitioned like the student
     from trl.kernels import chunked_divergence
 
-    from finetune.plan import KD_TOKEN_TILE, KD_VOCAB_TILE
+    from finetune.plan.memory import KD_TOKEN_TILE, KD_VOCAB_TILE
 
     assert (KD_TOKEN_TILE, KD_VOCAB_TILE) == (chunked_divergence.TOKEN_CHUNK_SIZE, chunked_divergence.VOCAB_CHUNK_SIZE)
     # the plan offers the 4-bit teacher when the run does not fit
@@ -343,8 +345,8 @@ def _independent_kl(student_dir: Path, adapter: Path, teacher_dir: Path, rows: l
 @pytest.mark.slow
 def test_distillation_trains_the_student_towards_the_teacher(tiny_model, tiny_student, chat_data, tmp_path):
     from finetune.config import load_config
-    from finetune.evaluation import evaluate
-    from finetune.training import train
+    from finetune.eval.evaluation import evaluate
+    from finetune.training.recipe import train
 
     run = tmp_path / "run"
     train(load_config(None, [
@@ -386,7 +388,7 @@ def test_distillation_trains_under_bf16_mixed_precision(tiny_model, tiny_student
     items (convert_outputs_to_fp32). The per-batch CE and KD sums must survive that (one H200 run
     failed its first step when they were attributes outside the items). The CPU has bf16 autocast too."""
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     run = tmp_path / "run"
     train(load_config(None, [
@@ -440,8 +442,8 @@ def test_a_4bit_teacher_with_an_adapter_is_frozen_and_scores_as_its_adapter_says
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from finetune.distill import load_teacher_model
-    from finetune.modeling import load_tokenizer
+    from finetune.models.loading import load_tokenizer
+    from finetune.models.teacher import load_teacher_model
     from finetune.tiny import build_random_adapter
 
     adapter = build_random_adapter(tiny_model, tmp_path / "adapter", std=0.5)
@@ -462,7 +464,7 @@ def test_a_lora_on_an_output_layer_is_refused_where_the_divergence_reads_it(tiny
                                                                            tmp_path):
     from finetune.config import ConfigError, load_config
     from finetune.tiny import build_random_adapter
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     head_adapter = build_random_adapter(tiny_model, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
     base = [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}",
@@ -483,7 +485,7 @@ def test_packed_distillation_gives_the_loss_of_padded_batches(tiny_model, tiny_s
     pytest.importorskip("bitsandbytes")
     from finetune.config import load_config
     from finetune.tiny import build_random_adapter
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     common = [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}",
               "distill.alpha=0.3", "max_length=128", "training.max_steps=2", "training.batch_size=8",
@@ -508,7 +510,7 @@ def test_packed_distillation_gives_the_loss_of_padded_batches(tiny_model, tiny_s
 
 def test_preview_shows_a_distillation_run_its_sft_masks(tiny_model, tiny_student, chat_data, tmp_path):
     from finetune.config import load_config
-    from finetune.preview import preview_examples
+    from finetune.data.preview import preview_examples
 
     cfg = load_config(None, [*_base(tiny_student, chat_data, tmp_path), "method=distill", f"distill.teacher={tiny_model}"])
     sft = load_config(None, _base(tiny_student, chat_data, tmp_path))

@@ -131,12 +131,12 @@ def _check_two_ranks_trained(run: Path, res, *, replicated: bool = True) -> list
 
 
 def _check_adapter(run: Path, tiny_model: Path, r: int = 8) -> dict:
-    """Full-size LoRA weights, trained, loadable by plain PEFT and by finetune.inference."""
+    """Full-size LoRA weights, trained, loadable by plain PEFT and by finetune.inference.load."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from finetune.inference import load_for_inference
+    from finetune.inference.load import load_for_inference
 
     adapter = run / "adapter"
     weights = load_file(adapter / "adapter_model.safetensors")
@@ -282,7 +282,7 @@ def _cfg(tiny_model, chat_data, tmp_path, *over):
 
 
 def test_deepspeed_json_comes_from_the_launcher_when_unset(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.run_setup import resolve_deepspeed_config as _resolve_deepspeed_config
+    from finetune.training.launch import resolve_deepspeed_config as _resolve_deepspeed_config
 
     _ds_env(monkeypatch, "configs/deepspeed/zero3.json")
     cfg = _cfg(tiny_model, chat_data, tmp_path)
@@ -291,7 +291,7 @@ def test_deepspeed_json_comes_from_the_launcher_when_unset(tiny_model, chat_data
 
 
 def test_deepspeed_key_and_launcher_must_agree(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.run_setup import resolve_deepspeed_config as _resolve_deepspeed_config
+    from finetune.training.launch import resolve_deepspeed_config as _resolve_deepspeed_config
 
     _ds_env(monkeypatch, "configs/deepspeed/zero3.json")
     same = tmp_path / "copy_of_zero3.json"
@@ -306,7 +306,7 @@ def test_deepspeed_key_and_launcher_must_agree(tiny_model, chat_data, tmp_path, 
 
 
 def test_deepspeed_key_is_used_when_the_launcher_names_no_file(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.run_setup import resolve_deepspeed_config as _resolve_deepspeed_config
+    from finetune.training.launch import resolve_deepspeed_config as _resolve_deepspeed_config
 
     _ds_env(monkeypatch, None)
     cfg = _cfg(tiny_model, chat_data, tmp_path, "deepspeed=configs/deepspeed/zero2.json")

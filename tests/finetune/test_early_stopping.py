@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_early_stopping_exports_the_best_checkpoint(tiny_model, chat_data, tmp_path):
     from safetensors.torch import load_file
 
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     # A learning rate this high makes eval loss stop improving within a few evaluations.
     cfg = load_config(None, [

@@ -43,7 +43,7 @@ def _hand_nll(model_dir, data_path):
 
 
 def test_perplexity_and_bits_per_byte_match_hand_computation(tiny_model, chat_data, tmp_path):
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
 
     nll, n_tok, n_bytes = _hand_nll(tiny_model, chat_data["eval"])
     report = evaluate(model=str(tiny_model), data=chat_data["eval"], output=tmp_path / "eval",
@@ -57,7 +57,7 @@ def test_perplexity_and_bits_per_byte_match_hand_computation(tiny_model, chat_da
 
 
 def test_bad_eval_input_is_counted_not_fatal(tiny_model, chat_data, tmp_path):
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
 
     good = chat_data["eval"].read_text().splitlines()[:3]
     bad = [
@@ -95,9 +95,9 @@ def test_eval_command_max_length_truncates_the_scored_examples(tiny_model, chat_
                      "--metrics", "exact_match", "--max-new-tokens", "2", *extra]) == 0
         return _json.loads((out / "report.json").read_text())
 
-    from finetune.chat_template import encode_chat
-    from finetune.data import read_chat_jsonl
-    from finetune.modeling import load_tokenizer
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import read_chat_jsonl
+    from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     lengths = sorted(len(encode_chat(tok, r["messages"], max_length=None).input_ids)

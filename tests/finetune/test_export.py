@@ -48,7 +48,7 @@ def export_base(tmp_path_factory, chat_data):
 def export_run(tmp_path_factory, export_base, chat_data):
     """A quickstart-like LoRA run: all linear layers plus trained embeddings and head."""
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     out = tmp_path_factory.mktemp("export-run") / "run"
     return train(load_config(None, [
@@ -72,7 +72,7 @@ def merged(export_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(export_run, tmp_path_factory):
     """The run's adapter merged and exported at each quantization (one output directory each)."""
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     root = tmp_path_factory.mktemp("gguf")
     return {q: export_gguf(root / q, adapter=export_run / "adapter", quant=q, progress=False)
@@ -80,7 +80,7 @@ def exported(export_run, tmp_path_factory):
 
 
 def _prompt_ids(tok):
-    from finetune.chat_template import render_prompt
+    from finetune.data.chat_template import render_prompt
 
     return [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
 
@@ -158,7 +158,7 @@ def test_gguf_tokenizer_and_chat_template_are_the_adapters(exported, export_run)
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    from finetune.chat_template import end_of_turn_token
+    from finetune.data.chat_template import end_of_turn_token
 
     tok = AutoTokenizer.from_pretrained(export_run / "adapter")
     res = exported["f16"]
@@ -200,7 +200,7 @@ def test_modelfile_of_a_merged_export(exported):
 def test_modelfile_system_only_when_every_example_has_the_same_one(tmp_path, export_run):
     from transformers import AutoTokenizer
 
-    from finetune.export import write_modelfile
+    from finetune.export.gguf import write_modelfile
 
     tok = AutoTokenizer.from_pretrained(export_run / "adapter")
     run = tmp_path / "run"
@@ -239,7 +239,7 @@ def test_adapter_only_gguf_is_llama_cpp_lora_layout(peft_adapter, export_base, t
     from gguf import GGUFReader
     from safetensors.torch import load_file
 
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     res = export_gguf(tmp_path / "out", adapter=peft_adapter, adapter_only=True, quant="f32", progress=False)
     assert res.gguf.name == "adapter-f32.gguf"
@@ -285,7 +285,7 @@ def test_adapter_only_f16_and_the_lora_b_permutation_undo(peft_adapter, tmp_path
     from gguf import GGUFReader
     from safetensors.torch import load_file
 
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     res = export_gguf(tmp_path / "o", adapter=peft_adapter, adapter_only=True, quant="f16", progress=False)
     t = {x.name: x for x in GGUFReader(res.gguf).tensors}["blk.0.attn_q.weight.lora_b"]
@@ -298,7 +298,7 @@ def test_adapter_only_f16_and_the_lora_b_permutation_undo(peft_adapter, tmp_path
 
 
 def test_adapter_only_with_trained_embeddings_is_a_clear_error(export_run, tmp_path):
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     with pytest.raises(ExportError, match="modules_to_save.*drop --adapter-only"):
         export_gguf(tmp_path, adapter=export_run / "adapter", adapter_only=True, progress=False)
@@ -308,7 +308,7 @@ def test_adapter_only_with_trained_embeddings_is_a_clear_error(export_run, tmp_p
 def test_rslora_alpha_keeps_the_scale():
     import math
 
-    from finetune.export import _adapter_alpha
+    from finetune.export.gguf import _adapter_alpha
 
     assert _adapter_alpha({"lora_alpha": 16, "r": 8}, None) == 16
     # llama.cpp scales by alpha / r; rsLoRA by alpha / sqrt(r)
@@ -322,7 +322,7 @@ def test_rslora_alpha_keeps_the_scale():
 # ----------------------------------------------------------------------------------------------
 def test_unsupported_architecture_and_quantization_are_one_clear_error(export_base, tmp_path, capsys):
     from finetune.cli import main
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     other = tmp_path / "gpt2"
     shutil.copytree(export_base, other)
@@ -353,7 +353,7 @@ def test_cli_export_of_a_model_directory(export_base, tmp_path, capsys):
 
 
 def test_a_failure_mid_write_leaves_no_partial_file(export_base, tmp_path, monkeypatch):
-    import finetune.export as export
+    import finetune.export.gguf as export
 
     out = tmp_path / "out"
     out.mkdir()
@@ -386,7 +386,7 @@ def test_llama_cpp_greedy_replies_match_the_merged_model(exported, merged, expor
     from transformers import AutoTokenizer
 
     from finetune import generate_replies, merge_adapter
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     def llama(path, **kw):
         return llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, verbose=False, seed=0, **kw)
@@ -434,7 +434,7 @@ def spm_export(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
     from tests.conftest import make_chat_examples
 
     texts = [m["content"] for ex in make_chat_examples(200) for m in ex["messages"]] + SPM_TEXTS
@@ -503,7 +503,7 @@ def test_qwen2_biases_and_mistral_export(arch, export_base, tmp_path):
     from gguf import GGUFReader
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     tok = AutoTokenizer.from_pretrained(export_base)
     kw = dict(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
@@ -536,7 +536,7 @@ def test_qwen2_biases_and_mistral_export(arch, export_base, tmp_path):
 def test_hyperparameters_of_the_shipped_model_configs(name):
     import gguf
 
-    from finetune.export import _add_hparams, _llama3_rope_factors
+    from finetune.export.gguf import _add_hparams, _llama3_rope_factors
     from tests.conftest import REPO
 
     cfg = json.loads((REPO / "finetune" / "model_configs" / f"{name}.json").read_text())
@@ -559,7 +559,7 @@ def test_llama3_rope_factors_equal_transformers_frequencies():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from finetune.export import _llama3_rope_factors
+    from finetune.export.gguf import _llama3_rope_factors
     from tests.conftest import REPO
 
     raw = json.loads((REPO / "finetune" / "model_configs" / "llama-3.1-8b.json").read_text())
@@ -578,7 +578,7 @@ PRE_TEXTS = ["The kettle costs $12345.", "I'm here, you're there\n\n  ok?", "ün
 @pytest.fixture(scope="module", params=["gpt-2", "llama-bpe", "qwen2"])
 def pre_tokenizer_export(request, export_base, tmp_path_factory):
     """The tiny model with its byte-level vocabulary split the GPT-2, Llama 3 or Qwen2 way."""
-    from finetune.export import _LLAMA3_SPLIT, _QWEN2_SPLIT, export_gguf
+    from finetune.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT, export_gguf
 
     d = tmp_path_factory.mktemp(f"pre-{request.param}")
     shutil.copytree(export_base, d / "model")
@@ -618,7 +618,7 @@ def test_llama_cpp_splits_byte_level_text_like_the_model(pre_tokenizer_export):
 
 
 def test_an_unknown_pre_tokenizer_is_a_clear_error(export_base, tmp_path):
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     shutil.copytree(export_base, tmp_path / "model")
     tj = json.loads((tmp_path / "model" / "tokenizer.json").read_text())

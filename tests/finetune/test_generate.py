@@ -62,9 +62,9 @@ def _read(path: Path) -> list[dict]:
 
 def test_answers_are_chat_jsonl_in_input_order_with_rejects_by_line(trained_run, tmp_path):
     from finetune.config import load_config
-    from finetune.data_cache import prepared_split
-    from finetune.generate import generate_file
-    from finetune.inference import generate_replies, load_for_inference
+    from finetune.data.cache import prepared_split
+    from finetune.inference.generate import generate_file
+    from finetune.inference.load import generate_replies, load_for_inference
 
     inp, lines = _inputs(tmp_path)
     out = tmp_path / "answers.jsonl"
@@ -103,8 +103,8 @@ def test_answers_are_chat_jsonl_in_input_order_with_rejects_by_line(trained_run,
 
 
 def test_batched_and_one_at_a_time_give_the_same_file(varied, tmp_path):
-    from finetune.generate import generate_file
-    from finetune.inference import generate_replies, load_model_for_inference
+    from finetune.inference.generate import generate_file
+    from finetune.inference.load import generate_replies, load_model_for_inference
 
     rows = make_chat_examples(7, seed=4)
     inp = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -122,7 +122,7 @@ def test_batched_and_one_at_a_time_give_the_same_file(varied, tmp_path):
 
 
 def test_an_interrupted_run_resumes_after_its_last_complete_batch(varied, tmp_path, monkeypatch):
-    import finetune.generate as G
+    import finetune.inference.generate as G
 
     inp = write_jsonl(tmp_path / "p.jsonl", [*make_chat_examples(9, seed=6), "x", {"bad": 1}, "y"])
     kw = dict(input=inp, model=str(varied), max_new_tokens=6, batch_size=2, keep_unfinished=True, progress=False)
@@ -161,7 +161,7 @@ def test_an_interrupted_run_resumes_after_its_last_complete_batch(varied, tmp_pa
 
 def test_a_resume_with_other_settings_or_a_foreign_file_is_refused(trained_run, tmp_path):
     from finetune.errors import GenerateError
-    from finetune.generate import generate_file
+    from finetune.inference.generate import generate_file
 
     inp = write_jsonl(tmp_path / "p.jsonl", make_chat_examples(2, seed=1))
     out = tmp_path / "a.jsonl"
@@ -181,7 +181,7 @@ def test_a_resume_with_other_settings_or_a_foreign_file_is_refused(trained_run, 
 
 
 def test_a_record_that_fails_to_generate_is_rejected_alone(trained_run, tmp_path, monkeypatch):
-    import finetune.generate as G
+    import finetune.inference.generate as G
 
     rows = make_chat_examples(5, seed=2)
     rows[2]["messages"][-2]["content"] += " EXPLODE"
@@ -204,7 +204,7 @@ def test_a_record_that_fails_to_generate_is_rejected_alone(trained_run, tmp_path
 
 
 def test_answers_cut_off_by_max_new_tokens_are_rejected_unless_kept(trained_run, tmp_path):
-    from finetune.generate import generate_file
+    from finetune.inference.generate import generate_file
 
     base = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     inp = write_jsonl(tmp_path / "p.jsonl", make_chat_examples(3, seed=8))
@@ -237,7 +237,7 @@ def test_tool_calling_records_keep_their_calls_and_the_answers_calls_are_parsed(
     """A record that declares tools is rendered with them and with its earlier calls and results; the
     calls in the answer become `tool_calls`, checked like training data (an undeclared function or a
     call that is not JSON is a reject with its reason)."""
-    import finetune.generate as G
+    import finetune.inference.generate as G
     from kitcore.schema import record_problems
 
     weather = {"type": "function", "function": {"name": "weather", "parameters": {

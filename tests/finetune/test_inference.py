@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_chat_reproduces_the_reply_evaluation_scored(trained_run, chat_data, tmp_path):
     from finetune import chat, load_for_inference
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
 
     evaluate(adapter=trained_run / "adapter", data=chat_data["eval"], output=tmp_path / "e",
              max_new_tokens=8, batch_size=4, max_examples=6)

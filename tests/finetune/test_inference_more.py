@@ -48,7 +48,7 @@ def test_load_for_inference_4bit_generates(trained_run):
 
 def test_eval_4bit_base_plus_adapter_is_close_to_full_precision(trained_run, chat_data, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
 
     kw = dict(adapter=trained_run / "adapter", data=chat_data["eval"], max_new_tokens=2, metrics=["exact_match"])
     full = evaluate(output=tmp_path / "full", **kw)
@@ -67,7 +67,7 @@ def test_eval_4bit_base_plus_adapter_is_close_to_full_precision(trained_run, cha
 
 def test_eval_of_merged_model_equals_base_plus_adapter(trained_run, chat_data, tmp_path):
     from finetune import merge_adapter
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
 
     merged = merge_adapter(trained_run / "adapter", tmp_path / "merged", dtype="float32")
     kw = dict(data=chat_data["eval"], max_new_tokens=4, metrics=["exact_match"])
@@ -99,8 +99,8 @@ def test_merge_of_a_qlora_adapter(tiny_model, chat_data, tmp_path):
 
     from finetune import load_for_inference, merge_adapter
     from finetune.config import load_config
-    from finetune.modeling import load_base_model
-    from finetune.training import train
+    from finetune.models.loading import load_base_model
+    from finetune.training.recipe import train
 
     run = train(load_config(None, [
         f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'run'}",

@@ -31,8 +31,8 @@ def test_a_cache_shard_with_flipped_bytes_is_named_and_rebuilt_and_no_rank_reads
     import threading
     import time
 
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
     from kitcore.runtime import Runtime
 
     data = write_jsonl(tmp_path / "d" / "train.jsonl", make_chat_examples(60, seed=3))
@@ -59,7 +59,7 @@ def test_a_cache_shard_with_flipped_bytes_is_named_and_rebuilt_and_no_rank_reads
     t.start()
     time.sleep(1.5)
     assert t.is_alive()  # the sizes match, but it waits for the builder's verdict
-    with caplog.at_level(logging.WARNING, logger="finetune.data_cache"):
+    with caplog.at_level(logging.WARNING, logger="finetune.data.cache"):
         ds, _, _ = prepared_split(cfg, tok, str(data), builder)
     t.join(30)
     assert f"{shard.name}: content differs" in caplog.text and "rebuilding it" in caplog.text
@@ -76,7 +76,7 @@ def test_a_cache_shard_with_flipped_bytes_is_named_and_rebuilt_and_no_rank_reads
 def test_a_damaged_checkpoint_is_refused_on_resume_naming_the_file_and_the_newest_intact_one(
         tiny_model, chat_data, tmp_path):
     from finetune.errors import RunDirError
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     out = tmp_path / "run"
     base = [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={out}", "seed=0",
@@ -123,8 +123,8 @@ def test_a_damaged_checkpoint_is_refused_on_resume_naming_the_file_and_the_newes
 # ----------------------------------------------------------------------------------------------
 def test_a_damaged_adapter_is_refused_by_inference_eval_merge_and_export(trained_run, chat_data, tmp_path, caplog):
     from finetune import load_for_inference
-    from finetune.export import export_gguf
-    from finetune.inference import merge_adapter
+    from finetune.export.gguf import export_gguf
+    from finetune.inference.load import merge_adapter
 
     adapter = tmp_path / "adapter"
     shutil.copytree(trained_run / "adapter", adapter)
@@ -160,7 +160,7 @@ def test_a_damaged_adapter_is_refused_by_inference_eval_merge_and_export(trained
     flip_middle(merged / "model.safetensors")
     with pytest.raises(IntegrityError, match=r"model\.safetensors: content differs"):
         export_gguf(tmp_path / "gguf2", model=merged, quant="f16", progress=False)
-    from finetune.modeling import load_base_model
+    from finetune.models.loading import load_base_model
 
     with pytest.raises(IntegrityError, match="the model .* is damaged"):
         load_base_model(str(merged))
@@ -192,9 +192,9 @@ def test_finetune_verify_on_a_run_and_on_nothing(trained_run, tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_data_prep_outputs_carry_checksums_that_finetune_checks_before_reading(tiny_model, tmp_path):
     from data_prep.build import build
-    from finetune.data import read_chat_jsonl
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.data.files import read_chat_jsonl
+    from finetune.models.loading import load_tokenizer
 
     src = write_jsonl(tmp_path / "in" / "chats.jsonl", make_chat_examples(80, seed=5))
     out = tmp_path / "out"
@@ -212,7 +212,7 @@ def test_data_prep_outputs_carry_checksums_that_finetune_checks_before_reading(t
         prepared_split(cfg, load_tokenizer(str(tiny_model)), str(out / "train.jsonl"))
     res = _verify(out / "train.jsonl")
     assert res.returncode == 1 and "train.jsonl" in res.stdout
-    from finetune.evaluation import read_eval_records
+    from finetune.eval.evaluation import read_eval_records
 
     read_eval_records(out / "test.jsonl")
     flip_middle(out / "test.jsonl", 8)  # the held-out split, as `finetune eval` reads it

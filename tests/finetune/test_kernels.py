@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 
 from finetune.config import ConfigError, load_config
-from finetune.plan import ModelShape, Setup, activation_bytes, layer_activation_bytes
-from finetune.run_setup import kernel_settings
+from finetune.plan.memory import ModelShape, Setup, activation_bytes, layer_activation_bytes
+from finetune.training.launch import kernel_settings
 from kitcore.runtime import Runtime
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, device="cpu", backend=None)
@@ -72,10 +72,10 @@ def test_liger_for_an_unsupported_model_lists_the_supported_ones(chat_data, tiny
 
 def test_the_trainer_gets_liger_and_the_kit_does_not_install_a_second_loss(chat_data, tiny_model, fake_liger,
                                                                            tmp_path):
-    from finetune import losses
-    from finetune.modeling import load_tokenizer
-    from finetune.run_setup import Kernels
-    from finetune.training import _setup_model, _training_args
+    from finetune.models import losses
+    from finetune.models.loading import load_tokenizer
+    from finetune.training.launch import Kernels
+    from finetune.training.recipe import _setup_model, _training_args
 
     cfg = _cfg(chat_data, tiny_model, "training.kernels=liger")
     k = kernel_settings(cfg, GPU, "llama")
@@ -117,7 +117,7 @@ def test_a_liger_run_leaves_the_model_familys_module_as_it_found_it(chat_data, t
     run restores every rebound name on the way out, also when training raises."""
     from transformers.models.llama import modeling_llama
 
-    from finetune.training import _modeling_module, scoped_module_globals
+    from finetune.training.recipe import _modeling_module, scoped_module_globals
 
     cfg = _cfg(chat_data, tiny_model)
     assert _modeling_module(cfg) == "transformers.models.llama.modeling_llama"

@@ -9,8 +9,8 @@ import torch
 
 
 def _batch(tok, chat_data, n=6, max_length=128):
-    from finetune.chat_template import encode_chat
-    from finetune.data import pad_collate, read_chat_jsonl
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import pad_collate, read_chat_jsonl
 
     rows = [encode_chat(tok, r["messages"], max_length=max_length) for r in read_chat_jsonl(chat_data["train"])[:n]]
     return pad_collate(tok.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in rows])
@@ -26,7 +26,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_path(tiny_model, chat_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.losses import install_chunked_loss
+    from finetune.models.losses import install_chunked_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     b = _batch(tok, chat_data)
@@ -62,7 +62,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_path(tiny_model, chat_
 def test_no_full_vocabulary_logits_in_a_training_step(tiny_model, chat_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.losses import install_chunked_loss
+    from finetune.models.losses import install_chunked_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     b = _batch(tok, chat_data)
@@ -81,7 +81,7 @@ def test_a_run_with_the_chunked_loss_matches_one_with_the_full_loss(tiny_model, 
     import json
 
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     losses = {}
     for impl in ("chunked", "full"):

@@ -2,7 +2,7 @@ import pytest
 from rouge_score import rouge_scorer
 from sacrebleu import corpus_chrf, sentence_chrf
 
-from finetune.metrics import (
+from finetune.eval.metrics import (
     BUILTIN_METRICS,
     chrf,
     exact_match,
@@ -87,7 +87,7 @@ def test_chinese_scored_per_character():
 
 
 def test_rouge_score_default_tokenizer_scores_chinese_zero():
-    # Why finetune.metrics.tokenize exists: rouge-score keeps only [a-z0-9] by default.
+    # Why finetune.eval.metrics.tokenize exists: rouge-score keeps only [a-z0-9] by default.
     default = rouge_scorer.RougeScorer(["rougeL"])
     assert default.score("我喜欢狗", "我喜欢猫")["rougeL"].fmeasure == 0.0
     assert default.score("我喜欢猫", "我喜欢猫")["rougeL"].fmeasure == 0.0

@@ -5,16 +5,16 @@ import json
 import pytest
 import yaml
 
-from finetune.chat_template import encode_chat
 from finetune.config import load_config
-from finetune.data import pad_collate
+from finetune.data.chat_template import encode_chat
+from finetune.data.files import pad_collate
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_model, chat_data, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.training import make_collator
+    from finetune.training.recipe import make_collator
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_model, chat_data, tmp_path):
 
 @pytest.mark.slow
 def test_training_with_packing(tiny_model, chat_data, tmp_path):
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     cfg = {"model": str(tiny_model), "output_dir": str(tmp_path / "run"), "packing": True, "max_length": 128,
            "data": {"train": str(chat_data["train"]), "eval": str(chat_data["eval"])},

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.plan import (
+from finetune.plan.memory import (
     GiB,
     ModelShape,
     Setup,
@@ -131,7 +131,7 @@ def test_a_wheel_install_plans_a_hub_id_offline(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("from finetune.plan import resolve_model_config; "
+    code = ("from finetune.plan.memory import resolve_model_config; "
             "raw, src = resolve_model_config('meta-llama/Llama-3.1-70B-Instruct'); print(src)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -287,7 +287,7 @@ def _seventy_b(**kw) -> tuple[ModelShape, Setup]:
 
 
 def test_nf4_bytes_per_param():
-    from finetune.plan import nf4_bytes_per_param
+    from finetune.plan.memory import nf4_bytes_per_param
 
     assert nf4_bytes_per_param(False) * 8 == pytest.approx(4.5)
     assert nf4_bytes_per_param(True) * 8 == pytest.approx(4.127, abs=1e-3)
@@ -351,7 +351,7 @@ def test_plan_of_a_model_under_5m_params_prints_its_size():
 # the command: fast, offline, no torch
 # ----------------------------------------------------------------------------------------------
 def test_cli_70b_plan_under_two_seconds_offline_without_torch():
-    code = ("import sys; from finetune.plan import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from finetune.plan.memory import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'torch imported'; raise SystemExit(rc)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     t0 = time.monotonic()
@@ -365,7 +365,7 @@ def test_cli_70b_plan_under_two_seconds_offline_without_torch():
 
 
 def test_cli_exit_code_and_json_when_it_does_not_fit():
-    proc = subprocess.run([sys.executable, "-m", "finetune.plan", "configs/train/llama3_70b_qlora_zero3.yaml",
+    proc = subprocess.run([sys.executable, "-m", "finetune.plan.memory", "configs/train/llama3_70b_qlora_zero3.yaml",
                            "adapter=lora", "deepspeed=null", "--gpu-memory", "80GiB", "--json"],
                           cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=30)

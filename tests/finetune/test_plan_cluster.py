@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from finetune.plan import (
+from finetune.plan.memory import (
     GiB,
     ModelShape,
     load_plan_config,

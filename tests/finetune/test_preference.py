@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.chat_template import CHATML_TEMPLATE, encode_chat, encode_completion, render_prompt
+from finetune.data.chat_template import CHATML_TEMPLATE, encode_chat, encode_completion, render_prompt
 from kitcore.preference import PreferenceError, normalize_preference, preference_problem
 from tests.conftest import make_chat_examples, write_jsonl
 
@@ -101,7 +101,7 @@ def test_bad_records_say_what_is_wrong(record, words):
 # masks: the same rule as SFT
 # ----------------------------------------------------------------------------------------------
 def test_the_scored_completion_is_what_sft_trains_for_that_turn(tiny_model):
-    from finetune.modeling import load_tokenizer
+    from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     for prompt in ([U], [S, U], [S, U, A_BAD, {"role": "user", "content": "Sure?"}]):
@@ -125,8 +125,8 @@ def _cfg(tiny_model, train, tmp_path, *extra):
 
 
 def test_the_cache_holds_prompt_chosen_and_rejected_ids(tiny_model, tmp_path):
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
 
     rows = price_pairs(20, 0)
     train = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -147,9 +147,9 @@ def test_the_cache_equals_encode_completion_and_names_the_line_a_template_cannot
     """Past the first write batch too, for pairs (DPO) and pairs read as unpaired examples (KTO), the
     cached ids are encode_completion's; a record whose prompt the template does not render as a
     prefix of the whole conversation stops the build with its line."""
-    from finetune.data import DataError
-    from finetune.data_cache import ENCODE_BATCH, prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import ENCODE_BATCH, prepared_split
+    from finetune.data.files import DataError
+    from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     rows = price_pairs(ENCODE_BATCH + 20, 4)
@@ -195,12 +195,12 @@ def test_preference_records_with_tools_are_read_checked_and_cached_with_the_tool
     calls rendered with the tools block (encode_completion with the tools), and DPO trains on them."""
     from data_prep.validate import validate_file
     from finetune.config import load_config
-    from finetune.data import DataError
-    from finetune.data_cache import prepared_split
-    from finetune.evaluation import evaluate
-    from finetune.modeling import load_tokenizer
-    from finetune.preview import preview_examples
-    from finetune.training import train
+    from finetune.data.cache import prepared_split
+    from finetune.data.files import DataError
+    from finetune.data.preview import preview_examples
+    from finetune.eval.evaluation import evaluate
+    from finetune.models.loading import load_tokenizer
+    from finetune.training.recipe import train
 
     pair = tool_pairs(1)[0]
     pref = normalize_preference(pair)
@@ -257,9 +257,9 @@ def test_preference_records_with_tools_are_read_checked_and_cached_with_the_tool
 
 
 def test_bad_preference_lines_are_all_named_with_their_line_numbers(tiny_model, tmp_path):
-    from finetune.data import DataError
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.data.files import DataError
+    from finetune.models.loading import load_tokenizer
 
     rows = price_pairs(6, 0)
     rows[1] = {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_GOOD]}
@@ -276,8 +276,8 @@ def test_bad_preference_lines_are_all_named_with_their_line_numbers(tiny_model, 
 
 
 def test_pairs_too_long_are_cut_or_dropped_as_configured(tiny_model, tmp_path):
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     long_answer = {"role": "assistant", "content": "The price is " + "very " * 60 + "high."}
@@ -322,13 +322,13 @@ def test_the_private_trl_hook_the_kit_overrides_is_guarded():
     import subprocess
     import sys
 
-    import finetune.preference as pref
+    import finetune.methods.preference as pref
 
     assert "_prepare_dataset" in vars(pref.KitDPOTrainer)
     # A TRL whose hook takes other arguments: importing the kit's trainer fails, naming the hook,
     # instead of the override silently never being called.
     code = ("from trl import DPOTrainer\nDPOTrainer._prepare_dataset = lambda self, dataset: dataset\n"
-            "import finetune.preference")
+            "import finetune.methods.preference")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "ImportError" in out.stderr and "_prepare_dataset now takes" in out.stderr, \
         out.stderr[-2000:]
@@ -370,8 +370,8 @@ def _independent_logps(base_dir: Path, adapter: Path, rows: list[dict]) -> dict[
 @pytest.mark.slow
 def test_dpo_with_lora_makes_the_model_prefer_the_right_answer(tiny_model, tmp_path):
     from finetune.config import load_config
-    from finetune.evaluation import evaluate
-    from finetune.training import train
+    from finetune.eval.evaluation import evaluate
+    from finetune.training.recipe import train
 
     train_rows, held_out = parity_pairs(480, 60)
     train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)
@@ -405,7 +405,7 @@ def test_eval_scores_unpaired_kto_records_next_to_pairs(tiny_model, tmp_path):
     accuracy of the tuned model against the base, equal to plain transformers + peft."""
     from transformers import AutoTokenizer
 
-    from finetune.evaluation import evaluate
+    from finetune.eval.evaluation import evaluate
     from finetune.tiny import build_random_adapter
 
     adapter = build_random_adapter(tiny_model, tmp_path / "adapter", std=0.2, seed=3)
@@ -443,7 +443,7 @@ def test_eval_scores_unpaired_kto_records_next_to_pairs(tiny_model, tmp_path):
 
 def test_preview_and_validate_read_preference_files_as_training_does(tiny_model, tmp_path):
     from data_prep.validate import validate_file
-    from finetune.preview import preview_examples
+    from finetune.data.preview import preview_examples
 
     rows = [{"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]},
             {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_GOOD]},
@@ -461,7 +461,7 @@ def test_preview_and_validate_read_preference_files_as_training_does(tiny_model,
 def test_plan_counts_the_pair_forward_and_the_reference():
     from dataclasses import replace
 
-    from finetune.plan import ModelShape, Setup, activation_bytes, make_plan
+    from finetune.plan.memory import ModelShape, Setup, activation_bytes, make_plan
 
     shape = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, vocab_size=128256)
@@ -527,7 +527,7 @@ def test_dpo_with_lora_under_zero3_on_two_processes(tiny_model, tmp_path):
 def test_qlora_dpo_trains_and_exports_a_plain_peft_adapter(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes")
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
     from tests.finetune.test_distributed import _check_adapter
 
     config, run = _dpo_config(tmp_path, tiny_model, adapter="qlora")
@@ -542,7 +542,7 @@ def test_full_fine_tuning_dpo_precomputed_reference_equals_a_reference_model(tin
     """Full fine-tuning: the reference is a second model loaded from the same path, or its log-probs
     computed once before training (dpo.precompute_ref_log_probs): the losses are the same."""
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", price_pairs(48, 0))
     losses = {}
@@ -564,7 +564,7 @@ def test_full_fine_tuning_dpo_precomputed_reference_equals_a_reference_model(tin
     stored = sorted(cache.rglob("cache-*.arrow"))
     assert stored, sorted(p.name for p in cache.rglob("*"))
     before = {p: p.stat().st_mtime_ns for p in stored}
-    import finetune.preference as pref
+    import finetune.methods.preference as pref
 
     calls = []
     original = pref.KitDPOTrainer.compute_ref_log_probs
@@ -586,7 +586,7 @@ def _first_step(tiny_model, tmp_path, rows, method, *extra, name: str = ""):
     """Train one step on exactly one batch of these rows; the logged first-step record (its loss
     comes from the forward pass before the update, on the untouched base: a fresh adapter is 0)."""
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     path = write_jsonl(tmp_path / f"{method}{name}.jsonl", rows)
     run = tmp_path / f"run-{method}{name}"
@@ -603,7 +603,7 @@ def _hand_completion_logps(tiny_model, rows):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.modeling import load_tokenizer
+    from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -664,8 +664,8 @@ def test_orpo_simpo_and_kto_with_lora_also_make_the_model_prefer_the_right_answe
     replies by their mean log-probability per token, so theirs is the per-token accuracy (the
     replies differ in length: "odd" and "even" are not the same number of tokens here)."""
     from finetune.config import load_config
-    from finetune.evaluation import evaluate
-    from finetune.training import train
+    from finetune.eval.evaluation import evaluate
+    from finetune.training.recipe import train
 
     train_rows, held_out = parity_pairs(480, 60)
     train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)
@@ -689,7 +689,7 @@ def test_orpo_simpo_and_kto_with_lora_also_make_the_model_prefer_the_right_answe
 
 
 def test_kto_kl_completions_come_from_the_other_examples_of_the_batch():
-    from finetune.preference import KTOBatchCollator
+    from finetune.methods.preference import KTOBatchCollator
 
     examples = [{"prompt_ids": [1, 2], "completion_ids": [10 + i] * (i + 1), "label": i % 2 == 0, "length": 9}
                 for i in range(3)]
@@ -733,7 +733,7 @@ def test_method_sections_are_checked_against_the_method(tiny_model, chat_data, t
 def test_plan_counts_no_reference_for_orpo_and_simpo_and_one_for_kto():
     from dataclasses import replace
 
-    from finetune.plan import ModelShape, Setup, activation_bytes, make_plan
+    from finetune.plan.memory import ModelShape, Setup, activation_bytes, make_plan
 
     shape = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, vocab_size=128256)
@@ -776,7 +776,7 @@ def test_orpo_and_kto_with_lora_under_zero3_on_two_processes(tiny_model, tmp_pat
 
 
 def test_the_trl_losses_the_reference_free_trainer_calls_are_guarded(monkeypatch):
-    import finetune.preference as pref
+    import finetune.methods.preference as pref
 
     orpo, cpo = pref._trl_pair_losses()
     assert orpo.__qualname__ == "ORPOTrainer.odds_ratio_loss" and cpo.__qualname__ == "CPOTrainer.cpo_loss"

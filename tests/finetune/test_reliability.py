@@ -36,7 +36,7 @@ def _limit_file_size_child(cfg: Path, event: str, condition: str) -> str:
 import resource, signal, sys
 from transformers import TrainerCallback
 from finetune.cli import main
-import finetune.training as T
+import finetune.training.recipe as T
 
 class LimitFileSize(TrainerCallback):
     def {event}(self, args, state, control, **kw):
@@ -147,7 +147,7 @@ def test_pickle_weights_that_carry_code_are_refused(tiny_model, tmp_path):
     import torch
 
     from finetune.errors import UnsafeCheckpointError
-    from finetune.modeling import load_base_model
+    from finetune.models.loading import load_base_model
 
     evil = tmp_path / "evil-model"
     shutil.copytree(tiny_model, evil)
@@ -183,7 +183,7 @@ def test_trust_remote_code_stays_off_unless_asked(tiny_model, chat_data, tmp_pat
     (remote / "config.json").write_text(json.dumps(conf))
     marker = tmp_path / "ran"
     (remote / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    from finetune.modeling import load_base_model
+    from finetune.models.loading import load_base_model
 
     with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises, the code must not run
         load_base_model(str(remote))
@@ -191,9 +191,9 @@ def test_trust_remote_code_stays_off_unless_asked(tiny_model, chat_data, tmp_pat
 
 
 def test_trust_remote_code_when_asked_names_the_repository(tiny_model, caplog):
-    from finetune.modeling import load_base_model
+    from finetune.models.loading import load_base_model
 
-    with caplog.at_level("WARNING", logger="finetune.modeling"):
+    with caplog.at_level("WARNING", logger="finetune.models.loading"):
         load_base_model(str(tiny_model), trust_remote_code=True)
     assert any("trust_remote_code=True" in r.message and str(tiny_model) in r.message for r in caplog.records)
 

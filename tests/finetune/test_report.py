@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from finetune.report import compare, format_table, higher_is_better, write_report
+from finetune.eval.report import compare, format_table, higher_is_better, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,7 +135,7 @@ def test_write_report_writes_all_files(tmp_path, caplog):
     _write_jsonl(jsonl)
     out = tmp_path / "eval"
 
-    with caplog.at_level(logging.WARNING, logger="finetune.report"):
+    with caplog.at_level(logging.WARNING, logger="finetune.eval.report"):
         paths = write_report(out, report, metrics_jsonl=jsonl)
 
     assert paths == {

@@ -28,7 +28,7 @@ def test_the_cli_and_its_help_load_no_ml_library():
 
 def test_training_evaluation_and_inference_modules_load_only_what_every_run_needs():
     optional = ("deepspeed", "matplotlib", "optuna", "trl", "lm_eval", "sacrebleu")
-    code = "import finetune.training, finetune.evaluation, finetune.inference, finetune.plan, finetune.data_cache"
+    code = "import finetune.training.recipe, finetune.eval.evaluation, finetune.inference.load, finetune.plan.memory, finetune.data.cache"
     assert _loaded(code, optional) == set()
 
 

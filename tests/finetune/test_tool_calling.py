@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from finetune.chat_template import (
+from finetune.data.chat_template import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     ChatFormatError,
@@ -43,7 +43,7 @@ WEIGHTED = [
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):
-    from finetune.modeling import load_tokenizer
+    from finetune.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 
@@ -104,7 +104,7 @@ def test_a_weight_0_assistant_turn_trains_no_token(tok):
 
 
 def test_the_tool_template_renders_tool_free_chats_exactly_as_chatml(tok):
-    from finetune.chat_template import CHATML_TOOLS_TEMPLATE
+    from finetune.data.chat_template import CHATML_TOOLS_TEMPLATE
 
     assert tok.chat_template == CHATML_TOOLS_TEMPLATE  # the tiny model's template
     for ex in make_chat_examples(40, seed=5) + [{"messages": WEIGHTED}]:
@@ -114,9 +114,9 @@ def test_the_tool_template_renders_tool_free_chats_exactly_as_chatml(tok):
 
 def test_chatml_without_tools_is_one_clear_error_before_training(tool_model, tmp_path):
     from finetune.config import load_config
-    from finetune.data import DataError
-    from finetune.modeling import load_tokenizer
-    from finetune.training import train
+    from finetune.data.files import DataError
+    from finetune.models.loading import load_tokenizer
+    from finetune.training.recipe import train
 
     plain = load_tokenizer(str(tool_model), chat_template="chatml")
     with pytest.raises(ChatFormatError, match="`chatml`.*cannot render it: it ignores `tools`.*chat_template: chatml_tools"):
@@ -144,7 +144,7 @@ def test_chatml_without_tools_is_one_clear_error_before_training(tool_model, tmp
 
 def test_preview_shows_the_masks_of_tool_calling_examples(tool_model, tmp_path):
     from finetune.config import load_config
-    from finetune.preview import preview_examples
+    from finetune.data.preview import preview_examples
 
     data = write_jsonl(tmp_path / "train.jsonl", [{"tools": TOOLS, "messages": TOOL_CHAT}, {"messages": WEIGHTED}])
     cfg = load_config(None, [f"model={tool_model}", f"data.train={data}", f"output_dir={tmp_path / 'r'}",
@@ -175,7 +175,7 @@ def test_parse_tool_calls_reads_the_template_format_and_counts_what_does_not_par
 
 
 def test_tool_call_metrics_ignore_key_order_and_call_order():
-    from finetune.metrics import score_tool_calls
+    from finetune.eval.metrics import score_tool_calls
 
     def call(name, args):
         return {"type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
@@ -198,7 +198,7 @@ def test_tool_call_metrics_ignore_key_order_and_call_order():
 
 
 def test_chat_reply_is_the_text_callers_had_plus_the_parsed_calls():
-    from finetune.inference import ChatReply
+    from finetune.inference.load import ChatReply
 
     plain = ChatReply("It is $9.")
     assert plain == "It is $9." and isinstance(plain, str) and plain.tool_calls == []
@@ -214,8 +214,8 @@ def test_chat_reply_is_the_text_callers_had_plus_the_parsed_calls():
 def test_eval_scores_tool_call_references_next_to_the_text_metrics(tool_model, tmp_path, monkeypatch):
     """The wiring of `finetune eval`: what the model generates (replaced here by fixed replies, so
     the figures are known) is parsed in the template's format and scored against the references."""
-    import finetune.inference as inference
-    from finetune.evaluation import evaluate
+    import finetune.inference.load as inference
+    from finetune.eval.evaluation import evaluate
 
     short = TOOL_CHAT[:2]  # system + user; each row adds its reference turn
     lima = {**CALL_OSLO, "function": {"name": "weather", "arguments": '{"city": "Lima"}'}}
@@ -253,7 +253,7 @@ def test_eval_scores_tool_call_references_next_to_the_text_metrics(tool_model, t
     # A template that cannot render the set's tools is refused, naming the line and the fix.
     import shutil
 
-    from finetune.modeling import load_tokenizer
+    from finetune.models.loading import load_tokenizer
 
     plain_dir = tmp_path / "plain"
     load_tokenizer(str(tool_model), chat_template="chatml").save_pretrained(plain_dir)
@@ -265,7 +265,7 @@ def test_eval_scores_tool_call_references_next_to_the_text_metrics(tool_model, t
 
 
 def test_tiny_tokenizer_gives_the_tools_block_lines_one_token_each_and_not_the_messages(tool_model):
-    from finetune.modeling import load_tokenizer
+    from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tool_model))
     added = set(tok.get_added_vocab())

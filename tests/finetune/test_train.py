@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import load_config
-from finetune.data import DataError
+from finetune.data.files import DataError
 from finetune.errors import RunDirError
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def _read_metrics(run: Path) -> list[dict]:
 def test_lora_train_exports_a_loadable_adapter(tiny_model, chat_data, tmp_path):
     from safetensors.torch import load_file
 
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     run = train(_cfg(tiny_model, chat_data, tmp_path / "run", "training.max_steps=12", "training.eval_steps=6"))
     adapter = run / "adapter"
@@ -63,7 +63,7 @@ def test_lora_train_exports_a_loadable_adapter(tiny_model, chat_data, tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint(tiny_model, chat_data, tmp_path):
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     out = tmp_path / "run"
     train(_cfg(tiny_model, chat_data, out, "training.max_steps=4", "training.save_steps=2",
@@ -77,7 +77,7 @@ def test_resume_continues_from_the_checkpoint(tiny_model, chat_data, tmp_path):
 
 
 def test_bad_data_fails_before_training_with_file_and_line(tiny_model, chat_data, tmp_path):
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     bad = tmp_path / "bad.jsonl"
     lines = chat_data["train"].read_text().splitlines()[:3]
@@ -89,7 +89,7 @@ def test_bad_data_fails_before_training_with_file_and_line(tiny_model, chat_data
 
 
 def test_examples_with_no_trained_token_are_refused(tiny_model, chat_data, tmp_path):
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     # max_length=16 cuts every example before its assistant turn: nothing would be trained.
     with pytest.raises(DataError, match=r"have no trained token.*train\.jsonl:1"):
@@ -97,7 +97,7 @@ def test_examples_with_no_trained_token_are_refused(tiny_model, chat_data, tmp_p
 
 
 def test_empty_dataset_is_a_clear_error(tiny_model, chat_data, tmp_path):
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -112,7 +112,7 @@ def test_a_run_predicted_not_to_fit_is_refused_before_loading_and_force_override
     import shutil
 
     from finetune.config import ConfigError
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     big = tmp_path / "llama70b"
     big.mkdir()

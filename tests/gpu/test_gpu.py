@@ -83,7 +83,7 @@ def test_a_single_training_process_uses_one_gpu_whatever_the_node_has(gpu_run):
 
 def test_eval_inference_and_the_sweep_objective_run_on_the_gpu(gpu_run, chat_data, tmp_path):
     from finetune import chat, evaluate, load_for_inference
-    from finetune.sweep import _worker_gpus
+    from finetune.sweep import assign_worker_gpus
 
     run, _ = gpu_run
     model, tok = load_for_inference(run / "adapter")
@@ -94,7 +94,7 @@ def test_eval_inference_and_the_sweep_objective_run_on_the_gpu(gpu_run, chat_dat
                       max_new_tokens=4, metrics=["exact_match"])
     assert report["meta"]["device"].startswith("cuda"), report["meta"]
     n = torch.cuda.device_count()
-    assert _worker_gpus(n) == [str(i) for i in range(n)]  # one GPU per sweep worker
+    assert assign_worker_gpus(n) == [str(i) for i in range(n)]  # one GPU per sweep worker
 
 
 def test_merge_needs_no_gpu_and_matches_base_plus_adapter(gpu_run, tmp_path):
@@ -127,7 +127,7 @@ def test_full_fine_tuning_keeps_fp32_master_weights_under_bf16_autocast(tiny_mod
     from transformers import TrainerCallback
 
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     seen = {}
 
@@ -144,9 +144,9 @@ def test_chunked_scoring_on_the_gpu_equals_full_logits(tiny_model, chat_data):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.chat_template import encode_chat
-    from finetune.data import pad_collate, read_chat_jsonl
-    from finetune.evaluation import scored_token_sums
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import pad_collate, read_chat_jsonl
+    from finetune.eval.evaluation import scored_token_sums
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = [encode_chat(tok, r["messages"], max_length=128) for r in read_chat_jsonl(chat_data["eval"])[:6]]
@@ -197,7 +197,7 @@ def _preference_run(tiny_model, tmp_path, rows, method, *extra) -> tuple[list[di
     from transformers import TrainerCallback
 
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
     from tests.conftest import write_jsonl
 
     seen = {}
@@ -321,7 +321,7 @@ def test_liger_kernels_are_applied_and_give_the_loss_of_the_kits_chunked_loss(ti
     from transformers import TrainerCallback
 
     from finetune.config import load_config
-    from finetune.training import train
+    from finetune.training.recipe import train
 
     seen: dict = {}
 
@@ -367,10 +367,11 @@ def test_the_triton_divergence_equals_the_cpu_one(tiny_model, gpu_student, chat_
     checks against a hand computation): the same loss and gradients on the same batch, in fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.chat_template import encode_chat
     from finetune.config import DistillSection
-    from finetune.data import pad_collate, read_chat_jsonl
-    from finetune.distill import install_distill_loss, install_teacher_hidden
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import pad_collate, read_chat_jsonl
+    from finetune.methods.distill_trainer import install_distill_loss
+    from finetune.models.teacher import install_teacher_hidden
 
     tok = AutoTokenizer.from_pretrained(gpu_student)
     rows = [encode_chat(tok, r["messages"], max_length=128) for r in read_chat_jsonl(chat_data["eval"])[:6]]
@@ -423,7 +424,7 @@ def test_generate_with_vllm_gives_the_transformers_answers(tmp_path):
     """vLLM on the GPU and transformers generate write the same file (greedy; vLLM computes in 16 bits,
     so a near tie may flip a token: at least 4 of 5 answers must agree exactly)."""
     pytest.importorskip("vllm")
-    from finetune.generate import generate_file
+    from finetune.inference.generate import generate_file
     from finetune.tiny import build_random_adapter, build_tiny_model
     from tests.conftest import make_chat_examples, write_jsonl
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.build import build
-from finetune.report import write_report
-from finetune.utils import atomic_write_text
+from finetune.console import atomic_write_text
+from finetune.eval.report import write_report
 from kitcore.io import atomic_write_via
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.build import build
 from data_prep.validate import validate_file
-from finetune.data import DataError, read_chat_jsonl
+from finetune.data.files import DataError, read_chat_jsonl
 
 ASSISTANT = {"role": "assistant", "content": "It is sunny."}
 LINES = [
@@ -157,8 +157,8 @@ def _lines_named(path: Path, text: str) -> set[int]:
 
 def test_validate_training_reader_and_data_cache_agree_on_tool_calling_records(tmp_path, tiny_model) -> None:
     from finetune.config import load_config
-    from finetune.data_cache import prepared_split
-    from finetune.modeling import load_tokenizer
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
 
     path = _tool_file(tmp_path)
     expected = {n for n, (_, kinds) in enumerate(TOOL_LINES, 1) if kinds}

@@ -1,0 +1,1 @@
+"""`finetune export`: a merged model as GGUF for llama.cpp and Ollama (gguf.py)."""

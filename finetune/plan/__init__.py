@@ -1,0 +1,1 @@
+"""`finetune plan`: will a run fit, per device, before anything loads (memory.py)."""

@@ -1,0 +1,238 @@
+"""What a run's config and its launch decide together, checked before anything loads: which DeepSpeed
+JSON, the ZeRO stage, the dtype the weights load in, autocast, and the 4-bit settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.config import ConfigError, TrainConfig
+from finetune.models.loading import resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["resolve_deepspeed_config", "uses_deepspeed", "zero_stage", "quantization_settings", "autocast_flags",
+           "deepspeed_dtype", "check_quantized_storage", "weights_dtype", "Kernels", "kernel_settings",
+           "four_bit_settings"]
+
+
+def resolve_deepspeed_config(cfg: TrainConfig) -> None:
+    """One DeepSpeed JSON per run, whichever way it is named.
+
+    `accelerate launch --config_file <deepspeed yaml>` exports the yaml's `deepspeed_config_file` as
+    ACCELERATE_DEEPSPEED_CONFIG_FILE. Rule: the training config's `deepspeed` key wins when the
+    launcher names no file; when it is unset, the launcher's file is used (and written to the run's
+    config.yaml); when both are set they must be the same file or hold the same JSON, else it is an
+    error, since DeepSpeed would otherwise run with a config the user did not read.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if launcher in ("", "none"):
+        return
+    if not Path(launcher).is_file():
+        raise ConfigError("accelerate launch", [(
+            "deepspeed_config_file",
+            f"file not found: {launcher} (relative paths are read from {os.getcwd()}; launch from the "
+            "repository root or make the path absolute)",
+        )])
+    if not cfg.deepspeed:
+        cfg.deepspeed = launcher
+        return
+    same = Path(cfg.deepspeed).resolve() == Path(launcher).resolve() or (
+        json.loads(Path(cfg.deepspeed).read_text()) == json.loads(Path(launcher).read_text()))
+    if not same:
+        raise ConfigError("training config vs accelerate launch", [(
+            "deepspeed",
+            f"{cfg.deepspeed} differs from the accelerate config's deepspeed_config_file {launcher}; "
+            "unset `deepspeed` (the launcher's file is used) or point both at the same JSON",
+        )])
+
+
+def uses_deepspeed(cfg: TrainConfig) -> bool:
+    """A DeepSpeed JSON in the config, or `accelerate launch` with a DeepSpeed yaml (which may hold
+    its DeepSpeed settings inline instead of in a file)."""
+    return bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def zero_stage(cfg: TrainConfig) -> int:
+    """The ZeRO stage of this run: 0 without DeepSpeed."""
+    if cfg.deepspeed:
+        stage = json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+        return int(stage) if str(stage).isdigit() else 0
+    if uses_deepspeed(cfg):  # accelerate launch with inline DeepSpeed settings
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+    return 0
+
+
+def quantization_settings(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
+    """("4bit" | "8bit" | None, bitsandbytes settings) for this run's student."""
+    if cfg.adapter != "qlora":
+        return None, None
+    if cfg.quantization.bits == 8:
+        return "8bit", {}
+    return "4bit", four_bit_settings(cfg)
+
+
+def four_bit_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The bitsandbytes 4-bit settings of the quantization section (the student's for QLoRA, the
+    teacher's for `distill.teacher_load_in_4bit`)."""
+    import torch
+
+    q = cfg.quantization
+    compute = resolve_dtype(cfg.dtype if q.compute_dtype == "auto" else q.compute_dtype)
+    storage = compute if q.storage_dtype == "auto" else getattr(torch, q.storage_dtype)
+    return dict(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=compute, storage_dtype=storage)
+
+
+def autocast_flags(cfg: TrainConfig, rt) -> tuple[bool, bool]:
+    """(bf16, fp16) for the Trainer, and so for DeepSpeed's "auto" precision fields. The compute
+    dtype (resolve_dtype: bf16 on GPUs that have it, else fp32) decides, whatever dtype the weights
+    were loaded in (weights_dtype)."""
+    import torch
+
+    compute = resolve_dtype(cfg.dtype) if cfg.training.precision == "auto" else None
+    bf16 = cfg.training.precision == "bf16" or (compute is torch.bfloat16 and rt.on_accelerator)
+    fp16 = cfg.training.precision == "fp16" or (compute is torch.float16 and rt.on_accelerator)
+    return bf16, fp16
+
+
+def deepspeed_dtype(cfg: TrainConfig, rt):
+    """The dtype DeepSpeed casts the model's floating-point parameters to (None without DeepSpeed)."""
+    import torch
+
+    if not cfg.deepspeed:
+        return None
+    ds = json.loads(Path(cfg.deepspeed).read_text())
+    bf16, fp16 = autocast_flags(cfg, rt)
+
+    def enabled(section: str, auto: bool) -> bool:
+        v = (ds.get(section) or {}).get("enabled", False)
+        return auto if v == "auto" else bool(v)
+
+    if enabled("bf16", bf16) or enabled("bfloat16", bf16):
+        return torch.bfloat16
+    if enabled("fp16", fp16):
+        return torch.float16
+    return torch.float32
+
+
+def check_quantized_storage(cfg: TrainConfig, rt) -> None:
+    """QLoRA under DeepSpeed: the packed 4-bit weights must be stored in DeepSpeed's dtype.
+
+    With fp16 or bf16 on, DeepSpeed casts every floating-point parameter of the model to that
+    dtype by value (`p.data = p.data.to(dtype)`; ZeRO-3 too, since a quantized model is not built
+    under zero.Init). 4-bit
+    weights packed into bf16 "storage" elements and then cast to fp16 are different bytes: the
+    model trains on garbage without any error. So the storage dtype must equal DeepSpeed's dtype
+    (`quantization.storage_dtype: auto` follows the compute dtype, which matches whenever
+    `training.precision` and `dtype` are left at auto). uint8 storage is left alone by the cast
+    but cannot be flattened with the other parameters into ZeRO-3's partitions.
+    """
+    import torch
+
+    quantize, _ = quantization_settings(cfg)
+    teacher = cfg.method_spec.teacher(cfg)
+    four_bit_teacher = bool(teacher and teacher["load_in_4bit"])  # a 4-bit teacher: the same settings
+    ds_dtype = deepspeed_dtype(cfg, rt)
+    if (quantize != "4bit" and not four_bit_teacher) or ds_dtype is None:
+        return
+    storage = four_bit_settings(cfg)["storage_dtype"]
+    stage = zero_stage(cfg)
+    if ds_dtype == torch.float32 and storage != torch.uint8:
+        return  # no fp16/bf16: DeepSpeed casts nothing, and ZeRO-3 partitions each dtype as it is
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    if storage == torch.uint8:
+        if stage == 3:
+            raise ConfigError("training config", [("quantization.storage_dtype", (
+                f"uint8 storage cannot be partitioned by ZeRO-3; set it to auto (or {name(ds_dtype)}, the dtype "
+                "DeepSpeed trains in)"))])
+        return
+    if storage != ds_dtype:
+        raise ConfigError("training config", [("quantization.storage_dtype", (
+            f"the 4-bit weights would be stored as {name(storage)} but DeepSpeed ({cfg.deepspeed}) casts every "
+            f"floating-point parameter to {name(ds_dtype)}, which corrupts the packed weights silently; set "
+            f"quantization.storage_dtype={name(ds_dtype)} (or make training.precision / the DeepSpeed JSON's "
+            f"bf16/fp16 match {name(storage)})"))])
+
+
+def weights_dtype(cfg: TrainConfig, rt) -> str:
+    """The dtype the base weights are loaded in.
+
+    Full fine-tuning on a GPU without DeepSpeed at `dtype: auto` loads fp32 weights and trains
+    with bf16 autocast: the optimizer then updates fp32 master weights. Loaded in bf16, AdamW would
+    update bf16 weights in place and lose every update below bf16's resolution (~0.4% of the
+    weight). DeepSpeed keeps fp32 master weights itself, and LoRA trains fp32 adapter weights
+    (PEFT upcasts them) over a frozen base, so those load the base in the compute dtype.
+    An explicit `dtype: bfloat16` keeps pure bf16 training, with a warning."""
+    if cfg.adapter == "full" and not uses_deepspeed(cfg) and rt.on_accelerator:
+        if cfg.dtype == "auto":
+            return "float32"
+        if cfg.dtype in ("bfloat16", "float16"):
+            logger.warning("dtype=%s with full fine-tuning and no DeepSpeed trains without fp32 master weights "
+                           "(updates below %s resolution are lost); dtype=auto trains fp32 weights with "
+                           "autocast", cfg.dtype, cfg.dtype)
+    return cfg.dtype
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The GPU kernels a run uses. `liger` holds the keyword arguments of Liger's
+    apply_liger_kernel_to_<model> (what transformers' TrainingArguments.liger_kernel_config passes on);
+    None: no kernel library. `fused_loss`: Liger's fused linear cross-entropy replaces the kit's
+    chunked loss (finetune.models.losses), so the kit must not install its own."""
+
+    liger: dict[str, bool] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fused_loss(self) -> bool:
+        return bool(self.liger and self.liger.get("fused_linear_cross_entropy"))
+
+
+def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
+    """What `training.kernels` means on this device, for this model and loss; checked before the
+    model loads.
+
+    liger on a CUDA device: RMSNorm, RoPE and SwiGLU kernels, and for `training.loss: chunked`
+    Liger's fused linear cross-entropy (logits a chunk at a time, gradient computed in the forward,
+    in the compute dtype), except under ZeRO-3: Liger's loss reads `lm_head.weight` directly, and
+    ZeRO-3 gathers a weight only when its module's forward runs, so the kernel would see the
+    0-element shard; there the kit's chunked loss (which calls the head module) stays and the other
+    kernels still apply. `training.loss: full` gets Liger's cross-entropy kernel on full logits.
+    Triton kernels need CUDA: on CPU (and MPS) the run goes on without them and says so."""
+    if cfg.training.kernels == "none":
+        return Kernels()
+    if not rt.device.startswith("cuda"):
+        note = (f"training.kernels=liger: Liger's Triton kernels need a CUDA GPU; this run on {rt.device} "
+                "trains without them")
+        logger.warning(note)
+        return Kernels(notes=[note])
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        raise ConfigError("training config", [("training.kernels", (
+            f"liger-kernel is not importable ({e}); pip install 'finetune-kit[liger]' (needs CUDA and Triton), "
+            "or set training.kernels=none"))]) from e
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        supported = ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))
+        raise ConfigError("training config", [("training.kernels", (
+            f"Liger has no kernels for model type {model_type!r} ({cfg.model}); supported: {supported}. "
+            "Set training.kernels=none"))])
+    notes = []
+    method = cfg.method_spec
+    fused = cfg.training.loss == "chunked" and method.token_loss
+    if not method.token_loss:
+        notes.append(f"method {method.name}: {method.own_head or 'its loss is its own'}; Liger's fused loss stays "
+                     "off (its RMSNorm/RoPE/SwiGLU kernels apply)")
+    if fused and zero_stage(cfg) == 3:
+        fused = False
+        notes.append("ZeRO-3: Liger's fused linear cross-entropy cannot see the partitioned lm_head weight; "
+                     "the kit's chunked loss is used, with Liger's RMSNorm/RoPE/SwiGLU kernels")
+    liger = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": fused,
+             "cross_entropy": cfg.training.loss == "full"}
+    return Kernels(liger=liger, notes=notes)

@@ -1,0 +1,483 @@
+"""`finetune train`: config -> distributed state -> data -> model (+adapter) -> trainer -> train ->
+export -> eval. Read top to bottom, it is the recipe; the pieces live beside it:
+
+    kitcore/runtime.py     the device and the process group
+    finetune/training/launch.py  DeepSpeed JSON, ZeRO stage, dtypes, 4-bit settings (checked before loading)
+    finetune/data/cache.py the tokenized data, built once, memory-mapped by every rank
+    finetune/training/run_dir.py    the run directory: overwrite/resume rules, run.json, the exported adapter
+    finetune/training/callbacks.py  metrics log, pre-emption, COMPLETE markers
+
+Thin over `transformers.Trainer`: it owns the loop, gradient accumulation (token-weighted via
+`num_items_in_batch`), checkpoint/resume and the accelerate/DeepSpeed mechanics. The kit adds what
+it gets wrong or leaves out: loss masks from the chat template, gloo on CPU clusters, kill-safe
+checkpoints, a run directory that refuses to be overwritten, and an exported adapter that carries
+its tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune.compat import checkpointing_off
+from finetune.config import ConfigError, TrainConfig
+from finetune.console import rank0_print
+from finetune.data.files import DataStats
+from finetune.data.kinds import kind
+from finetune.errors import CheckpointWriteError, Preempted, RunDirError
+from finetune.models.loading import load_base_model, load_tokenizer
+from finetune.training.callbacks import PREEMPTED_EXIT_CODE, CheckpointMarker, MetricsLogger, Preemption
+from finetune.training.launch import (
+    Kernels,
+    autocast_flags,
+    check_quantized_storage,
+    kernel_settings,
+    quantization_settings,
+    resolve_deepspeed_config,
+    uses_deepspeed,
+    weights_dtype,
+    zero_stage,
+)
+from finetune.training.run_dir import (
+    export_weights,
+    latest_complete_checkpoint,
+    setup_run_dir,
+    write_run_info,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train", "RunDirError", "latest_complete_checkpoint", "PREEMPTED_EXIT_CODE"]
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> Path:
+    """Train as configured; returns the run directory. `callbacks`: extra `TrainerCallback`s
+    (e.g. a sweep's pruning callback). The caller's `cfg` is not modified, and environment
+    variables that the libraries set during the run (accelerate's ACCELERATE_USE_DEEPSPEED, ...)
+    are restored afterwards, so a second run in the same process (a sweep trial) starts clean."""
+    cfg = cfg.model_copy(deep=True)
+    with _scoped_environ():
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks) -> Path:
+    from kitcore import runtime
+
+    run_dir = Path(cfg.output_dir)
+    resolve_deepspeed_config(cfg)
+    rt = _setup_distributed(cfg)
+    check_quantized_storage(cfg, rt)
+    resume_from = setup_run_dir(cfg, run_dir, rt)
+    _check_plan(cfg, rt)
+    tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
+                               trust_remote_code=cfg.trust_remote_code)
+    # What the method checks with the tokenizer, before any weights load (distill: one tokenizer for both).
+    cfg.method_spec.hook("before_model", lambda cfg, tokenizer: None)(cfg, tokenizer)
+    train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
+    # Liger patches its model family's transformers module for the whole process; undone on return.
+    patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
+    with scoped_module_globals(patched):
+        stopped_at = _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
+    # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
+    runtime.release_accelerator_memory()
+    _cleanup_distributed()
+    if stopped_at is not None:
+        raise Preempted(stopped_at)
+    if cfg.eval.after_train and cfg.eval.data and rt.is_main:
+        from finetune.eval.evaluation import evaluate_run
+
+        evaluate_run(run_dir, cfg, subprocess=rt.distributed or bool(cfg.deepspeed))
+    return run_dir
+
+
+def _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks) -> int | None:
+    """Build the model and the Trainer, train, export. Returns the step a pre-emption stopped at
+    (None when training finished). Everything heavy lives in this frame and is freed on return."""
+    kernels = kernel_settings(cfg, rt, _model_type(cfg) if cfg.training.kernels != "none" else None)
+    args = _training_args(cfg, run_dir, eval_ds is not None, rt, kernels)
+    # Seed before the adapter weights are created: the Trainer seeds only when it is built, so
+    # without this a run's LoRA init depended on what ran earlier in the same process.
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model = _setup_model(cfg, tokenizer, rt, kernels)
+    trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks)
+    _print_summary(cfg, trainer, model, data_stats)
+    write_run_info(cfg, run_dir, trainer, data_stats, rt)
+
+    preempt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Preemption))
+    preempt.install()
+    try:
+        _train_with_checkpoint_errors(trainer, resume_from)
+    finally:
+        preempt.uninstall()
+    if preempt.stopped:
+        trainer.accelerator.wait_for_everyone()
+        rank0_print(f"Pre-empted ({preempt.signal_name}): checkpoint saved at step "
+                    f"{trainer.state.global_step}; re-run the same command with resume=true to continue.")
+        return trainer.state.global_step
+    export_weights(cfg, run_dir, trainer, tokenizer)
+    trainer.accelerator.wait_for_everyone()
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------
+class _scoped_environ:
+    """Undo, on exit, every change made to os.environ inside the block (added, changed, removed)."""
+
+    def __enter__(self):
+        self._before = dict(os.environ)
+        return self
+
+    def __exit__(self, *exc):
+        for key in set(os.environ) - set(self._before):
+            del os.environ[key]
+        for key, value in self._before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        return False
+
+
+class scoped_module_globals:
+    """Restore, on exit, the names of module `name` (e.g. transformers.models.llama.modeling_llama)
+    that were rebound inside the block. Liger's kernels are applied by rebinding that module's
+    RMSNorm, MLP and rotary-embedding names process-wide, not only on the model being trained: left
+    so, every later model of that family built in the process (an evaluation on CPU, the next sweep
+    trial with training.kernels=none) would run Triton kernels, and fail on a CPU tensor. The
+    trained model keeps its own Liger modules. `name` None: nothing to do."""
+
+    def __init__(self, name: str | None):
+        self.name = name
+
+    def __enter__(self):
+        import importlib
+
+        self._module = importlib.import_module(self.name) if self.name else None
+        self._before = dict(vars(self._module)) if self._module else {}
+        return self
+
+    def __exit__(self, *exc):
+        if self._module is not None:
+            names = vars(self._module)
+            for key, value in self._before.items():
+                if names.get(key) is not value:
+                    setattr(self._module, key, value)
+        return False
+
+
+def _modeling_module(cfg: TrainConfig) -> str | None:
+    """The transformers module that holds the model family's classes (None when it has none, e.g.
+    remote code)."""
+    import importlib.util
+
+    model_type = _model_type(cfg)
+    name = f"transformers.models.{model_type}.modeling_{model_type}"
+    try:
+        return name if importlib.util.find_spec(name) else None
+    except ModuleNotFoundError:
+        return None
+
+
+def _setup_distributed(cfg: TrainConfig):
+    """Create the process group the Trainer will use (kitcore.runtime decides the backend: NCCL on
+    GPUs, gloo without). Returns the Runtime."""
+    from kitcore import runtime
+
+    _, _, world, _ = runtime.launch_env()
+    if world > 1:
+        return runtime.start(deepspeed=uses_deepspeed(cfg), timeout_s=cfg.training.ddp_timeout_s)
+    return runtime.current()
+
+
+def _cleanup_distributed() -> None:
+    """Tear the process group down once every rank has saved: the post-training eval runs on rank 0
+    alone (in a clean subprocess after a distributed or DeepSpeed run), and with the group still up
+    it sharded its data and waited for ranks that had exited (gloo: "Connection closed by peer")."""
+    from kitcore import runtime
+
+    runtime.end()
+
+
+def _check_plan(cfg: TrainConfig, rt) -> None:
+    """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true.
+
+    On GPUs the budget is the device's memory; on CPU it is the memory available now (psutil)
+    shared by this node's processes, and the plan predicts RSS in CPU mode (fp32), the quantity
+    scripts/validate_plan.py checks against measurements (docs/plan.md). Runs before the model is
+    loaded: a run that cannot fit fails in a second, not after minutes of loading."""
+    import torch
+
+    from finetune.config import ConfigError
+    from finetune.plan.memory import plan_for_training, render_plan
+
+    if rt.device.startswith("cuda"):
+        device = "gpu"
+        mem = torch.cuda.get_device_properties(torch.device(rt.device)).total_memory
+    else:
+        import psutil
+
+        device = "cpu"
+        mem = int(psutil.virtual_memory().available / max(1, rt.local_world_size))
+    try:
+        plan = plan_for_training(cfg, world_size=rt.world_size, gpus_per_node=rt.local_world_size,
+                                 device=device, device_memory=mem)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        logger.warning("no memory plan for %s: %s", cfg.model, exc)
+        return
+    rank0_print(render_plan(plan))
+    if not plan.fits and not cfg.force:
+        raise ConfigError("memory plan", [("force", "predicted not to fit (see the table above); apply one of "
+                                          "the listed changes, or pass --force / force=true to try anyway")])
+
+
+def _setup_data(cfg: TrainConfig, tokenizer, rt=None):
+    """The tokenized splits, memory-mapped from the data cache (finetune.data.cache): built once by
+    one process per node (or job), then read by every rank; nothing is held as Python objects."""
+    from finetune.data.cache import prepared_split
+
+    train_ds, train_stats, _ = prepared_split(cfg, tokenizer, cfg.data.train, rt)
+    stats = {"train": train_stats}
+    eval_ds = None
+    columns = list(kind(cfg.method_spec.data).columns)
+    if cfg.data.eval:
+        eval_ds, stats["eval"], _ = prepared_split(cfg, tokenizer, cfg.data.eval, rt)
+        eval_ds = eval_ds.select_columns(columns)
+    return train_ds.select_columns([*columns, "length"]), eval_ds, stats
+
+
+def _model_type(cfg: TrainConfig) -> str | None:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code).model_type
+
+
+def _setup_model(cfg: TrainConfig, tokenizer, rt, kernels: Kernels | None = None):
+    quantize, qkw = quantization_settings(cfg)
+    model = load_base_model(
+        cfg.model, dtype=weights_dtype(cfg, rt), quantize=quantize, quant_kwargs=qkw,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+    )
+    # Liger's kernels are applied by the Trainer (TrainingArguments.use_liger_kernel); its fused
+    # linear cross-entropy, when on, is this run's chunked loss and replaces the model's forward.
+    # Preference training scores sequences through TRL's own chunked LM head (add_fused_lm_head).
+    if cfg.method_spec.token_loss and cfg.training.loss == "chunked" and not (kernels and kernels.fused_loss):
+        from finetune.models.losses import install_chunked_loss
+
+        if not install_chunked_loss(model):
+            logger.warning("%s does not split into a decoder and an LM head: training.loss=chunked falls back to "
+                           "the model's own loss over full logits", cfg.model)
+    modules_to_save = list(cfg.lora.modules_to_save)
+    emb = model.get_input_embeddings().weight
+    # Under ZeRO-3 the weight is a 0-element shard and its real shape is ds_shape: comparing with
+    # .shape resized every ZeRO-3 model to the tokenizer's length and trained embeddings in full.
+    if len(tokenizer) > getattr(emb, "ds_shape", emb.shape)[0]:
+        # The ChatML fallback added tokens the base has never seen: they need trained embeddings.
+        model.resize_token_embeddings(len(tokenizer))
+        for name in ("embed_tokens", "lm_head"):
+            if cfg.adapter != "full" and name not in modules_to_save:
+                modules_to_save.append(name)
+        logger.warning("added chat tokens to the vocabulary; training embed_tokens and lm_head in full")
+    model.config.use_cache = False
+    # Non-reentrant checkpointing: the reentrant kind (torch's fallback when no kwargs are passed,
+    # which prepare_model_for_kbit_training does) runs each layer's backward outside autograd's
+    # view, so DDP marks LoRA weights ready twice and the first backward fails.
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.adapter == "full":
+        if cfg.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantize:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
+        )
+    elif cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
+    lcfg = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    if cfg.init_adapter:
+        # Continue an adapter (SFT -> DPO): its own LoRA settings, trainable again.
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        own = peft_model.peft_config["default"]
+        if (own.r, own.lora_alpha) != (cfg.lora.r, cfg.lora.alpha):
+            logger.warning("init_adapter %s has r=%s alpha=%s; the config's lora section says r=%s alpha=%s "
+                           "(training continues the adapter as saved; `finetune plan` used the config's)",
+                           cfg.init_adapter, own.r, own.lora_alpha, cfg.lora.r, cfg.lora.alpha)
+        return peft_model
+    return get_peft_model(model, lcfg)
+
+
+def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels: Kernels | None = None):
+    """TrainingArguments from the config. Built BEFORE the model: with a ZeRO-3 DeepSpeed config this
+    registers it globally, so `from_pretrained` partitions weights as they load (zero.Init) instead
+    of materialising the whole model on every rank."""
+    from transformers import TrainingArguments
+
+    args_class, method_args = cfg.method_spec.hook("arguments", lambda cfg: (TrainingArguments, {}))(cfg)
+    t = cfg.training
+    strategy = "steps" if (t.eval_steps or t.save_steps) else "epoch"
+    eval_every = t.eval_steps or t.save_steps
+    save_every = t.save_steps or t.eval_steps
+    if has_eval and strategy == "steps":
+        # The best checkpoint must be a saved one, so saves happen at eval steps.
+        save_every = eval_every
+    bf16, fp16 = autocast_flags(cfg, rt)
+    dist_kwargs: dict[str, Any] = {"ddp_timeout": t.ddp_timeout_s}
+    if rt.distributed:
+        # Our process group (kitcore.runtime.start) is the one the Trainer must use.
+        dist_kwargs["accelerator_config"] = {"use_configured_state": True}
+        if rt.backend == "gloo":
+            dist_kwargs["ddp_backend"] = "gloo"
+        if cfg.adapter != "full":
+            # Every LoRA weight takes part in every forward. Left to the Trainer, a PeftModel gets
+            # find_unused_parameters=True, which with activation checkpointing fails the first
+            # backward ("Expected to mark a variable ready only once").
+            dist_kwargs["ddp_find_unused_parameters"] = False
+    elif not rt.on_accelerator:
+        dist_kwargs["use_cpu"] = True
+    report_to = [r for r in t.report_to if r != "none"] or "none"
+    if report_to != "none" and "tensorboard" in report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    args = args_class(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=strategy if has_eval else "no",
+        eval_steps=eval_every if has_eval and strategy == "steps" else None,
+        save_strategy=strategy,
+        save_steps=save_every if strategy == "steps" else None,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        bf16=bf16,
+        fp16=fp16,
+        train_sampling_strategy=method_args.pop("train_sampling_strategy", "random"),  # group_by_length: the
+        # kit's sampler (LengthGroupedSampling._get_train_sampler)
+        remove_unused_columns=False,
+        prediction_loss_only=True,  # eval during training needs eval_loss only (the chunked loss has no logits)
+        dataloader_num_workers=t.num_workers,
+        include_num_input_tokens_seen="non_padding",
+        report_to=report_to,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        deepspeed=cfg.deepspeed,
+        disable_tqdm=not rt.is_main,
+        use_liger_kernel=bool(kernels and kernels.liger),
+        liger_kernel_config=kernels.liger if kernels else None,
+        save_only_model=False,
+        **dist_kwargs,
+        **method_args,
+        **checkpointing_off(args_class),  # enabled on the model in _setup_model (PEFT needs it there)
+    )
+    if args.n_gpu > 1:
+        # One process that sees several GPUs: the Trainer would wrap the model in nn.DataParallel
+        # and multiply the batch by the GPU count (`finetune train` pins itself to GPU 0; this is
+        # a library call in a process whose CUDA was already initialised).
+        raise ConfigError("training setup", [("CUDA_VISIBLE_DEVICES", (
+            f"this single process sees {args.n_gpu} GPUs; set CUDA_VISIBLE_DEVICES to one GPU before "
+            "starting Python, or use `accelerate launch` to train data parallel"))])
+    return args
+
+
+def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extra_callbacks=()):
+    from transformers import EarlyStoppingCallback
+
+    t = cfg.training
+    has_eval = eval_ds is not None
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker(),
+                 Preemption(grace_s=t.preemption_grace_s)]
+    if has_eval and t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    callbacks.extend(extra_callbacks)
+    common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                  callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window)
+    common["data_collator"] = make_collator(cfg, tokenizer)
+    return cfg.method_spec.hook("trainer")(cfg, **common)
+
+
+def _train_with_checkpoint_errors(trainer, resume_from) -> None:
+    """trainer.train(), with a failed checkpoint write (full disk, quota, file-size limit) turned
+    into one error naming the path: the partial checkpoint is removed, and the previous COMPLETE one
+    is untouched (the Trainer rotates old checkpoints only after a successful save)."""
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except OSError as exc:
+        ckpt_dir = Path(trainer.args.output_dir)
+        folder = ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+        if not folder.is_dir() or (folder / "COMPLETE").is_file():
+            raise  # not a checkpoint write
+        if trainer.args.should_save:
+            shutil.rmtree(folder, ignore_errors=True)
+        previous = latest_complete_checkpoint(ckpt_dir)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {folder}: {exc.strerror or exc}. The partial checkpoint "
+            f"was removed; the previous one ({previous or 'none yet'}) is intact. Free space "
+            "(or raise the quota / file-size limit) and re-run with resume=true."
+        ) from exc
+
+
+def make_collator(cfg: TrainConfig, tokenizer):
+    """The collator of the run's method (finetune.methods): for chat data padding, or padding-free
+    packing (finetune.methods.trainer.chat_collator); for pairs and unpaired examples TRL's."""
+    return cfg.method_spec.hook("collator")(cfg, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting
+# ----------------------------------------------------------------------------------------------
+def _print_summary(cfg: TrainConfig, trainer, model, data_stats: dict[str, DataStats]) -> None:
+    numel = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3: shard is empty)
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    args = trainer.args
+    world = args.world_size
+    eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    st = data_stats["train"]
+    mean_tokens = st.tokens / max(st.kept, 1)
+    zero = str(zero_stage(cfg) or "off")
+    rank0_print(
+        "\n".join([
+            f"model            {cfg.model} ({cfg.adapter})",
+            f"parameters       {total / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
+            f"({100 * trainable / max(total, 1):.2f}%)",
+            f"world size       {world}   ZeRO stage {zero}   device {args.device}",
+            f"effective batch  {eff_batch} = {args.per_device_train_batch_size} per device x "
+            f"{args.gradient_accumulation_steps} accum x {world} ranks",
+            f"tokens per step  ~{eff_batch * mean_tokens:.0f} (mean {mean_tokens:.0f} tokens/example)",
+            f"train data       {st.kept} examples, {st.trained_tokens} trained tokens, "
+            f"{st.truncated} truncated, dropped {dict(st.dropped) or 0}",
+        ])
+    )
+
+
