@@ -13,7 +13,7 @@ import sys
 
 from finetune.config import ConfigError, describe_schema, load_config
 from finetune.inference.generate import add_generate_arguments
-from finetune.plan.memory import add_plan_arguments
+from finetune.plan.command import add_plan_arguments
 
 COMMANDS = {
     "train": "Fine-tune a model (LoRA, QLoRA or full) from a YAML config plus key=value overrides.",
@@ -252,7 +252,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return export_command(args)
     elif cmd == "plan":
-        from finetune.plan.memory import plan_command
+        from finetune.plan.command import plan_command
 
         return plan_command(args)
     elif cmd == "sweep":

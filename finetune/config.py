@@ -220,7 +220,8 @@ class TrainConfig(Section):
     model: str = Field(description="Base model: a local directory or a hub id.")
     adapter: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained.")
     method: str = Field(
-        methods.DEFAULT, description="The training method (finetune.methods): "
+        methods.DEFAULT, json_schema_extra={"enum": methods.names()},
+        description="The training method (finetune.methods): "
         + "; ".join(f"{m.name}: {m.description}" for m in methods.methods()) + ".")
     dpo: DPOSection = Field(default_factory=DPOSection)
     orpo: ORPOSection = Field(default_factory=ORPOSection)
@@ -459,7 +460,8 @@ def describe_schema(model: type[BaseModel] = TrainConfig, prefix: str = "", mark
             default = "required"
         else:
             default = repr(field.default_factory() if field.default_factory is not None else field.default)
-        tname = _type_name(ann)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        tname = " / ".join(map(str, extra["enum"])) if "enum" in extra else _type_name(ann)
         if markdown:
             lines.append(f"| `{key}` | {tname} | `{default}` | {field.description or ''} |")
         else:

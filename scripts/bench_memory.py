@@ -207,7 +207,7 @@ def main() -> int:
             print(f"[{method}] failed with exit code {proc.returncode}", file=sys.stderr)
             return 1
         res = json.loads((d / "result.json").read_text())
-        from finetune.plan.memory import load_plan_config
+        from finetune.plan.command import load_plan_config
 
         plan = make_plan(shape, setup_from_config(load_plan_config(d / "train.yaml"), device="cpu"), alternatives=False)
         res["plan_peak"] = plan.device_total

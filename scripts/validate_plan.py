@@ -199,9 +199,9 @@ def run_case(case, model: Path, data: Path, teacher: Path | None = None) -> dict
 
 
 def predict(cfg_path: Path, nproc: int):
+    from finetune.plan.command import load_plan_config
     from finetune.plan.memory import (
         ModelShape,
-        load_plan_config,
         make_plan,
         resolve_model_config,
         setup_from_config,

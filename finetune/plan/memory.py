@@ -24,50 +24,46 @@ LlamaDecoderLayer with `torch.autograd.graph.saved_tensors_hooks` in the tests.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import importlib.resources
-import json
 import math
-import os
-import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from finetune.data.kinds import kind
 from finetune.methods import registry as methods
+from finetune.plan.shapes import (
+    GiB,
+    ModelShape,
+    fmt_bytes,
+    fmt_count,
+    lora_target_names,
+    lora_trainable_params,
+    param_counts,
+    parse_size,
+    resolve_model_config,
+)
 
 __all__ = [
-    "ModelShape",
     "Setup",
     "Plan",
-    "resolve_model_config",
-    "load_plan_config",
+    "Line",
     "setup_from_config",
     "make_plan",
     "render_plan",
+    "activation_bytes",
+    "layer_activation_bytes",
+    "model_state_lines",
+    "nf4_bytes_per_param",
+    # the model's shape, re-exported for the plan's callers (finetune.plan.shapes)
+    "ModelShape",
+    "GiB",
     "param_counts",
     "lora_trainable_params",
-    "layer_activation_bytes",
+    "resolve_model_config",
     "parse_size",
     "fmt_count",
-    "plan_command",
-    "add_plan_arguments",
-    "plan_for_training",
 ]
-
-REPO = Path(__file__).resolve().parents[2]
-# Package data, so that a wheel install plans hub ids offline too.
-MODELS_DIR = importlib.resources.files("finetune") / "model_configs"
-GiB = 1024**3
-
-# Hub ids resolve to model_configs/<key>.json: lowercase, organisation dropped, "meta-" prefix and
-# "-instruct"/"-chat"/"-hf" suffixes dropped (instruct and base models share one architecture):
-#   meta-llama/Llama-3.1-70B-Instruct -> llama-3.1-70b, mistralai/Mistral-7B-Instruct-v0.3 -> mistral-7b-v0.3
-_DROP = re.compile(r"-(instruct|chat|hf|base)(?=-|$)")
 
 # Expected cost of each way out, for the "what would fit" list (speed, relative to the plan as given).
 COSTS = {
@@ -86,187 +82,6 @@ COSTS = {
     "liger": "same or faster steps (fused Triton kernels); needs pip install 'finetune-kit[liger]' and a "
              "Llama/Mistral/Qwen2-family model",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# sizes
-# ----------------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str | int | float) -> int:
-    """'80GiB' -> 85899345920, '80GB' -> 8e10 (a GPU sold as "80 GB" has 80 GiB usable: say GiB)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (e.g. 80GiB, 24GB, 512MiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / GiB:8.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:8.1f} MiB"
-
-
-# (scale, suffix, fewest decimals): B keeps the two decimals the plan always printed (8.03B, 70.55B)
-_COUNT_UNITS = ((1e3, "K", 0), (1e6, "M", 1), (1e9, "B", 2), (1e12, "T", 2))
-
-
-def fmt_count(n: float) -> str:
-    """A parameter count readable at any size, with at least 3 significant digits:
-    950K, 2.50M, 124.7M, 8.03B, 70.55B."""
-    if abs(n) < 1000:
-        return f"{n:.0f}"
-    for scale, suffix, fewest in _COUNT_UNITS:
-        number = f"{n / scale:.{max(fewest, 3 - len(str(int(abs(n) / scale))))}f}"
-        text = number + suffix
-        if abs(float(number)) < 1000:  # 999,960 is 1.00M, not 1000K
-            break
-    return text
-
-
-# ----------------------------------------------------------------------------------------------
-# the model: config.json -> shapes
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class ModelShape:
-    """What memory depends on in a Llama-style decoder (Llama, Mistral, Qwen2)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    head_dim: int
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
-    mlp_bias: bool = False
-    max_position_embeddings: int | None = None
-    torch_dtype: str = "bfloat16"
-    model_type: str = "llama"
-    source: str = ""
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], source: str = "") -> ModelShape:
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "vocab_size") if k not in cfg]
-        if missing:
-            raise ValueError(f"{source}: config.json lacks {missing}; `finetune plan` handles Llama-style "
-                             "decoders (Llama, Mistral, Qwen2)")
-        if cfg.get("num_local_experts") or cfg.get("num_experts"):
-            raise ValueError(f"{source}: mixture-of-experts models are not modelled by `finetune plan` yet")
-        heads = cfg["num_attention_heads"]
-        mt = cfg.get("model_type", "llama")
-        return cls(
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            vocab_size=cfg["vocab_size"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", mt == "qwen2")),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            max_position_embeddings=cfg.get("max_position_embeddings"),
-            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
-            model_type=mt,
-            source=source,
-        )
-
-    # (input features, output features, bias) of every linear in one decoder layer, by module name.
-    def linears(self) -> dict[str, tuple[int, int, bool]]:
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        ab, mb = self.attention_bias, self.mlp_bias
-        return {"q_proj": (h, q, ab), "k_proj": (h, kv, ab), "v_proj": (h, kv, ab), "o_proj": (q, h, False),
-                "gate_proj": (h, i, mb), "up_proj": (h, i, mb), "down_proj": (i, h, mb)}
-
-
-def param_counts(shape: ModelShape) -> dict[str, int]:
-    """Parameters by group; `total` equals sum(p.numel()) of the transformers model (tested)."""
-    lin_w = sum(a * b for a, b, _ in shape.linears().values())
-    lin_b = sum(b for _, b, bias in shape.linears().values() if bias)
-    layer_norms = 2 * shape.hidden_size  # input_layernorm + post_attention_layernorm (RMSNorm weights)
-    embed = shape.vocab_size * shape.hidden_size
-    lm_head = 0 if shape.tie_word_embeddings else embed
-    layers = shape.num_hidden_layers
-    out = {
-        "embed_tokens": embed,
-        "lm_head": lm_head,
-        "linear_weights": layers * lin_w,  # what NF4 quantizes
-        "other": layers * (lin_b + layer_norms) + shape.hidden_size,  # biases, norms, final norm
-        "per_layer": lin_w + lin_b + layer_norms,
-        "largest_module": max(embed, max(a * b for a, b, _ in shape.linears().values())),
-    }
-    out["total"] = embed + lm_head + out["linear_weights"] + out["other"]
-    return out
-
-
-def _target_names(shape: ModelShape, targets: list[str] | str) -> list[str]:
-    """PEFT's matching: `all-linear` = every linear except the output layer; else names match suffixes."""
-    names = list(shape.linears())
-    if targets == "all-linear":
-        return names
-    if isinstance(targets, str):
-        return [n for n in names if re.fullmatch(targets, n) or n == targets]
-    return [n for n in names if n in targets]
-
-
-def lora_trainable_params(shape: ModelShape, r: int, targets: list[str] | str,
-                          modules_to_save: list[str] | None = None) -> int:
-    """r*(in+out) per adapted linear (A: in x r, B: r x out), plus full copies of modules_to_save.
-
-    Equals peft's `get_nb_trainable_parameters` (tested)."""
-    lin = shape.linears()
-    per_layer = sum(r * (lin[n][0] + lin[n][1]) for n in _target_names(shape, targets))
-    extra = 0
-    for m in modules_to_save or []:
-        if m in ("embed_tokens", "lm_head"):
-            extra += shape.vocab_size * shape.hidden_size
-        elif m.endswith("norm"):
-            extra += shape.hidden_size * (shape.num_hidden_layers if "layernorm" in m else 1)
-    return shape.num_hidden_layers * per_layer + extra
-
-
-# ----------------------------------------------------------------------------------------------
-# model config resolution
-# ----------------------------------------------------------------------------------------------
-def hub_id_to_key(model: str) -> str:
-    name = model.rstrip("/").split("/")[-1].lower()
-    name = name.removeprefix("meta-")
-    return _DROP.sub("", name)
-
-
-def resolve_model_config(model: str, *, allow_network: bool | None = None) -> tuple[dict[str, Any], str]:
-    """config.json as a dict and where it came from: local dir / json file / bundled model_configs / hub."""
-    p = Path(model).expanduser()
-    if p.is_dir() and (p / "config.json").is_file():
-        return json.loads((p / "config.json").read_text()), str(p / "config.json")
-    if p.is_file() and p.suffix == ".json":
-        return json.loads(p.read_text()), str(p)
-    key = hub_id_to_key(model)
-    bundled = MODELS_DIR.joinpath(f"{key}.json")
-    if bundled.is_file():
-        return json.loads(bundled.read_text()), str(bundled)
-    if allow_network is None:
-        allow_network = os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True")
-    known = ", ".join(sorted(q.name.removesuffix(".json") for q in MODELS_DIR.iterdir() if q.name.endswith(".json")))
-    if allow_network:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(model, "config.json")  # config only, never weights
-            return json.loads(Path(path).read_text()), f"hub:{model}/config.json"
-        except Exception as exc:  # offline, gated or unknown: say what would work
-            raise FileNotFoundError(
-                f"no config.json for {model!r}: not a local directory, not a bundled model_configs/{key}.json "
-                f"(bundled: {known}), and the hub said: {type(exc).__name__}: {exc}") from None
-    raise FileNotFoundError(
-        f"no config.json for {model!r}: not a local directory and no bundled model_configs/{key}.json "
-        f"(bundled: {known}); offline, so the hub was not asked. Pass a directory holding config.json.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,39 +153,12 @@ class Setup:
 _BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
-class _PlanArgs:
-    """Placeholders that let a recipe validate without its data files (planning needs no data)."""
-
-
-def load_plan_config(path: str | Path, overrides: list[str] | None = None):
-    """The training config through the real schema, with data file checks switched off.
-
-    Data paths are replaced by the recipe file itself (an existing file) before validation, so every
-    other key is still checked by pydantic exactly as `finetune train` checks it; a DeepSpeed path that
-    does not resolve from the current directory is retried from the repository root.
-    """
-    import yaml
-
-    from finetune.config import load_config, parse_overrides
-
-    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
-    raw = raw if isinstance(raw, dict) else {}
-    # Planning needs no data and no adapter to continue from (init_adapter names a run that may not
-    # exist yet on the machine that plans).
-    extra: dict[str, Any] = {"data": {"train": str(path)}, "eval": {"data": None}, "init_adapter": None}
-    if isinstance(raw.get("data"), dict) and raw["data"].get("eval") is not None:
-        extra["data"]["eval"] = str(path)
-    ds = parse_overrides(overrides or []).get("deepspeed", raw.get("deepspeed"))
-    if isinstance(ds, str) and not Path(ds).is_file() and not (Path(path).parent / ds).is_file() \
-            and (REPO / ds).is_file():
-        extra["deepspeed"] = str(REPO / ds)
-    return load_config(path, overrides, **extra)
-
-
 def _deepspeed_options(path: str | None) -> tuple[int, bool, bool, float]:
     if not path:
         return 0, False, False, 1e9
-    z = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    from finetune.training.launch import read_deepspeed_json
+
+    z = read_deepspeed_json(path).get("zero_optimization", {})
     dev = lambda k: str((z.get(k) or {}).get("device", "none")).lower() in ("cpu", "nvme")  # noqa: E731
     live = z.get("stage3_max_live_parameters", 1e9)
     live = 1e9 if isinstance(live, str) else float(live)  # "auto" is not resolved by HF: DeepSpeed's 1e9
@@ -487,7 +275,7 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None 
         return out
     # LoRA / QLoRA adapters
     lin = shape.linears()
-    targets = _target_names(shape, s.lora_targets)
+    targets = lora_target_names(shape, s.lora_targets)
     lora_dtype = 4 if not s.deepspeed or s.precision == "fp32" else 2  # peft keeps adapters fp32
     a_out = 4 if cpu else A
     if s.lora_dropout > 0:
@@ -1049,58 +837,4 @@ def render_plan(plan: Plan) -> str:
                        f"{a['max_micro_batch']}; {a['cost']}")
     return "\n".join(out)
 
-
-# ----------------------------------------------------------------------------------------------
-# entry points
-# ----------------------------------------------------------------------------------------------
-def plan_for_training(cfg, *, world_size: int = 1, gpus_per_node: int | None = None, device: str | None = None,
-                      device_memory: int | None = None) -> Plan:
-    """The plan for a run about to start (used by `finetune train` before loading the model)."""
-    raw, src = resolve_model_config(cfg.model)
-    shape = ModelShape.from_config(raw, src)
-    gpn = gpus_per_node or min(world_size, 8)
-    return make_plan(shape, setup_from_config(
-        cfg, nodes=max(1, world_size // gpn), gpus_per_node=gpn, device=device or "gpu",
-        device_memory=device_memory or 80 * GiB))
-
-
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="training YAML (configs/train/...); its data files need not exist")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.batch_size=2")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--gpu-memory", default="80GiB", help="memory per device (e.g. 80GiB, 24GiB)")
-    p.add_argument("--cpu-memory", default=None, help="host memory per node, checked when offloading")
-    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
-                   help="cpu: predict a CPU process's RSS increase (fp32), as scripts/validate_plan.py measures")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def plan_command(args: argparse.Namespace) -> int:
-    """`finetune plan`: print the plan; exit 0 if it fits, 1 if not, 2 on a config problem."""
-    from finetune.config import ConfigError
-
-    try:
-        cfg = load_plan_config(args.config, args.overrides)
-        raw, src = resolve_model_config(cfg.model)
-        shape = ModelShape.from_config(raw, src)
-        s = setup_from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
-                              device_memory=parse_size(args.gpu_memory),
-                              host_memory=parse_size(args.cpu_memory) if args.cpu_memory else None)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    plan = make_plan(shape, s)
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else render_plan(plan))
-    return 0 if plan.fits else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="finetune plan", description=__doc__.split("\n")[0])
-    add_plan_arguments(p)
-    return plan_command(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 

@@ -1,5 +1,10 @@
 """What a run's config and its launch decide together, checked before anything loads: which DeepSpeed
-JSON, the ZeRO stage, the dtype the weights load in, autocast, and the 4-bit settings."""
+JSON, the ZeRO stage, the dtype the weights load in, autocast, the 4-bit settings and the kernels.
+
+`resolve_launch` decides all of it once, at the start of `finetune train`, into one frozen `Launch`
+that the recipe passes down (training arguments, model loading, the run directory, the summary);
+nothing downstream reads the DeepSpeed JSON or the launcher's environment again. The functions it
+is made of stay public: each is one decision, tested on its own."""
 
 from __future__ import annotations
 
@@ -15,13 +20,18 @@ from finetune.models.loading import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_deepspeed_config", "uses_deepspeed", "zero_stage", "quantization_settings", "autocast_flags",
+__all__ = ["Launch", "resolve_launch", "deepspeed_config", "read_deepspeed_json", "uses_deepspeed", "zero_stage", "quantization_settings", "autocast_flags",
            "deepspeed_dtype", "check_quantized_storage", "weights_dtype", "Kernels", "kernel_settings",
            "four_bit_settings"]
 
 
-def resolve_deepspeed_config(cfg: TrainConfig) -> None:
-    """One DeepSpeed JSON per run, whichever way it is named.
+def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    """A DeepSpeed JSON's settings (the one reader: the launch, the plan)."""
+    return json.loads(Path(path).read_text())
+
+
+def deepspeed_config(cfg: TrainConfig) -> str | None:
+    """The run's one DeepSpeed JSON (None without one), whichever way it is named.
 
     `accelerate launch --config_file <deepspeed yaml>` exports the yaml's `deepspeed_config_file` as
     ACCELERATE_DEEPSPEED_CONFIG_FILE. Rule: the training config's `deepspeed` key wins when the
@@ -30,10 +40,10 @@ def resolve_deepspeed_config(cfg: TrainConfig) -> None:
     error, since DeepSpeed would otherwise run with a config the user did not read.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
-        return
+        return cfg.deepspeed
     launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if launcher in ("", "none"):
-        return
+        return cfg.deepspeed
     if not Path(launcher).is_file():
         raise ConfigError("accelerate launch", [(
             "deepspeed_config_file",
@@ -41,16 +51,16 @@ def resolve_deepspeed_config(cfg: TrainConfig) -> None:
             "repository root or make the path absolute)",
         )])
     if not cfg.deepspeed:
-        cfg.deepspeed = launcher
-        return
+        return launcher
     same = Path(cfg.deepspeed).resolve() == Path(launcher).resolve() or (
-        json.loads(Path(cfg.deepspeed).read_text()) == json.loads(Path(launcher).read_text()))
+        read_deepspeed_json(cfg.deepspeed) == read_deepspeed_json(launcher))
     if not same:
         raise ConfigError("training config vs accelerate launch", [(
             "deepspeed",
             f"{cfg.deepspeed} differs from the accelerate config's deepspeed_config_file {launcher}; "
             "unset `deepspeed` (the launcher's file is used) or point both at the same JSON",
         )])
+    return cfg.deepspeed
 
 
 def uses_deepspeed(cfg: TrainConfig) -> bool:
@@ -62,7 +72,7 @@ def uses_deepspeed(cfg: TrainConfig) -> bool:
 def zero_stage(cfg: TrainConfig) -> int:
     """The ZeRO stage of this run: 0 without DeepSpeed."""
     if cfg.deepspeed:
-        stage = json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+        stage = read_deepspeed_json(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0)
         return int(stage) if str(stage).isdigit() else 0
     if uses_deepspeed(cfg):  # accelerate launch with inline DeepSpeed settings
         return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
@@ -107,7 +117,7 @@ def deepspeed_dtype(cfg: TrainConfig, rt):
 
     if not cfg.deepspeed:
         return None
-    ds = json.loads(Path(cfg.deepspeed).read_text())
+    ds = read_deepspeed_json(cfg.deepspeed)
     bf16, fp16 = autocast_flags(cfg, rt)
 
     def enabled(section: str, auto: bool) -> bool:
@@ -236,3 +246,35 @@ def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
     liger = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": fused,
              "cross_entropy": cfg.training.loss == "full"}
     return Kernels(liger=liger, notes=notes)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What this run's config and launch decided, once (resolve_launch)."""
+
+    rt: Any  # kitcore.runtime.Runtime: the device and the process group
+    deepspeed: str | None  # the one DeepSpeed JSON (the config's or the launcher's)
+    uses_deepspeed: bool
+    zero_stage: int  # 0 without DeepSpeed
+    bf16: bool  # autocast for the Trainer (and DeepSpeed's "auto" precision)
+    fp16: bool
+    weights_dtype: str  # the dtype the base weights load in
+    quantize: str | None  # "4bit" | "8bit" | None: the student's quantization
+    quant_kwargs: dict[str, Any] | None
+    kernels: Kernels
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+
+def resolve_launch(cfg: TrainConfig, rt, *, model_type: str | None = None) -> Launch:
+    """Decide everything `Launch` holds and check the combinations that would be silently wrong, before
+    any weights load. `cfg.deepspeed` must already be the run's JSON (deepspeed_config); `model_type`
+    (the model's config.json) is needed only for `training.kernels` other than none."""
+    check_quantized_storage(cfg, rt)
+    bf16, fp16 = autocast_flags(cfg, rt)
+    quantize, qkw = quantization_settings(cfg)
+    return Launch(rt=rt, deepspeed=cfg.deepspeed, uses_deepspeed=uses_deepspeed(cfg), zero_stage=zero_stage(cfg),
+                  bf16=bf16, fp16=fp16, weights_dtype=weights_dtype(cfg, rt), quantize=quantize, quant_kwargs=qkw,
+                  kernels=kernel_settings(cfg, rt, model_type))

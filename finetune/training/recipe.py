@@ -1,9 +1,12 @@
 """`finetune train`: config -> distributed state -> data -> model (+adapter) -> trainer -> train ->
 export -> eval. Read top to bottom, it is the recipe; the pieces live beside it:
 
-    kitcore/runtime.py     the device and the process group
-    finetune/training/launch.py  DeepSpeed JSON, ZeRO stage, dtypes, 4-bit settings (checked before loading)
-    finetune/data/cache.py the tokenized data, built once, memory-mapped by every rank
+    kitcore/runtime.py              the device and the process group
+    finetune/training/launch.py     DeepSpeed JSON, ZeRO stage, dtypes, 4-bit settings, kernels: decided
+                                    once (Launch), checked before anything loads
+    finetune/data/cache.py          the tokenized data, built once, memory-mapped by every rank
+    finetune/methods/               the training method: its data kind, collator, Trainer
+    finetune/training/arguments.py  the TrainingArguments (or the method's TRL config)
     finetune/training/run_dir.py    the run directory: overwrite/resume rules, run.json, the exported adapter
     finetune/training/callbacks.py  metrics log, pre-emption, COMPLETE markers
 
@@ -20,27 +23,16 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from finetune.compat import checkpointing_off
-from finetune.config import ConfigError, TrainConfig
+from finetune.config import TrainConfig
 from finetune.console import rank0_print
 from finetune.data.files import DataStats
 from finetune.data.kinds import kind
 from finetune.errors import CheckpointWriteError, Preempted, RunDirError
 from finetune.models.loading import load_base_model, load_tokenizer
+from finetune.training.arguments import training_arguments
 from finetune.training.callbacks import PREEMPTED_EXIT_CODE, CheckpointMarker, MetricsLogger, Preemption
-from finetune.training.launch import (
-    Kernels,
-    autocast_flags,
-    check_quantized_storage,
-    kernel_settings,
-    quantization_settings,
-    resolve_deepspeed_config,
-    uses_deepspeed,
-    weights_dtype,
-    zero_stage,
-)
+from finetune.training.launch import Launch, deepspeed_config, resolve_launch, uses_deepspeed
 from finetune.training.run_dir import (
     export_weights,
     latest_complete_checkpoint,
@@ -70,10 +62,10 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     from kitcore import runtime
 
     run_dir = Path(cfg.output_dir)
-    resolve_deepspeed_config(cfg)
+    cfg.deepspeed = deepspeed_config(cfg)  # this run's own copy: its config.yaml names the JSON it ran with
     rt = _setup_distributed(cfg)
-    check_quantized_storage(cfg, rt)
-    resume_from = setup_run_dir(cfg, run_dir, rt)
+    launch = resolve_launch(cfg, rt, model_type=_model_type(cfg) if cfg.training.kernels != "none" else None)
+    resume_from = setup_run_dir(cfg, run_dir, launch)
     _check_plan(cfg, rt)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
@@ -83,7 +75,7 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
     with scoped_module_globals(patched):
-        stopped_at = _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
+        stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
     runtime.release_accelerator_memory()
     _cleanup_distributed()
@@ -96,20 +88,19 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     return run_dir
 
 
-def _fit(cfg, rt, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks) -> int | None:
+def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks) -> int | None:
     """Build the model and the Trainer, train, export. Returns the step a pre-emption stopped at
     (None when training finished). Everything heavy lives in this frame and is freed on return."""
-    kernels = kernel_settings(cfg, rt, _model_type(cfg) if cfg.training.kernels != "none" else None)
-    args = _training_args(cfg, run_dir, eval_ds is not None, rt, kernels)
+    args = training_arguments(cfg, run_dir, eval_ds is not None, launch)
     # Seed before the adapter weights are created: the Trainer seeds only when it is built, so
     # without this a run's LoRA init depended on what ran earlier in the same process.
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = _setup_model(cfg, tokenizer, rt, kernels)
+    model = _setup_model(cfg, tokenizer, launch)
     trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks)
-    _print_summary(cfg, trainer, model, data_stats)
-    write_run_info(cfg, run_dir, trainer, data_stats, rt)
+    _print_summary(cfg, launch, trainer, model, data_stats)
+    write_run_info(cfg, run_dir, trainer, data_stats, launch)
 
     preempt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Preemption))
     preempt.install()
@@ -216,7 +207,8 @@ def _check_plan(cfg: TrainConfig, rt) -> None:
     import torch
 
     from finetune.config import ConfigError
-    from finetune.plan.memory import plan_for_training, render_plan
+    from finetune.plan.command import plan_for_training
+    from finetune.plan.memory import render_plan
 
     if rt.device.startswith("cuda"):
         device = "gpu"
@@ -259,16 +251,16 @@ def _model_type(cfg: TrainConfig) -> str | None:
     return AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code).model_type
 
 
-def _setup_model(cfg: TrainConfig, tokenizer, rt, kernels: Kernels | None = None):
-    quantize, qkw = quantization_settings(cfg)
+def _setup_model(cfg: TrainConfig, tokenizer, launch: Launch):
+    quantize, kernels = launch.quantize, launch.kernels
     model = load_base_model(
-        cfg.model, dtype=weights_dtype(cfg, rt), quantize=quantize, quant_kwargs=qkw,
+        cfg.model, dtype=launch.weights_dtype, quantize=quantize, quant_kwargs=launch.quant_kwargs,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
     )
     # Liger's kernels are applied by the Trainer (TrainingArguments.use_liger_kernel); its fused
     # linear cross-entropy, when on, is this run's chunked loss and replaces the model's forward.
     # Preference training scores sequences through TRL's own chunked LM head (add_fused_lm_head).
-    if cfg.method_spec.token_loss and cfg.training.loss == "chunked" and not (kernels and kernels.fused_loss):
+    if cfg.method_spec.token_loss and cfg.training.loss == "chunked" and not kernels.fused_loss:
         from finetune.models.losses import install_chunked_loss
 
         if not install_chunked_loss(model):
@@ -327,89 +319,6 @@ def _setup_model(cfg: TrainConfig, tokenizer, rt, kernels: Kernels | None = None
     return get_peft_model(model, lcfg)
 
 
-def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool, rt, kernels: Kernels | None = None):
-    """TrainingArguments from the config. Built BEFORE the model: with a ZeRO-3 DeepSpeed config this
-    registers it globally, so `from_pretrained` partitions weights as they load (zero.Init) instead
-    of materialising the whole model on every rank."""
-    from transformers import TrainingArguments
-
-    args_class, method_args = cfg.method_spec.hook("arguments", lambda cfg: (TrainingArguments, {}))(cfg)
-    t = cfg.training
-    strategy = "steps" if (t.eval_steps or t.save_steps) else "epoch"
-    eval_every = t.eval_steps or t.save_steps
-    save_every = t.save_steps or t.eval_steps
-    if has_eval and strategy == "steps":
-        # The best checkpoint must be a saved one, so saves happen at eval steps.
-        save_every = eval_every
-    bf16, fp16 = autocast_flags(cfg, rt)
-    dist_kwargs: dict[str, Any] = {"ddp_timeout": t.ddp_timeout_s}
-    if rt.distributed:
-        # Our process group (kitcore.runtime.start) is the one the Trainer must use.
-        dist_kwargs["accelerator_config"] = {"use_configured_state": True}
-        if rt.backend == "gloo":
-            dist_kwargs["ddp_backend"] = "gloo"
-        if cfg.adapter != "full":
-            # Every LoRA weight takes part in every forward. Left to the Trainer, a PeftModel gets
-            # find_unused_parameters=True, which with activation checkpointing fails the first
-            # backward ("Expected to mark a variable ready only once").
-            dist_kwargs["ddp_find_unused_parameters"] = False
-    elif not rt.on_accelerator:
-        dist_kwargs["use_cpu"] = True
-    report_to = [r for r in t.report_to if r != "none"] or "none"
-    if report_to != "none" and "tensorboard" in report_to:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-    args = args_class(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=strategy if has_eval else "no",
-        eval_steps=eval_every if has_eval and strategy == "steps" else None,
-        save_strategy=strategy,
-        save_steps=save_every if strategy == "steps" else None,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=has_eval,
-        metric_for_best_model="eval_loss" if has_eval else None,
-        greater_is_better=False if has_eval else None,
-        bf16=bf16,
-        fp16=fp16,
-        train_sampling_strategy=method_args.pop("train_sampling_strategy", "random"),  # group_by_length: the
-        # kit's sampler (LengthGroupedSampling._get_train_sampler)
-        remove_unused_columns=False,
-        prediction_loss_only=True,  # eval during training needs eval_loss only (the chunked loss has no logits)
-        dataloader_num_workers=t.num_workers,
-        include_num_input_tokens_seen="non_padding",
-        report_to=report_to,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        deepspeed=cfg.deepspeed,
-        disable_tqdm=not rt.is_main,
-        use_liger_kernel=bool(kernels and kernels.liger),
-        liger_kernel_config=kernels.liger if kernels else None,
-        save_only_model=False,
-        **dist_kwargs,
-        **method_args,
-        **checkpointing_off(args_class),  # enabled on the model in _setup_model (PEFT needs it there)
-    )
-    if args.n_gpu > 1:
-        # One process that sees several GPUs: the Trainer would wrap the model in nn.DataParallel
-        # and multiply the batch by the GPU count (`finetune train` pins itself to GPU 0; this is
-        # a library call in a process whose CUDA was already initialised).
-        raise ConfigError("training setup", [("CUDA_VISIBLE_DEVICES", (
-            f"this single process sees {args.n_gpu} GPUs; set CUDA_VISIBLE_DEVICES to one GPU before "
-            "starting Python, or use `accelerate launch` to train data parallel"))])
-    return args
-
-
 def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extra_callbacks=()):
     from transformers import EarlyStoppingCallback
 
@@ -456,7 +365,7 @@ def make_collator(cfg: TrainConfig, tokenizer):
 # ----------------------------------------------------------------------------------------------
 # reporting
 # ----------------------------------------------------------------------------------------------
-def _print_summary(cfg: TrainConfig, trainer, model, data_stats: dict[str, DataStats]) -> None:
+def _print_summary(cfg: TrainConfig, launch: Launch, trainer, model, data_stats: dict[str, DataStats]) -> None:
     numel = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3: shard is empty)
     total = sum(numel(p) for p in model.parameters())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
@@ -465,7 +374,7 @@ def _print_summary(cfg: TrainConfig, trainer, model, data_stats: dict[str, DataS
     eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     st = data_stats["train"]
     mean_tokens = st.tokens / max(st.kept, 1)
-    zero = str(zero_stage(cfg) or "off")
+    zero = str(launch.zero_stage or "off")
     rank0_print(
         "\n".join([
             f"model            {cfg.model} ({cfg.adapter})",

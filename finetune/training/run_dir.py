@@ -25,7 +25,6 @@ from finetune.console import atomic_write_text, is_main_process, rank0_print
 from finetune.errors import CheckpointWriteError, RunDirError
 from finetune.models.loading import model_ref
 from finetune.training.callbacks import COMPLETE_MARKER
-from finetune.training.launch import autocast_flags, zero_stage
 from kitcore.integrity import write_manifest
 
 __all__ = ["latest_complete_checkpoint", "complete_checkpoints", "intact_checkpoint", "setup_run_dir", "parallel_setup", "check_resume_setup", "write_run_info",
@@ -92,7 +91,7 @@ def intact_checkpoint(ckpt_dir: Path, newest: Path, *, fall_back: bool = False) 
     return Path(value)
 
 
-def setup_run_dir(cfg: TrainConfig, run_dir: Path, rt) -> Path | None:
+def setup_run_dir(cfg: TrainConfig, run_dir: Path, launch) -> Path | None:
     ckpt_dir = run_dir / "checkpoints"
     has_run = run_dir.is_dir() and any(
         (run_dir / n).exists() for n in ("run.json", "checkpoints", "adapter", "model")
@@ -103,7 +102,7 @@ def setup_run_dir(cfg: TrainConfig, run_dir: Path, rt) -> Path | None:
             raise RunDirError(
                 f"resume=true but {ckpt_dir} holds no complete checkpoint; start without resume=true"
             )
-        check_resume_setup(run_dir, parallel_setup(cfg, rt))
+        check_resume_setup(run_dir, parallel_setup(cfg, launch))
         ckpt = intact_checkpoint(ckpt_dir, ckpt, fall_back=cfg.resume == "latest_intact")
         rank0_print(f"Resuming from {ckpt}")
         return ckpt
@@ -112,7 +111,7 @@ def setup_run_dir(cfg: TrainConfig, run_dir: Path, rt) -> Path | None:
             f"{run_dir} already holds a run. Pass resume=true to continue it, overwrite=true to "
             "replace it, or choose another output_dir."
         )
-    if has_run and cfg.overwrite and rt.is_main:
+    if has_run and cfg.overwrite and launch.rt.is_main:
         for n in ("checkpoints", "adapter", "model", "metrics.jsonl", "run.json", "tensorboard"):
             p = run_dir / n
             if p.is_dir():
@@ -122,12 +121,12 @@ def setup_run_dir(cfg: TrainConfig, run_dir: Path, rt) -> Path | None:
     return None
 
 
-def parallel_setup(cfg: TrainConfig, rt) -> dict[str, int]:
-    """What a checkpoint's optimizer state and data position depend on (recorded in run.json)."""
-    bf16, fp16 = autocast_flags(cfg, rt)
-    return {"world_size": rt.world_size, "zero_stage": zero_stage(cfg),
+def parallel_setup(cfg: TrainConfig, launch) -> dict[str, int]:
+    """What a checkpoint's optimizer state and data position depend on (recorded in run.json);
+    `launch`: finetune.training.launch.Launch."""
+    return {"world_size": launch.rt.world_size, "zero_stage": launch.zero_stage,
             "batch_size": cfg.training.batch_size, "grad_accum": cfg.training.grad_accum,
-            "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32"}
+            "precision": launch.precision}
 
 
 def describe_setup(s: dict[str, int]) -> str:
@@ -210,7 +209,7 @@ def git_commit() -> str | None:
         return None
 
 
-def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, rt) -> None:
+def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, launch) -> None:
     if not is_main_process():
         return
     from importlib.metadata import PackageNotFoundError, version
@@ -229,7 +228,7 @@ def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, rt) -> 
         "python": sys.version.split()[0],
         "git_commit": git_commit(),
         "world_size": trainer.args.world_size,
-        "parallel": {**parallel_setup(cfg, rt), "world_size": trainer.args.world_size},
+        "parallel": {**parallel_setup(cfg, launch), "world_size": trainer.args.world_size},
         "seed": cfg.seed,
         "kernels": {"requested": cfg.training.kernels,
                     "liger": trainer.args.liger_kernel_config if trainer.args.use_liger_kernel else None},

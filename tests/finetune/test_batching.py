@@ -79,7 +79,9 @@ def test_trainer_uses_it_by_default_and_not_when_off(tiny_model, chat_data, tmp_
     """The real training path: batches the Trainer's DataLoader yields are length-grouped."""
     from finetune.config import load_config
     from finetune.models.loading import load_tokenizer
-    from finetune.training.recipe import _setup_data, _setup_trainer, _training_args
+    from finetune.training.arguments import training_arguments
+    from finetune.training.launch import resolve_launch
+    from finetune.training.recipe import _setup_data, _setup_trainer
 
     def loader(*over: str):
         cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
@@ -89,7 +91,7 @@ def test_trainer_uses_it_by_default_and_not_when_off(tiny_model, chat_data, tmp_
         train_ds, _, _ = _setup_data(cfg, tok)
         from kitcore.runtime import current
 
-        args = _training_args(cfg, Path(cfg.output_dir), False, current())
+        args = training_arguments(cfg, Path(cfg.output_dir), False, resolve_launch(cfg, current()))
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model)

@@ -205,7 +205,7 @@ def test_an_override_path_resolves_against_the_current_directory(tmp_path, monke
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_plan_from_another_directory(path, tmp_path, monkeypatch):
-    from finetune.plan.memory import load_plan_config
+    from finetune.plan.command import load_plan_config
 
     train = tmp_path / "t.jsonl"
     train.write_text(_CHAT)
@@ -218,7 +218,7 @@ def test_shipped_configs_load_and_plan_from_another_directory(path, tmp_path, mo
 
 
 def test_cli_plan_of_a_shipped_config_from_another_directory(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "finetune.plan.memory", str(REPO / "configs/train/llama3_70b_qlora_zero3.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "finetune.plan", str(REPO / "configs/train/llama3_70b_qlora_zero3.yaml"),
                            "--gpus-per-node", "8", "--gpu-memory", "80GiB"], cwd=tmp_path,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=60)
@@ -229,7 +229,7 @@ def test_cli_plan_of_a_shipped_config_from_another_directory(tmp_path):
 def test_launcher_and_shipped_config_name_the_same_deepspeed_json(monkeypatch, tmp_path):
     """accelerate's yaml names configs/deepspeed/zero3.json from the repository root, the training
     config ../deepspeed/zero3.json from its own directory: the same file, so the launch is allowed."""
-    from finetune.training.launch import resolve_deepspeed_config
+    from finetune.training.launch import deepspeed_config
 
     train = tmp_path / "t.jsonl"
     train.write_text(_CHAT)
@@ -239,5 +239,4 @@ def test_launcher_and_shipped_config_name_the_same_deepspeed_json(monkeypatch, t
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", launcher["deepspeed_config"]["deepspeed_config_file"])
     cfg = load_config(REPO / "configs/train/llama3_70b_qlora_zero3.yaml",
                       [f"data.train={train}", f"data.eval={train}"])
-    resolve_deepspeed_config(cfg)
-    assert Path(cfg.deepspeed).resolve() == REPO / "configs" / "deepspeed" / "zero3.json"
+    assert Path(deepspeed_config(cfg)).resolve() == REPO / "configs" / "deepspeed" / "zero3.json"

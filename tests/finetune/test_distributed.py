@@ -282,36 +282,33 @@ def _cfg(tiny_model, chat_data, tmp_path, *over):
 
 
 def test_deepspeed_json_comes_from_the_launcher_when_unset(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.training.launch import resolve_deepspeed_config as _resolve_deepspeed_config
+    from finetune.training.launch import deepspeed_config
 
     _ds_env(monkeypatch, "configs/deepspeed/zero3.json")
     cfg = _cfg(tiny_model, chat_data, tmp_path)
-    _resolve_deepspeed_config(cfg)
-    assert cfg.deepspeed == "configs/deepspeed/zero3.json"
+    assert deepspeed_config(cfg) == "configs/deepspeed/zero3.json"
 
 
 def test_deepspeed_key_and_launcher_must_agree(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.training.launch import resolve_deepspeed_config as _resolve_deepspeed_config
+    from finetune.training.launch import deepspeed_config
 
     _ds_env(monkeypatch, "configs/deepspeed/zero3.json")
     same = tmp_path / "copy_of_zero3.json"
     same.write_text((REPO / "configs/deepspeed/zero3.json").read_text())
     for ok in (str(REPO / "configs/deepspeed/zero3.json"), str(same)):  # same file, or same JSON
         cfg = _cfg(tiny_model, chat_data, tmp_path, f"deepspeed={ok}")
-        _resolve_deepspeed_config(cfg)
-        assert cfg.deepspeed == ok
+        assert deepspeed_config(cfg) == ok
     cfg = _cfg(tiny_model, chat_data, tmp_path, f"deepspeed={REPO / 'configs/deepspeed/zero2.json'}")
     with pytest.raises(ConfigError, match=r"deepspeed: .*zero2\.json differs from .*zero3\.json"):
-        _resolve_deepspeed_config(cfg)
+        deepspeed_config(cfg)
 
 
 def test_deepspeed_key_is_used_when_the_launcher_names_no_file(tiny_model, chat_data, tmp_path, monkeypatch):
-    from finetune.training.launch import resolve_deepspeed_config as _resolve_deepspeed_config
+    from finetune.training.launch import deepspeed_config
 
     _ds_env(monkeypatch, None)
     cfg = _cfg(tiny_model, chat_data, tmp_path, "deepspeed=configs/deepspeed/zero2.json")
-    _resolve_deepspeed_config(cfg)
-    assert cfg.deepspeed == "configs/deepspeed/zero2.json"
+    assert deepspeed_config(cfg) == "configs/deepspeed/zero2.json"
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/deepspeed/missing.json")
     with pytest.raises(ConfigError, match="deepspeed_config_file: file not found"):
-        _resolve_deepspeed_config(cfg)
+        deepspeed_config(cfg)

@@ -74,16 +74,18 @@ def test_the_trainer_gets_liger_and_the_kit_does_not_install_a_second_loss(chat_
                                                                            tmp_path):
     from finetune.models import losses
     from finetune.models.loading import load_tokenizer
-    from finetune.training.launch import Kernels
-    from finetune.training.recipe import _setup_model, _training_args
+    from finetune.training.arguments import training_arguments
+    from finetune.training.launch import Kernels, resolve_launch
+    from finetune.training.recipe import _setup_model
 
     cfg = _cfg(chat_data, tiny_model, "training.kernels=liger")
     k = kernel_settings(cfg, GPU, "llama")
-    args = _training_args(cfg, tmp_path / "run", False, CPU, k)
+    on_cpu = resolve_launch(cfg, CPU)  # what a CPU launch decides, with the kernels a GPU launch decided
+    args = training_arguments(cfg, tmp_path / "run", False, replace(on_cpu, kernels=k))
     assert args.use_liger_kernel and args.liger_kernel_config == k.liger
     tok = load_tokenizer(cfg.model)
-    assert not losses.installed(_setup_model(cfg, tok, CPU, k))
-    assert losses.installed(_setup_model(cfg, tok, CPU, Kernels()))
+    assert not losses.installed(_setup_model(cfg, tok, replace(on_cpu, kernels=k)))
+    assert losses.installed(_setup_model(cfg, tok, replace(on_cpu, kernels=Kernels())))
 
 
 LLAMA_8B = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.plan.command import load_plan_config
 from finetune.plan.memory import (
     GiB,
     ModelShape,
@@ -23,7 +24,6 @@ from finetune.plan.memory import (
     fmt_count,
     hub_id_to_key,
     layer_activation_bytes,
-    load_plan_config,
     lora_trainable_params,
     make_plan,
     model_state_lines,
@@ -351,7 +351,7 @@ def test_plan_of_a_model_under_5m_params_prints_its_size():
 # the command: fast, offline, no torch
 # ----------------------------------------------------------------------------------------------
 def test_cli_70b_plan_under_two_seconds_offline_without_torch():
-    code = ("import sys; from finetune.plan.memory import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from finetune.plan.command import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'torch imported'; raise SystemExit(rc)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     t0 = time.monotonic()
@@ -365,7 +365,7 @@ def test_cli_70b_plan_under_two_seconds_offline_without_torch():
 
 
 def test_cli_exit_code_and_json_when_it_does_not_fit():
-    proc = subprocess.run([sys.executable, "-m", "finetune.plan.memory", "configs/train/llama3_70b_qlora_zero3.yaml",
+    proc = subprocess.run([sys.executable, "-m", "finetune.plan", "configs/train/llama3_70b_qlora_zero3.yaml",
                            "adapter=lora", "deepspeed=null", "--gpu-memory", "80GiB", "--json"],
                           cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=30)

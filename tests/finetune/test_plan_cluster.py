@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from finetune.plan.command import load_plan_config
 from finetune.plan.memory import (
     GiB,
     ModelShape,
-    load_plan_config,
     make_plan,
     resolve_model_config,
     setup_from_config,

@@ -1,0 +1,95 @@
+"""`finetune plan` (and `python -m finetune.plan`), and the plan of a training run about to start:
+the entry points over finetune.plan.memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.plan.memory import Plan, make_plan, render_plan, setup_from_config
+from finetune.plan.shapes import GiB, ModelShape, parse_size, resolve_model_config
+
+__all__ = ["load_plan_config", "plan_for_training", "add_plan_arguments", "plan_command", "main"]
+
+DESCRIPTION = "`finetune plan`: will this run fit? A per-device memory plan from `config.json` alone."
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_plan_config(path: str | Path, overrides: list[str] | None = None):
+    """The training config through the real schema, with data file checks switched off.
+
+    Data paths are replaced by the recipe file itself (an existing file) before validation, so every
+    other key is still checked by pydantic exactly as `finetune train` checks it; a DeepSpeed path that
+    does not resolve from the current directory is retried from the repository root.
+    """
+    import yaml
+
+    from finetune.config import load_config, parse_overrides
+
+    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
+    raw = raw if isinstance(raw, dict) else {}
+    # Planning needs no data and no adapter to continue from (init_adapter names a run that may not
+    # exist yet on the machine that plans).
+    extra: dict[str, Any] = {"data": {"train": str(path)}, "eval": {"data": None}, "init_adapter": None}
+    if isinstance(raw.get("data"), dict) and raw["data"].get("eval") is not None:
+        extra["data"]["eval"] = str(path)
+    ds = parse_overrides(overrides or []).get("deepspeed", raw.get("deepspeed"))
+    if isinstance(ds, str) and not Path(ds).is_file() and not (Path(path).parent / ds).is_file() \
+            and (REPO / ds).is_file():
+        extra["deepspeed"] = str(REPO / ds)
+    return load_config(path, overrides, **extra)
+
+
+def plan_for_training(cfg, *, world_size: int = 1, gpus_per_node: int | None = None, device: str | None = None,
+                      device_memory: int | None = None) -> Plan:
+    """The plan for a run about to start (used by `finetune train` before loading the model)."""
+    raw, src = resolve_model_config(cfg.model)
+    shape = ModelShape.from_config(raw, src)
+    gpn = gpus_per_node or min(world_size, 8)
+    return make_plan(shape, setup_from_config(
+        cfg, nodes=max(1, world_size // gpn), gpus_per_node=gpn, device=device or "gpu",
+        device_memory=device_memory or 80 * GiB))
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training YAML (configs/train/...); its data files need not exist")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.batch_size=2")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--gpu-memory", default="80GiB", help="memory per device (e.g. 80GiB, 24GiB)")
+    p.add_argument("--cpu-memory", default=None, help="host memory per node, checked when offloading")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="cpu: predict a CPU process's RSS increase (fp32), as scripts/validate_plan.py measures")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """`finetune plan`: print the plan; exit 0 if it fits, 1 if not, 2 on a config problem."""
+    from finetune.config import ConfigError
+
+    try:
+        cfg = load_plan_config(args.config, args.overrides)
+        raw, src = resolve_model_config(cfg.model)
+        shape = ModelShape.from_config(raw, src)
+        s = setup_from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
+                              device_memory=parse_size(args.gpu_memory),
+                              host_memory=parse_size(args.cpu_memory) if args.cpu_memory else None)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    plan = make_plan(shape, s)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else render_plan(plan))
+    return 0 if plan.fits else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="finetune plan", description=DESCRIPTION)
+    add_plan_arguments(p)
+    return plan_command(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
