@@ -45,7 +45,7 @@ from typing import Any
 
 from finetune.data.chat_template import IGNORE_INDEX, ChatFormatError, assistant_spans
 from finetune.data.files import DataFiles, DataStats, data_files
-from finetune.data.kinds import kind
+from finetune.data.kinds import CHAT, kind
 from finetune.data.shards import ENCODE_BATCH, MAX_SHOWN_PROBLEMS, CacheSpec, ShardResult, iter_lines
 from kitcore.integrity import (
     ALGORITHM,
@@ -227,8 +227,7 @@ def _shards(path: Path, n: int) -> list[tuple[int, int, int]]:
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                      ("length", pa.int32()), ("line", pa.int64())])
+    return pa.schema([*((c, pa.list_(pa.int32())) for c in CHAT.columns), ("length", pa.int32()), ("line", pa.int64())])
 
 
 def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int, int, int],

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.data.chat_template import ChatFormatError, LossOn, encode_chat
 from kitcore.integrity import require_listed_intact
 from kitcore.schema import training_example, training_problem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataError", "DataFiles", "data_files", "read_chat_jsonl", "tokenize_dataset", "DataStats",
+__all__ = ["DataError", "DataFiles", "data_files", "read_chat_jsonl", "DataStats",
            "pad_collate"]
 
 MANIFEST = "manifest.json"  # data_prep.writers.MANIFEST: what `data-prep --engine ray` writes per split
@@ -179,47 +178,6 @@ class DataStats:
         d = self.__dict__.copy()
         d["dropped"] = dict(self.dropped)
         return d
-
-
-def tokenize_dataset(
-    tokenizer: Any,
-    path: str | Path,
-    *,
-    max_length: int,
-    loss_on: LossOn = "assistant",
-    too_long: str = "truncate",
-) -> tuple[list[dict[str, list[int]]], DataStats]:
-    """Encode every example; refuse when examples end up with no trained token."""
-    records = read_chat_jsonl(path)
-    stats = DataStats(examples=len(records))
-    rows = []
-    untrained: list[str] = []
-    for rec in records:
-        where = f"{rec.get('file', path)}:{rec['line']}"
-        try:
-            enc = encode_chat(tokenizer, rec["messages"], max_length=None, loss_on=loss_on, tools=rec.get("tools"))
-        except ChatFormatError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        if len(enc.input_ids) > max_length:
-            if too_long == "drop":
-                stats.dropped["longer_than_max_length"] += 1
-                continue
-            enc = encode_chat(tokenizer, rec["messages"], max_length=max_length, loss_on=loss_on,
-                              tools=rec.get("tools"))
-            stats.truncated += 1
-        if enc.n_trained == 0:
-            untrained.append(where)
-            continue
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-        stats.kept += 1
-        stats.tokens += len(enc.input_ids)
-        stats.trained_tokens += enc.n_trained
-        stats.max_tokens = max(stats.max_tokens, len(enc.input_ids))
-    if untrained:
-        raise untrained_error(untrained, max_length)
-    if not rows:
-        raise DataError(f"no example of {path} is left to train on: {dict(stats.dropped)}")
-    return rows, stats
 
 
 def pad_collate(pad_id: int, pad_to_multiple_of: int | None = None):

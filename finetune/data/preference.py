@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.chat_template import ChatFormatError, encode_completion
-from finetune.data.kinds import kind
+from finetune.data.kinds import PAIRS, UNPAIRED, kind
 from finetune.data.shards import ENCODE_BATCH, MAX_SHOWN_PROBLEMS, CacheSpec, ShardResult, iter_lines
 
 __all__ = ["build_preference_shard", "PAIR_COLUMNS", "UNPAIRED_COLUMNS"]
 
-PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids")
+PAIR_COLUMNS = PAIRS.columns
+UNPAIRED_COLUMNS = tuple(c for c in UNPAIRED.columns if c.endswith("_ids"))  # and the label
 
 
 def _schema(unpaired: bool):

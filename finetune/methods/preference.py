@@ -38,6 +38,7 @@ from transformers import Trainer
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from finetune.config import TrainConfig
+from finetune.data.kinds import PAIRS, UNPAIRED
 from finetune.data.sampler import LengthGroupedSampling
 
 __all__ = ["dpo_arguments", "kto_arguments", "arguments", "collator", "trainer", "KitDPOTrainer",
@@ -120,7 +121,7 @@ class KitDPOTrainer(LengthGroupedSampling, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # The data cache holds prompt_ids/chosen_ids/rejected_ids, made by the kit's chat template;
         # TRL would otherwise look for text columns and tokenize them again with its own rule.
-        missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
+        missing = set(PAIRS.columns) - set(dataset.column_names)
         if missing:
             raise ValueError(f"the {dataset_name} data lacks {sorted(missing)}: build it with finetune's data cache")
         return dataset
@@ -155,7 +156,7 @@ class KitKTOTrainer(LengthGroupedSampling, KTOTrainer):
         self.args.train_sampling_strategy = "random"
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        missing = {"prompt_ids", "completion_ids", "label"} - set(dataset.column_names)
+        missing = set(UNPAIRED.columns) - set(dataset.column_names)
         if missing:
             raise ValueError(f"the {dataset_name} data lacks {sorted(missing)}: build it with finetune's data cache")
         if dataset_name == "train":

@@ -37,6 +37,7 @@ from finetune.plan.shapes import (
     ModelShape,
     fmt_bytes,
     fmt_count,
+    hub_id_to_key,
     lora_target_names,
     lora_trainable_params,
     param_counts,
@@ -63,6 +64,7 @@ __all__ = [
     "resolve_model_config",
     "parse_size",
     "fmt_count",
+    "hub_id_to_key",
 ]
 
 # Expected cost of each way out, for the "what would fit" list (speed, relative to the plan as given).

@@ -13,7 +13,7 @@ import pytest
 
 from finetune.config import load_config
 from finetune.data.cache import encode_conversations, prepared_split
-from finetune.data.files import DataError, tokenize_dataset
+from finetune.data.files import DataError
 from tests.conftest import make_chat_examples, write_jsonl
 
 
@@ -73,6 +73,51 @@ def test_batch_encoder_equals_encode_chat(tiny_model, chat_data, tmp_path, loss_
         ref = encode_chat(tok, msgs, max_length=max_length, loss_on=loss_on, tools=t)
         assert g["input_ids"].tolist() == ref.input_ids and g["labels"].tolist() == ref.labels
         assert (g["n_trained"], g["trained_bytes"], g["truncated"]) == (ref.n_trained, ref.trained_bytes, ref.truncated)
+
+
+
+def tokenize_dataset(  # the reference the cache must equal: one example at a time, in Python
+    tokenizer,
+    path,
+    *,
+    max_length: int,
+    loss_on: str = "assistant",
+    too_long: str = "truncate",
+):
+    """Encode every example with encode_chat; refuse when examples end up with no trained token."""
+    from finetune.data.chat_template import ChatFormatError, encode_chat
+    from finetune.data.files import DataStats, read_chat_jsonl, untrained_error
+
+    records = read_chat_jsonl(path)
+    stats = DataStats(examples=len(records))
+    rows = []
+    untrained: list[str] = []
+    for rec in records:
+        where = f"{rec.get('file', path)}:{rec['line']}"
+        try:
+            enc = encode_chat(tokenizer, rec["messages"], max_length=None, loss_on=loss_on, tools=rec.get("tools"))
+        except ChatFormatError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if len(enc.input_ids) > max_length:
+            if too_long == "drop":
+                stats.dropped["longer_than_max_length"] += 1
+                continue
+            enc = encode_chat(tokenizer, rec["messages"], max_length=max_length, loss_on=loss_on,
+                              tools=rec.get("tools"))
+            stats.truncated += 1
+        if enc.n_trained == 0:
+            untrained.append(where)
+            continue
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        stats.kept += 1
+        stats.tokens += len(enc.input_ids)
+        stats.trained_tokens += enc.n_trained
+        stats.max_tokens = max(stats.max_tokens, len(enc.input_ids))
+    if untrained:
+        raise untrained_error(untrained, max_length)
+    if not rows:
+        raise DataError(f"no example of {path} is left to train on: {dict(stats.dropped)}")
+    return rows, stats
 
 
 @pytest.mark.parametrize("too_long,loss_on,max_length", [("truncate", "all", 48), ("drop", "assistant", 80)])
