@@ -1,1 +1,2 @@
-"""`finetune export`: a merged model as GGUF for llama.cpp and Ollama (gguf.py)."""
+"""`finetune export`: a merged model (or an adapter alone) as GGUF for llama.cpp (gguf.py), with an
+Ollama Modelfile beside it (ollama.py)."""

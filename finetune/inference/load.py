@@ -196,11 +196,11 @@ def adapter_quantization(info: dict[str, Any]) -> tuple[str | None, dict[str, An
 def device_map_for(device: str | None, quantize: str | None):
     """Where an inference model's weights go: `device` when given, else this process's place from
     kitcore.runtime (its GPU in a distributed job, "auto" over the visible GPUs in one process)."""
-    from kitcore.runtime import current, inferencedevice_map_for
+    from kitcore.runtime import current, inference_device_map
 
     if device is not None:
         return {"": device}
-    dm = inferencedevice_map_for(current())
+    dm = inference_device_map(current())
     if dm is None and quantize:
         return {"": "cpu"}  # bitsandbytes quantizes as it places: it needs a device either way
     return dm
