@@ -80,22 +80,32 @@ DEFAULT = "sft"  # a config that names no method
 BUILTIN = ("sft", "dpo", "kto", "reference_free", "distill")
 _REGISTRY: dict[str, Method] = {}
 _BUILTINS_LOADED = False
+_LOADING_BUILTINS = False
 
 
 def register(method: Method, *, replace: bool = False) -> Method:
+    """Add a training method. One registered from outside the kit has no settings section of its own:
+    the sections are fields of the config schema (finetune.config.TrainConfig), assembled from the
+    built-in methods when it is imported."""
     if method.name in _REGISTRY and not replace and _REGISTRY[method.name] != method:
         raise ValueError(f"a training method named {method.name!r} is already registered")
+    if method.section is not None and not _LOADING_BUILTINS:
+        raise ValueError(f"training method {method.name!r}: a method registered at run time cannot add a config "
+                         "section; read its settings from its own file or environment, or ship it in finetune/methods/")
     _REGISTRY[method.name] = method
     return method
 
 
 def _builtins() -> None:
-    global _BUILTINS_LOADED
+    global _BUILTINS_LOADED, _LOADING_BUILTINS
     if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        for module in BUILTIN:
-            for m in importlib.import_module(f"finetune.methods.{module}").METHODS:
-                register(m)
+        _BUILTINS_LOADED = _LOADING_BUILTINS = True
+        try:
+            for module in BUILTIN:
+                for m in importlib.import_module(f"finetune.methods.{module}").METHODS:
+                    register(m)
+        finally:
+            _LOADING_BUILTINS = False
 
 
 def get(name: str) -> Method:

@@ -8,6 +8,8 @@ is made of stay public: each is one decision, tested on its own."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
@@ -26,7 +28,15 @@ __all__ = ["Launch", "resolve_launch", "deepspeed_config", "read_deepspeed_json"
 
 
 def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
-    """A DeepSpeed JSON's settings (the one reader: the launch, the plan)."""
+    """A DeepSpeed JSON's settings (the one reader: the launch, the plan), read from disk once per
+    version of the file."""
+    p = Path(path)
+    st = p.stat()
+    return copy.deepcopy(_read_json(str(p.resolve()), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_json(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 

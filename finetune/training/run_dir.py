@@ -183,7 +183,7 @@ def check_resume_setup(run_dir: Path, now: dict[str, int]) -> None:
     rank0_print(f"Resuming across setups: {both}. Each step sees the same examples, so the run continues.")
 
 
-def _data_identity(spec: str) -> dict[str, Any]:
+def _data_record(spec: str) -> dict[str, Any]:
     """Path and SHA-256 of a dataset; shards hash as their concatenation, i.e. as the single file
     the local engine would have written, and are counted."""
     from finetune.data.files import data_files, sha256_files
@@ -233,7 +233,7 @@ def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, launch)
         "kernels": {"requested": cfg.training.kernels,
                     "liger": trainer.args.liger_kernel_config if trainer.args.use_liger_kernel else None},
         "model": model_ref(cfg.model),
-        "data": {k: _data_identity(p) for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
+        "data": {k: _data_record(p) for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
         "data_stats": {k: v.as_dict() for k, v in data_stats.items()},
     }
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,14 @@ def test_an_unknown_method_names_the_registered_ones(tiny_model, chat_data, tmp_
         load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path}",
                            "method=rlhf"])
     assert e.value.problems[0][0] == "method" and all(n in e.value.problems[0][1] for n in names())
+
+
+def test_a_method_registered_at_run_time_cannot_add_a_config_section():
+    from finetune.methods import Method, register
+    from finetune.section import Section
+
+    class Settings(Section):
+        weight: float = 1.0
+
+    with pytest.raises(ValueError, match="cannot add a config section"):
+        register(Method(name="toy_with_settings", description="", impl=__name__, section=Settings))
