@@ -39,7 +39,7 @@ class LengthGroupedShuffledSampler:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def _epoch(self):
+    def epoch_arrays(self):
         """This epoch's batches as (full [n, batch_size] array, the partial last batch or None)."""
         import numpy as np
         import torch
@@ -63,12 +63,12 @@ class LengthGroupedShuffledSampler:
         return full_arr[perm], partial
 
     def batches(self) -> list[list[int]]:
-        full, partial = self._epoch()
+        full, partial = self.epoch_arrays()
         return full.tolist() + ([partial.tolist()] if partial is not None else [])
 
     def __iter__(self):
         # One numpy array for the epoch (8 bytes an example), not a Python list per batch.
-        full, partial = self._epoch()
+        full, partial = self.epoch_arrays()
         for batch in full:
             yield from batch.tolist()
         if partial is not None:

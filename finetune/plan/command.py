@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.plan.memory import Plan, make_plan, render_plan, setup_from_config
+from finetune.plan.memory import Plan, make_plan, plan_from_batch, render_plan, setup_from_config
 from finetune.plan.shapes import GiB, ModelShape, parse_size, resolve_model_config
 
-__all__ = ["load_plan_config", "plan_for_training", "add_plan_arguments", "plan_command", "main"]
+__all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "data_lengths", "add_plan_arguments", "plan_command", "main"]
 
 DESCRIPTION = "`finetune plan`: will this run fit? A per-device memory plan from `config.json` alone."
 REPO = Path(__file__).resolve().parents[2]
@@ -44,14 +44,48 @@ def load_plan_config(path: str | Path, overrides: list[str] | None = None):
 
 
 def plan_for_training(cfg, *, world_size: int = 1, gpus_per_node: int | None = None, device: str | None = None,
-                      device_memory: int | None = None) -> Plan:
-    """The plan for a run about to start (used by `finetune train` before loading the model)."""
+                      device_memory: int | None = None, lengths=None, batch=None) -> Plan:
+    """The plan for a run about to start (used by `finetune train` before loading the model).
+    `lengths`: the training examples' token lengths (the data cache's `length` column), or `batch`, the
+    longest micro-batch found from them (run_longest_batch); with either the plan is for that
+    micro-batch, else for max_length rows."""
     raw, src = resolve_model_config(cfg.model)
     shape = ModelShape.from_config(raw, src)
     gpn = gpus_per_node or min(world_size, 8)
-    return make_plan(shape, setup_from_config(
-        cfg, nodes=max(1, world_size // gpn), gpus_per_node=gpn, device=device or "gpu",
-        device_memory=device_memory or 80 * GiB))
+    s = setup_from_config(cfg, nodes=max(1, world_size // gpn), gpus_per_node=gpn, device=device or "gpu",
+                          device_memory=device_memory or 80 * GiB)
+    if batch is None and lengths is not None:
+        batch = run_longest_batch(cfg, lengths, world_size=world_size)
+    return make_plan(shape, s) if batch is None else plan_from_batch(shape, s, batch)
+
+
+def run_longest_batch(cfg, lengths, *, world_size: int = 1):
+    """The longest micro-batch of this run (finetune.plan.batches), with its sampler's settings and as
+    many micro-batches as it will consume."""
+    import math
+
+    from finetune.plan.batches import longest_batch
+
+    t = cfg.training
+    n_batches = max(1, math.ceil(len(lengths) / t.batch_size))
+    if t.max_steps and t.max_steps > 0:
+        micro = t.max_steps * t.grad_accum * world_size
+        epochs = math.ceil(micro / n_batches)
+    else:
+        micro, epochs = None, math.ceil(t.epochs)
+    return longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
+                         seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro)
+
+
+def data_lengths(cfg):
+    """The training examples' token lengths, from the data cache (built here when it is missing, as
+    `finetune prepare` builds it; the tokenizer is loaded for that)."""
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
+
+    tok = load_tokenizer(cfg.model, chat_template=cfg.chat_template, trust_remote_code=cfg.trust_remote_code)
+    ds, _, _ = prepared_split(cfg, tok, cfg.data.train, progress=False)
+    return ds.data.column("length").to_numpy()
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +97,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-memory", default=None, help="host memory per node, checked when offloading")
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="cpu: predict a CPU process's RSS increase (fp32), as scripts/validate_plan.py measures")
+    p.add_argument("--data", action="store_true",
+                   help="plan from the training data's token lengths (its data cache, built if missing; the "
+                        "tokenizer is loaded): the longest micro-batch the run's sampler produces, not max_length rows")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -71,16 +108,23 @@ def plan_command(args: argparse.Namespace) -> int:
     from finetune.config import ConfigError
 
     try:
-        cfg = load_plan_config(args.config, args.overrides)
+        if getattr(args, "data", False):
+            from finetune.config import load_config
+
+            cfg = load_config(args.config, args.overrides)  # the data must exist to plan from it
+        else:
+            cfg = load_plan_config(args.config, args.overrides)
         raw, src = resolve_model_config(cfg.model)
         shape = ModelShape.from_config(raw, src)
         s = setup_from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
                               device_memory=parse_size(args.gpu_memory),
                               host_memory=parse_size(args.cpu_memory) if args.cpu_memory else None)
+        batch = (run_longest_batch(cfg, data_lengths(cfg), world_size=args.nodes * args.gpus_per_node)
+                 if getattr(args, "data", False) else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = make_plan(shape, s)
+    plan = make_plan(shape, s) if batch is None else plan_from_batch(shape, s, batch)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else render_plan(plan))
     return 0 if plan.fits else 1
 

@@ -50,7 +50,9 @@ __all__ = [
     "Plan",
     "Line",
     "setup_from_config",
+    "setup_for_batch",
     "make_plan",
+    "plan_from_batch",
     "render_plan",
     "activation_bytes",
     "layer_activation_bytes",
@@ -109,7 +111,9 @@ class Setup:
     nodes: int = 1
     gpus_per_node: int = 1
     micro_batch: int = 1
-    seq_len: int = 2048
+    seq_len: int = 2048  # tokens per row of the micro-batch the plan is for (padding included)
+    max_length: int | None = None  # the config's max_length, when seq_len comes from the data instead
+    batch_note: str = ""  # where micro_batch x seq_len comes from ("" = every row max_length tokens)
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     loss: str = "chunked"  # chunked | full (training.loss)
@@ -360,6 +364,7 @@ class Plan:
     allowance_note: str = ""
     max_micro_batch: int = 0
     alternatives: list[dict[str, Any]] = field(default_factory=list)
+    worst_case_total: float | None = None  # the plan without data (every row max_length), beside a plan from data
 
     @property
     def device_total(self) -> float:
@@ -387,6 +392,7 @@ class Plan:
             "lines": [dataclasses.asdict(x) for x in self.lines],
             "device_total": self.device_total, "host_total_per_rank": self.host_total,
             "fits": self.fits, "max_micro_batch": self.max_micro_batch, "alternatives": self.alternatives,
+            "longest_batch": self.setup.batch_note or None, "worst_case_device_total": self.worst_case_total,
         }
 
 
@@ -702,6 +708,20 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     return plan
 
 
+def setup_for_batch(s: Setup, batch) -> Setup:
+    """`s` for the micro-batch that sets the peak (finetune.plan.batches.LongestBatch): its rows and its
+    tokens per row instead of batch_size x max_length."""
+    return dataclasses.replace(s, micro_batch=batch.rows, seq_len=batch.row_tokens, max_length=s.seq_len,
+                               batch_note=batch.describe())
+
+
+def plan_from_batch(shape: ModelShape, s: Setup, batch, *, alternatives: bool = True) -> Plan:
+    """The plan for the data's longest micro-batch, with the worst case (every row max_length) beside it."""
+    plan = make_plan(shape, setup_for_batch(s, batch), alternatives=alternatives)
+    plan.worst_case_total = make_plan(shape, s, alternatives=False).device_total
+    return plan
+
+
 def _quick(shape: ModelShape, s: Setup) -> Plan:
     lines, trainable = model_state_lines(shape, s)
     act = activation_bytes(shape, s)
@@ -759,10 +779,11 @@ def _candidates(s: Setup) -> list[tuple[str, str, Setup]]:
     if not s.deepspeed and s.world == 1:
         out.append(("ZeRO-3 + offload optimizer/params to CPU", "offload_param",
                     R(s, zero_stage=3, offload_optimizer=True, offload_param=True)))
+    max_length = s.max_length or s.seq_len
     for frac in (2, 4):
-        if s.seq_len // frac >= 256:
-            out.append((f"max_length {s.seq_len} -> {s.seq_len // frac}", "shorter",
-                        R(s, seq_len=s.seq_len // frac)))
+        if max_length // frac >= 256 and max_length // frac < s.seq_len:
+            out.append((f"max_length {max_length} -> {max_length // frac}", "shorter",
+                        R(s, seq_len=max_length // frac)))
     return out
 
 
@@ -814,6 +835,9 @@ def render_plan(plan: Plan) -> str:
         f"micro-batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
         + (", Liger kernels" if s.liger else ""),
         f"trainable {fmt_count(plan.trainable)} params ({100 * plan.trainable / plan.params['total']:.3f}%)",
+        (f"batch     longest: {s.batch_note}" if s.batch_note
+         else f"batch     every row {s.seq_len} tokens (max_length): the worst case; `finetune plan --data` plans "
+              "from the data's own lengths"),
         *([f"teacher   {s.teacher.source}  ({fmt_count(param_counts(s.teacher)['total'])} params, "
            f"{'NF4' if s.teacher_4bit else s.teacher_dtype}, frozen)"] if s.teacher else []),
         "",
@@ -829,6 +853,9 @@ def render_plan(plan: Plan) -> str:
     out.append(f"verdict   {verdict}: {fmt_bytes(plan.device_total).strip()} predicted per device, "
                f"{fmt_bytes(s.device_memory).strip()} available"
                + (f"; host {fmt_bytes(plan.host_total * s.gpus_per_node).strip()} per node" if plan.host_total else ""))
+    if plan.worst_case_total is not None:
+        out.append(f"without data (every row {s.max_length} tokens): {fmt_bytes(plan.worst_case_total).strip()} "
+                   "per device, the worst case")
     out.append(f"largest micro-batch that fits: {plan.max_micro_batch}" if plan.max_micro_batch
                else "largest micro-batch that fits: none (even 1 does not fit)")
     if plan.alternatives:

@@ -13,7 +13,8 @@ from transformers import TrainerCallback
 
 from finetune.console import atomic_write_text
 
-__all__ = ["MetricsLogger", "Preemption", "CheckpointMarker", "COMPLETE_MARKER", "PREEMPTED_EXIT_CODE"]
+__all__ = ["MetricsLogger", "MemoryCheck", "Preemption", "CheckpointMarker", "COMPLETE_MARKER", "PREEMPTED_EXIT_CODE",
+           "process_rss", "PLAN_TOLERANCE", "PLAN_TOLERANCE_BYTES"]
 
 COMPLETE_MARKER = "COMPLETE"
 # EX_TEMPFAIL: "try again later" — what a pre-empted run exits with, so a scheduler can requeue it.
@@ -56,8 +57,115 @@ class MetricsLogger(TrainerCallback):
             if dt > 0 and dtok > 0:
                 rec["tokens_per_s"] = round(dtok / dt, 1)
             self._t0, self._tokens0 = now, state.num_input_tokens_seen
+        self.write(rec)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        """Append one record (the caller is rank 0)."""
         with self.path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
+
+
+# How far the measured peak may be from the plan before the run warns (the plan is validated to +-10%),
+# and by at least how much: below it a miss changes no hardware decision (a tiny model's fixed costs).
+PLAN_TOLERANCE = 0.15
+PLAN_TOLERANCE_BYTES = 256 * 2**20
+
+
+def process_rss(key: str = "VmRSS") -> int | None:
+    """This process's resident memory (`VmRSS`) or its high-water mark (`VmHWM`), in bytes (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MemoryCheck(TrainerCallback):
+    """Every run checks the memory plan: after its first `at_step` optimizer steps it measures its peak
+    and logs it beside the plan's figure (metrics.jsonl and run.json's "memory"), warning when they
+    differ by more than PLAN_TOLERANCE (and PLAN_TOLERANCE_BYTES).
+
+    Measured as the plan predicts it (finetune.plan): on a GPU, the caching allocator's peak
+    (`torch.cuda.max_memory_reserved`, which holds `max_memory_allocated` and the allocator's reserve;
+    the CUDA context is outside it); on CPU, the peak resident memory of the process since training
+    began (VmHWM, reset when it starts) minus what the process held before the model loaded
+    (`baseline`). The largest figure over the ranks is reported."""
+
+    def __init__(self, plan: dict[str, Any], baseline: int | None, metrics: MetricsLogger | None,
+                 run_info: Path | None, at_step: int = 3):
+        self.plan = plan  # {"device": "gpu" | "cpu", "bytes": predicted peak, "worst_case_bytes", "batch"}
+        self.baseline = baseline
+        self.metrics = metrics
+        self.run_info = run_info
+        self.at_step = at_step
+        self.result: dict[str, Any] | None = None
+        self.done = False
+
+    def on_train_begin(self, args, state, control, **kw):
+        if self.plan["device"] == "gpu":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:  # reset VmHWM to the current RSS (Linux >= 4.0): the load-time transient is not training's
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        self._start = state.global_step
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.done:  # the same step on every rank: each takes part in the measurement's collective once
+            return
+        last = state.max_steps if state.max_steps and state.max_steps > 0 else None
+        if state.global_step - self._start < self.at_step and state.global_step != last:
+            return
+        self.done = True
+        self.result = self.measure(state.global_step, state.is_world_process_zero)
+
+    def measure(self, step: int, main: bool) -> dict[str, Any] | None:
+        import logging
+
+        import torch
+
+        from kitcore.runtime import process_group
+
+        extra: dict[str, Any] = {}
+        if self.plan["device"] == "gpu":
+            measured = torch.cuda.max_memory_reserved()
+            extra["measured_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        else:
+            hwm = process_rss("VmHWM")
+            measured = (hwm - self.baseline) if (hwm is not None and self.baseline is not None) else None
+        dist = process_group()
+        if dist is not None:  # every rank takes part: the largest peak over the ranks
+            t = torch.tensor([float(measured if measured is not None else -1)],
+                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            measured = int(t.item()) if t.item() >= 0 else None
+        if measured is None or not main:
+            return None
+        predicted = float(self.plan["bytes"])
+        error = (predicted - measured) / max(measured, 1)
+        rec = {"step": step, "memory_plan_bytes": int(predicted), "memory_measured_bytes": int(measured),
+               "memory_plan_error": round(error, 4), **extra}
+        if self.plan.get("worst_case_bytes"):
+            rec["memory_plan_worst_case_bytes"] = int(self.plan["worst_case_bytes"])
+        if self.metrics is not None:
+            self.metrics.write(rec)
+        if self.run_info is not None and self.run_info.is_file():
+            info = json.loads(self.run_info.read_text())
+            info["memory"] = {**rec, "device": self.plan["device"], "batch": self.plan.get("batch"),
+                              "measured": ("torch.cuda.max_memory_reserved" if self.plan["device"] == "gpu"
+                                           else "VmHWM since training began - RSS before the model loaded")}
+            atomic_write_text(self.run_info, json.dumps(info, indent=2))
+        gib = 1024**3
+        if abs(error) > PLAN_TOLERANCE and abs(predicted - measured) > PLAN_TOLERANCE_BYTES:
+            logging.getLogger(__name__).warning(
+                "memory: the plan said %.2f GiB per device, the first %d steps peaked at %.2f GiB (%+.0f%%); "
+                "`finetune plan --data` shows the breakdown", predicted / gib, step, measured / gib, 100 * error)
+        return rec
 
 
 class Preemption(TrainerCallback):

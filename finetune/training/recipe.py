@@ -31,7 +31,14 @@ from finetune.data.kinds import kind
 from finetune.errors import CheckpointWriteError, Preempted, RunDirError
 from finetune.models.loading import load_base_model, load_tokenizer
 from finetune.training.arguments import training_arguments
-from finetune.training.callbacks import PREEMPTED_EXIT_CODE, CheckpointMarker, MetricsLogger, Preemption
+from finetune.training.callbacks import (
+    PREEMPTED_EXIT_CODE,
+    CheckpointMarker,
+    MemoryCheck,
+    MetricsLogger,
+    Preemption,
+    process_rss,
+)
 from finetune.training.launch import Launch, deepspeed_config, resolve_launch, uses_deepspeed
 from finetune.training.run_dir import (
     export_weights,
@@ -66,16 +73,17 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     rt = _setup_distributed(cfg)
     launch = resolve_launch(cfg, rt, model_type=_model_type(cfg) if cfg.training.kernels != "none" else None)
     resume_from = setup_run_dir(cfg, run_dir, launch)
-    _check_plan(cfg, rt)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
     # What the method checks with the tokenizer, before any weights load (distill: one tokenizer for both).
     cfg.method_spec.hook("before_model", lambda cfg, tokenizer: None)(cfg, tokenizer)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
+    plan = _check_plan(cfg, rt, train_ds.data.column("length").to_numpy())
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
     with scoped_module_globals(patched):
-        stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks)
+        stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
+                          plan)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
     runtime.release_accelerator_memory()
     _cleanup_distributed()
@@ -88,7 +96,8 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     return run_dir
 
 
-def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks) -> int | None:
+def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
+         plan: dict | None = None) -> int | None:
     """Build the model and the Trainer, train, export. Returns the step a pre-emption stopped at
     (None when training finished). Everything heavy lives in this frame and is freed on return."""
     args = training_arguments(cfg, run_dir, eval_ds is not None, launch)
@@ -97,8 +106,11 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
     from transformers import set_seed
 
     set_seed(cfg.seed)
+    # What the process holds before the model loads: the CPU plan predicts the growth over it.
+    baseline = process_rss() if plan and plan["device"] == "cpu" else None
     model = _setup_model(cfg, tokenizer, launch)
-    trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks)
+    trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks,
+                             memory_plan=plan, memory_baseline=baseline)
     _print_summary(cfg, launch, trainer, model, data_stats)
     write_run_info(cfg, run_dir, trainer, data_stats, launch)
 
@@ -197,18 +209,22 @@ def _cleanup_distributed() -> None:
     runtime.end()
 
 
-def _check_plan(cfg: TrainConfig, rt) -> None:
-    """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true.
+def _check_plan(cfg: TrainConfig, rt, lengths) -> dict | None:
+    """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true;
+    return what the run's MemoryCheck compares its measured peak with.
 
+    The plan is for the longest micro-batch this run's sampler will produce from its data (`lengths`,
+    the data cache's token lengths; finetune.plan.batches), found by rank 0 and sent to the others.
     On GPUs the budget is the device's memory; on CPU it is the memory available now (psutil)
     shared by this node's processes, and the plan predicts RSS in CPU mode (fp32), the quantity
     scripts/validate_plan.py checks against measurements (docs/plan.md). Runs before the model is
-    loaded: a run that cannot fit fails in a second, not after minutes of loading."""
+    loaded: a run that cannot fit fails before minutes of loading."""
     import torch
 
     from finetune.config import ConfigError
     from finetune.plan.command import plan_for_training
     from finetune.plan.memory import render_plan
+    from kitcore.runtime import process_group
 
     if rt.device.startswith("cuda"):
         device = "gpu"
@@ -218,16 +234,27 @@ def _check_plan(cfg: TrainConfig, rt) -> None:
 
         device = "cpu"
         mem = int(psutil.virtual_memory().available / max(1, rt.local_world_size))
+    from finetune.plan.command import run_longest_batch
+
+    batch = [run_longest_batch(cfg, lengths, world_size=rt.world_size) if rt.is_main else None]
+    dist = process_group()
+    if dist is not None:
+        dist.broadcast_object_list(batch, src=0)
     try:
         plan = plan_for_training(cfg, world_size=rt.world_size, gpus_per_node=rt.local_world_size,
-                                 device=device, device_memory=mem)
+                                 device=device, device_memory=mem, batch=batch[0])
     except (FileNotFoundError, ValueError, KeyError) as exc:
         logger.warning("no memory plan for %s: %s", cfg.model, exc)
-        return
+        return None
     rank0_print(render_plan(plan))
     if not plan.fits and not cfg.force:
         raise ConfigError("memory plan", [("force", "predicted not to fit (see the table above); apply one of "
                                           "the listed changes, or pass --force / force=true to try anyway")])
+    return {"device": device, "bytes": plan.device_total, "worst_case_bytes": plan.worst_case_total,
+            "batch": plan.setup.batch_note or None}
+
+
+
 
 
 def _setup_data(cfg: TrainConfig, tokenizer, rt=None):
@@ -319,13 +346,16 @@ def _setup_model(cfg: TrainConfig, tokenizer, launch: Launch):
     return get_peft_model(model, lcfg)
 
 
-def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extra_callbacks=()):
+def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extra_callbacks=(), *,
+                   memory_plan: dict | None = None, memory_baseline: int | None = None):
     from transformers import EarlyStoppingCallback
 
     t = cfg.training
     has_eval = eval_ds is not None
-    callbacks = [MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume), CheckpointMarker(),
-                 Preemption(grace_s=t.preemption_grace_s)]
+    metrics = MetricsLogger(run_dir / "metrics.jsonl", resume=cfg.resume)
+    callbacks = [metrics, CheckpointMarker(), Preemption(grace_s=t.preemption_grace_s)]
+    if memory_plan is not None:  # every run checks the plan against its own first steps
+        callbacks.append(MemoryCheck(memory_plan, memory_baseline, metrics, run_dir / "run.json"))
     if has_eval and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     callbacks.extend(extra_callbacks)

@@ -1,0 +1,98 @@
+"""The micro-batch that sets a run's memory peak, from the data: the token lengths the data cache
+stored (after truncation and drops, as training reads them) put through the run's own sampler.
+
+Activations grow with the tokens of one micro-batch, and a padded micro-batch holds rows x its
+longest row. The plan without data assumes every row is `max_length` tokens; real data is shorter
+(the GPU run of docs/plan.md: the longest batch was 8 x 1,284 tokens, not 8 x 2,048), and the plan
+overshot by half. Here:
+
+  padded batches, length-grouped (the default): the sampler's own batches are replayed for every
+      epoch (LengthGroupedShuffledSampler, same seed), and the one with the most padded tokens wins;
+  padded batches, random order: the batch holding the longest example pads every row to that
+      length, so the peak is `batch_size x longest` whatever the order (exact unless that example
+      falls in a partial last batch; then it is an upper bound);
+  packed rows (`packing: true`): one row per micro-batch, as long as its examples together;
+      length-grouped: replayed as above; random order: the `batch_size` longest examples together,
+      an upper bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["LongestBatch", "longest_batch"]
+
+
+@dataclass(frozen=True)
+class LongestBatch:
+    rows: int  # sequences in the micro-batch as the collator builds it (packed: 1)
+    row_tokens: int  # tokens per row, padding included (packed: the row's length)
+    examples: int  # examples in it
+    longest_example: int  # the longest example of the data, in tokens
+    epoch: int  # where it is: epoch and micro-batch index in that epoch (-1: not simulated)
+    index: int
+    exact: bool  # replayed from the run's sampler (False: an upper bound, the order was not simulated)
+    packed: bool
+    n_examples: int  # examples in the data
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.row_tokens
+
+    def describe(self) -> str:
+        shape = (f"1 packed row of {self.row_tokens:,} tokens ({self.examples} examples)" if self.packed
+                 else f"{self.rows} x {self.row_tokens:,} tokens")
+        where = (f"epoch {self.epoch}, micro-batch {self.index}" if self.exact and self.index >= 0
+                 else "the batch holding the longest example" if not self.packed else "an upper bound")
+        return (f"{shape} ({where}; longest example {self.longest_example:,} tokens, "
+                f"{self.n_examples:,} examples)")
+
+
+def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, window: int = 64, seed: int = 0,
+                  packing: bool = False, epochs: int = 1, micro_batches: int | None = None) -> LongestBatch:
+    """The micro-batch with the most tokens (padding included) that training will run, from the
+    examples' token lengths (the data cache's `length` column, in dataset order). `micro_batches`:
+    how many the run consumes in all, over all ranks (max_steps x grad_accum x world size), when it
+    stops before the end of its epochs; None: every batch of `epochs` epochs."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        raise ValueError("no examples: the data holds nothing to train on")
+    b = max(1, int(batch_size))
+    longest = int(lengths.max())
+    if not group_by_length:
+        # The order is the Trainer's random sampler's; not replayed, so every batch of the data counts.
+        if packing:
+            top = np.sort(lengths)[-b:]
+            return LongestBatch(1, int(top.sum()), len(top), longest, -1, -1, False, True, n)
+        # The longest example's batch pads every row to its length; only a partial last batch is smaller.
+        return LongestBatch(min(b, n), longest, min(b, n), longest, -1, -1, n % b == 0 or n < b, False, n)
+    from finetune.data.sampler import LengthGroupedShuffledSampler
+
+    sampler = LengthGroupedShuffledSampler(lengths, b, window=window, seed=seed)
+    best: tuple[int, int, int, int, int] | None = None  # (tokens, rows, row_tokens, epoch, index)
+    left = micro_batches
+    for epoch in range(max(1, int(epochs))):
+        if left is not None and left <= 0:
+            break
+        sampler.set_epoch(epoch)
+        full, partial = sampler.epoch_arrays()
+        sizes = lengths[full] if len(full) else np.zeros((0, b), dtype=np.int64)
+        rows = np.full(len(full), b)
+        per_row = sizes.sum(axis=1) if packing else sizes.max(axis=1, initial=0)
+        if partial is not None:
+            p = lengths[partial]
+            per_row = np.append(per_row, p.sum() if packing else p.max())
+            rows = np.append(rows, len(partial))
+        tokens = per_row if packing else per_row * rows
+        if left is not None:
+            tokens = tokens[:left]
+            left -= len(tokens)
+        i = int(np.argmax(tokens))
+        cand = (int(tokens[i]), int(rows[i]), int(per_row[i]), epoch, i)
+        if best is None or cand[0] > best[0]:
+            best = cand
+    tokens, rows, per_row, epoch, index = best
+    return LongestBatch(1 if packing else rows, per_row, rows, longest, epoch, index, True, packing, n)

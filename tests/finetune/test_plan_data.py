@@ -1,0 +1,154 @@
+"""The plan from the data: the longest micro-batch it plans for is the one the run's own sampler and
+collator produce; every run logs its measured peak beside the plan's figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.plan.batches import longest_batch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _trainer_batches(tiny_model, chat_data, tmp_path, *over: str):
+    """The micro-batches the real Trainer's DataLoader yields for one epoch, and the run's config and lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import load_config
+    from finetune.models.loading import load_tokenizer
+    from finetune.training.arguments import training_arguments
+    from finetune.training.launch import resolve_launch
+    from finetune.training.recipe import _setup_data, _setup_trainer
+    from kitcore.runtime import current
+
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                             f"output_dir={tmp_path / 'run'}", "training.batch_size=4", "training.report_to=[none]",
+                             "max_length=256", *over])
+    tok = load_tokenizer(cfg.model)
+    train_ds, _, _ = _setup_data(cfg, tok)
+    args = training_arguments(cfg, Path(cfg.output_dir), False, resolve_launch(cfg, current()))
+    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    trainer = _setup_trainer(cfg, args, Path(cfg.output_dir), model, tok, train_ds, None)
+    batches = list(trainer.get_train_dataloader())
+    return cfg, train_ds.data.column("length").to_numpy(), batches
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_simulated_longest_batch_is_the_trainers_longest_batch(tiny_model, chat_data, tmp_path, grouped, packing):
+    cfg, lengths, batches = _trainer_batches(tiny_model, chat_data, tmp_path, f"training.group_by_length={grouped}",
+                                             f"packing={packing}")
+    assert len(set(lengths.tolist())) > 5, "the data must vary in length for this test to mean anything"
+    real = max(b["input_ids"].numel() for b in batches)  # rows x padded length; packed: the one row
+    sim = longest_batch(lengths, cfg.training.batch_size, group_by_length=grouped, window=cfg.training.group_window,
+                        seed=cfg.seed, packing=packing)
+    if grouped:  # replayed: the very batch, and where it is
+        assert sim.exact and sim.tokens == real
+        i = sim.index
+        assert batches[i]["input_ids"].numel() == real and batches[i]["input_ids"].shape[-1] == sim.row_tokens
+    elif not packing:  # the longest example's batch pads every row to it (96 examples: no partial batch)
+        assert sim.exact and sim.tokens == real == 4 * int(lengths.max())
+    else:  # random order, packed: an upper bound that holds
+        assert not sim.exact and sim.tokens >= real
+
+
+def test_a_run_that_stops_early_plans_for_the_batches_it_runs():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 400, size=1000)
+    lengths[500] = 2000  # one long outlier, whose batch does not come early in the order of seed 3
+    everything = longest_batch(lengths, 8, seed=3)
+    first = longest_batch(lengths, 8, seed=3, micro_batches=3)
+    from finetune.data.sampler import LengthGroupedShuffledSampler
+
+    full, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3).epoch_arrays()
+    assert 500 not in full[:3] and everything.tokens == 8 * 2000
+    assert first.tokens == max(8 * int(lengths[b].max()) for b in full[:3]) < everything.tokens
+    # several epochs: the longest of all of them, each replayed with its own order
+    two = longest_batch(lengths, 8, seed=3, epochs=2)
+    s = LengthGroupedShuffledSampler(lengths, 8, seed=3)
+    per_epoch = []
+    for e in range(2):
+        s.set_epoch(e)
+        f, p = s.epoch_arrays()
+        per_epoch.append(max([8 * int(lengths[b].max()) for b in f] + ([len(p) * int(lengths[p].max())] if p is not None else [])))
+    assert two.tokens == max(per_epoch) and two.epoch == int(np.argmax(per_epoch))
+
+
+def test_the_plan_from_data_is_the_worst_case_for_max_length_rows_and_smaller_for_short_data(tiny_model, tmp_path):
+    from finetune.config import load_config
+    from finetune.plan.batches import LongestBatch
+    from finetune.plan.memory import (
+        ModelShape,
+        make_plan,
+        plan_from_batch,
+        resolve_model_config,
+        setup_from_config,
+    )
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={data}", f"output_dir={tmp_path / 'r'}",
+                             "max_length=512", "training.batch_size=8"])
+    raw, src = resolve_model_config(cfg.model)
+    shape = ModelShape.from_config(raw, src)
+    s = setup_from_config(cfg, device="cpu")
+    worst = make_plan(shape, s, alternatives=False)
+    full_rows = plan_from_batch(shape, s, LongestBatch(8, 512, 8, 512, 0, 0, True, False, 100), alternatives=False)
+    short = plan_from_batch(shape, s, LongestBatch(8, 128, 8, 128, 0, 0, True, False, 100), alternatives=False)
+    assert full_rows.device_total == pytest.approx(worst.device_total)
+    assert short.device_total < worst.device_total and short.worst_case_total == pytest.approx(worst.device_total)
+    assert "8 x 128 tokens" in short.setup.batch_note
+
+
+def test_finetune_plan_data_prints_the_longest_batch_and_the_worst_case(tiny_model, chat_data, tmp_path):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"model: {tiny_model}\ndata:\n  train: {chat_data['train']}\n  cache_dir: {tmp_path / 'cache'}\n"
+                   f"output_dir: {tmp_path / 'run'}\nmax_length: 512\ntraining:\n  batch_size: 4\n")
+    proc = subprocess.run([sys.executable, "-m", "finetune", "plan", str(cfg), "--data", "--device", "cpu",
+                           "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert "longest example" in plan["longest_batch"]
+    assert plan["device_total"] < plan["worst_case_device_total"]
+    assert plan["setup"]["max_length"] == 512 and plan["setup"]["seq_len"] < 512
+    text = subprocess.run([sys.executable, "-m", "finetune", "plan", str(cfg), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300).stdout
+    assert "every row 512 tokens (max_length)" in text and "--data" in text
+
+
+@pytest.mark.slow
+def test_every_run_logs_its_measured_peak_beside_the_plan(tiny_model, chat_data, tmp_path):
+    from finetune.config import load_config
+    from finetune.training.recipe import train
+
+    run = train(load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                                   f"output_dir={tmp_path / 'run'}", "training.max_steps=4", "training.batch_size=4",
+                                   "training.report_to=[none]", "max_length=128"]))
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "memory_plan_bytes" in x]
+    assert len(recs) == 1 and recs[0]["step"] == 3
+    assert recs[0]["memory_measured_bytes"] > 0 and recs[0]["memory_plan_bytes"] > 0
+    mem = json.loads((run / "run.json").read_text())["memory"]
+    assert mem["memory_plan_bytes"] == recs[0]["memory_plan_bytes"] and mem["device"] == "cpu"
+    assert "tokens" in mem["batch"]
+
+
+def test_the_memory_check_warns_only_past_the_tolerance(tmp_path, monkeypatch, caplog):
+    import finetune.training.callbacks as cb
+
+    gib = 2**30
+    for measured, warned in ((10 * gib, False), (int(7.5 * gib), True), (int(9.0 * gib), False)):
+        check = cb.MemoryCheck({"device": "cpu", "bytes": 10 * gib, "batch": "4 x 100 tokens"}, baseline=gib,
+                               metrics=None, run_info=None)
+        monkeypatch.setattr(cb, "process_rss", lambda key="VmRSS", m=measured: m + gib)
+        caplog.clear()
+        rec = check.measure(3, True)
+        assert rec["memory_measured_bytes"] == measured
+        assert rec["memory_plan_error"] == pytest.approx((10 * gib - measured) / measured, abs=1e-4)
+        assert ("the plan said" in caplog.text) is warned
