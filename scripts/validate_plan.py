@@ -199,8 +199,9 @@ def run_case(case, model: Path, data: Path, teacher: Path | None = None, *, batc
     d = WORK / "runs" / tag
     d.mkdir(parents=True, exist_ok=True)
     if REUSE and len(list(d.glob("rank*.json"))) == nproc and (d / "train.yaml").is_file():
+        secs = json.loads((d / "seconds.json").read_text()) if (d / "seconds.json").is_file() else float("nan")
         return {"cfg": d / "train.yaml", "ranks": [json.loads(f.read_text()) for f in sorted(d.glob("rank*.json"))],
-                "seconds": float("nan")}
+                "seconds": secs}
     for f in d.glob("rank*.json"):
         f.unlink()
     cfg = {
@@ -236,6 +237,7 @@ def run_case(case, model: Path, data: Path, teacher: Path | None = None, *, batc
     secs = time.monotonic() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{tag} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    (d / "seconds.json").write_text(json.dumps(round(secs, 1)))
     ranks = [json.loads(f.read_text()) for f in sorted(d.glob("rank*.json"))]
     if len(ranks) != nproc:
         raise RuntimeError(f"{tag}: expected {nproc} rank reports, got {len(ranks)}")
@@ -245,11 +247,13 @@ def run_case(case, model: Path, data: Path, teacher: Path | None = None, *, batc
 def predict_from_data(cfg_path: Path, nproc: int):
     """The plan `finetune train` itself makes: for the longest micro-batch of the run's data (its cache)."""
     from finetune.config import load_config
-    from finetune.plan.command import data_lengths, plan_for_training
+    from finetune.plan.command import data_batch_inputs, plan_for_training, run_longest_batch
 
     cfg = load_config(cfg_path)
+    lengths, trained_of, mean = data_batch_inputs(cfg)
+    batch = run_longest_batch(cfg, lengths, world_size=nproc, trained_of=trained_of, mean_trained=mean)
     return plan_for_training(cfg, world_size=nproc, gpus_per_node=nproc, device="cpu", device_memory=1 << 40,
-                             lengths=data_lengths(cfg))
+                             batch=batch)
 
 
 def predict(cfg_path: Path, nproc: int):
@@ -323,8 +327,7 @@ def main_varied(args) -> int:
     teacher = build_model(WORK / "teacher", **TEACHER_SHAPE)
     chats = build_varied_data(WORK / "varied" / "train.jsonl")
     pairs = build_varied_data(WORK / "varied_pairs" / "train.jsonl", rows=128, pairs=True)
-    rows, worst = [], 0.0
-    t_all = time.monotonic()
+    rows, worst, run_s = [], 0.0, 0.0
     for case in VARIED_CASES:
         name, adapter, stage, nproc, length, ckpt, model_key, batch = case
         if args.only and not re.search(args.only, name):
@@ -341,6 +344,7 @@ def main_varied(args) -> int:
                f"{meas / 2**20:,.0f} | {pred / 2**20:,.0f} | {100 * err:+.1f}% | "
                f"{plan.worst_case_total / 2**20:,.0f} ({100 * worst_case_err:+.0f}%) | {res['seconds']:.0f} |")
         rows.append(row)
+        run_s += res["seconds"]
         print(row, flush=True)
     header = ("| case | model | procs | batch x max_length | longest batch (data) | measured peak MiB | "
               "predicted from data MiB | error | without data MiB (error) | run s |\n"
@@ -351,8 +355,8 @@ def main_varied(args) -> int:
                f"tail truncated at max_length), the first 3 micro-batches of the length-grouped sampler as "
                f"training runs them. Models: the 124.7M Llama above and a smaller one (hidden {small['hidden']}, "
                f"{small['layers']} layers, {small['heads']}/{small['kv_heads']} heads, vocab 32000); distill: the "
-               f"245.9M teacher. Worst error planned from the data {100 * worst:.1f}%. Total "
-               f"{time.monotonic() - t_all:.0f} s.")
+               f"245.9M teacher. Worst error planned from the data {100 * worst:.1f}%. Training runs "
+               f"{run_s:.0f} s in all.")
     print(table + "\n" + summary)
     if not args.no_write and not args.only:
         text = DOC.read_text()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LongestBatch", "longest_batch"]
+__all__ = ["LongestBatch", "longest_batch", "with_trained_tokens"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class LongestBatch:
     exact: bool  # replayed from the run's sampler (False: an upper bound, the order was not simulated)
     packed: bool
     n_examples: int  # examples in the data
+    ids: tuple[int, ...] = ()  # the examples in it (random order, padded: only the longest one is known)
+    trained_tokens: int | None = None  # its trained tokens (labels != -100), when the caller counted them
 
     @property
     def tokens(self) -> int:
@@ -44,7 +46,8 @@ class LongestBatch:
                  else f"{self.rows} x {self.row_tokens:,} tokens")
         where = (f"epoch {self.epoch}, micro-batch {self.index}" if self.exact and self.index >= 0
                  else "the batch holding the longest example" if not self.packed else "an upper bound")
-        return (f"{shape} ({where}; longest example {self.longest_example:,} tokens, "
+        trained = f", {self.trained_tokens:,} trained" if self.trained_tokens else ""
+        return (f"{shape}{trained} ({where}; longest example {self.longest_example:,} tokens, "
                 f"{self.n_examples:,} examples)")
 
 
@@ -65,14 +68,16 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
     if not group_by_length:
         # The order is the Trainer's random sampler's; not replayed, so every batch of the data counts.
         if packing:
-            top = np.sort(lengths)[-b:]
-            return LongestBatch(1, int(top.sum()), len(top), longest, -1, -1, False, True, n)
+            top = np.argsort(lengths, kind="stable")[-b:]
+            return LongestBatch(1, int(lengths[top].sum()), len(top), longest, -1, -1, False, True, n,
+                                ids=tuple(int(i) for i in top))
         # The longest example's batch pads every row to its length; only a partial last batch is smaller.
-        return LongestBatch(min(b, n), longest, min(b, n), longest, -1, -1, n % b == 0 or n < b, False, n)
+        return LongestBatch(min(b, n), longest, min(b, n), longest, -1, -1, n % b == 0 or n < b, False, n,
+                            ids=(int(np.argmax(lengths)),))
     from finetune.data.sampler import LengthGroupedShuffledSampler
 
     sampler = LengthGroupedShuffledSampler(lengths, b, window=window, seed=seed)
-    best: tuple[int, int, int, int, int] | None = None  # (tokens, rows, row_tokens, epoch, index)
+    best: tuple | None = None  # (tokens, rows, row_tokens, epoch, index, example ids)
     left = micro_batches
     for epoch in range(max(1, int(epochs))):
         if left is not None and left <= 0:
@@ -91,8 +96,19 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
             tokens = tokens[:left]
             left -= len(tokens)
         i = int(np.argmax(tokens))
-        cand = (int(tokens[i]), int(rows[i]), int(per_row[i]), epoch, i)
+        members = full[i] if i < len(full) else partial
+        cand = (int(tokens[i]), int(rows[i]), int(per_row[i]), epoch, i, tuple(int(x) for x in members))
         if best is None or cand[0] > best[0]:
             best = cand
-    tokens, rows, per_row, epoch, index = best
-    return LongestBatch(1 if packing else rows, per_row, rows, longest, epoch, index, True, packing, n)
+    tokens, rows, per_row, epoch, index, ids = best
+    return LongestBatch(1 if packing else rows, per_row, rows, longest, epoch, index, True, packing, n, ids=ids)
+
+
+def with_trained_tokens(batch: LongestBatch, trained_of, mean_trained: float) -> LongestBatch:
+    """`batch` with its trained tokens: `trained_of(ids)` counts them for the examples it knows;
+    the rows it does not (random order: all but the longest) count `mean_trained` each."""
+    from dataclasses import replace
+
+    known = int(trained_of(list(batch.ids))) if batch.ids else 0
+    unknown = max(0, batch.examples - len(batch.ids))
+    return replace(batch, trained_tokens=known + round(unknown * mean_trained))

@@ -12,7 +12,7 @@ from typing import Any
 from finetune.plan.memory import Plan, make_plan, plan_from_batch, render_plan, setup_from_config
 from finetune.plan.shapes import GiB, ModelShape, parse_size, resolve_model_config
 
-__all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "data_lengths", "add_plan_arguments", "plan_command", "main"]
+__all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "trained_counter", "data_batch_inputs", "add_plan_arguments", "plan_command", "main"]
 
 DESCRIPTION = "`finetune plan`: will this run fit? A per-device memory plan from `config.json` alone."
 REPO = Path(__file__).resolve().parents[2]
@@ -59,12 +59,13 @@ def plan_for_training(cfg, *, world_size: int = 1, gpus_per_node: int | None = N
     return make_plan(shape, s) if batch is None else plan_from_batch(shape, s, batch)
 
 
-def run_longest_batch(cfg, lengths, *, world_size: int = 1):
+def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mean_trained: float | None = None):
     """The longest micro-batch of this run (finetune.plan.batches), with its sampler's settings and as
-    many micro-batches as it will consume."""
+    many micro-batches as it will consume; with `trained_of` (example ids -> their trained tokens,
+    trained_counter) and the data's mean trained tokens per example, its trained tokens too."""
     import math
 
-    from finetune.plan.batches import longest_batch
+    from finetune.plan.batches import longest_batch, with_trained_tokens
 
     t = cfg.training
     n_batches = max(1, math.ceil(len(lengths) / t.batch_size))
@@ -73,19 +74,38 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1):
         epochs = math.ceil(micro / n_batches)
     else:
         micro, epochs = None, math.ceil(t.epochs)
-    return longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
-                         seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro)
+    batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
+                          seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro)
+    if trained_of is not None and mean_trained is not None:
+        batch = with_trained_tokens(batch, trained_of, mean_trained)
+    return batch
 
 
-def data_lengths(cfg):
-    """The training examples' token lengths, from the data cache (built here when it is missing, as
-    `finetune prepare` builds it; the tokenizer is loaded for that)."""
+def trained_counter(ds):
+    """For a cache of chat data (a `labels` column): example ids -> their trained tokens (labels != -100
+    past the first position, the positions the loss scores). None for other kinds of data."""
+    if "labels" not in ds.column_names:
+        return None
+    column = ds.data.column("labels")
+
+    def trained_of(ids: list[int]) -> int:
+        import numpy as np
+
+        rows = column.take(ids).to_pylist() if ids else []
+        return sum(int((np.asarray(r[1:]) != -100).sum()) for r in rows)
+
+    return trained_of
+
+
+def data_batch_inputs(cfg):
+    """(lengths, trained_of, mean trained tokens per example) of the training data, from its cache
+    (built here when it is missing, as `finetune prepare` builds it; the tokenizer is loaded for that)."""
     from finetune.data.cache import prepared_split
     from finetune.models.loading import load_tokenizer
 
     tok = load_tokenizer(cfg.model, chat_template=cfg.chat_template, trust_remote_code=cfg.trust_remote_code)
-    ds, _, _ = prepared_split(cfg, tok, cfg.data.train, progress=False)
-    return ds.data.column("length").to_numpy()
+    ds, stats, _ = prepared_split(cfg, tok, cfg.data.train, progress=False)
+    return ds.data.column("length").to_numpy(), trained_counter(ds), stats.trained_tokens / max(1, stats.kept)
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,8 +139,11 @@ def plan_command(args: argparse.Namespace) -> int:
         s = setup_from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
                               device_memory=parse_size(args.gpu_memory),
                               host_memory=parse_size(args.cpu_memory) if args.cpu_memory else None)
-        batch = (run_longest_batch(cfg, data_lengths(cfg), world_size=args.nodes * args.gpus_per_node)
-                 if getattr(args, "data", False) else None)
+        batch = None
+        if getattr(args, "data", False):
+            lengths, trained_of, mean = data_batch_inputs(cfg)
+            batch = run_longest_batch(cfg, lengths, world_size=args.nodes * args.gpus_per_node, trained_of=trained_of,
+                                      mean_trained=mean)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

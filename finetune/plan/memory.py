@@ -114,6 +114,9 @@ class Setup:
     seq_len: int = 2048  # tokens per row of the micro-batch the plan is for (padding included)
     max_length: int | None = None  # the config's max_length, when seq_len comes from the data instead
     batch_note: str = ""  # where micro_batch x seq_len comes from ("" = every row max_length tokens)
+    # The share of the micro-batch's tokens that are trained (labels != -100: assistant turns, no padding):
+    # the chunked loss, and distillation's divergence, run at those positions only. 1.0 without data.
+    trained_fraction: float = 1.0
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     loss: str = "chunked"  # chunked | full (training.loss)
@@ -296,6 +299,11 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None 
     return out
 
 
+def trained_tokens(s: Setup, tokens: int) -> int:
+    """The trained positions among a micro-batch's `tokens` (all of them without data)."""
+    return max(1, min(tokens, math.ceil(tokens * s.trained_fraction)))
+
+
 def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None,
                      seq_len: int | None = None) -> dict[str, float]:
     """Activations at the start of backward (their peak), per device, for one micro-batch.
@@ -330,14 +338,15 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
         chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(V / shape.hidden_size))))))
         head_total = (2 * A * shape.hidden_size + 4 + 4) * tokens + A * V * min(chunk, tokens)
     elif s.loss == "chunked":
-        # finetune.models.losses: the hidden states of the trained positions are gathered (at most every
-        # token: A*H per token), and one chunk of positions at a time has fp32 logits; in the
-        # chunk's backward its log-softmax output, that output's gradient and the logits' gradient
-        # are alive together (12 B x V per position, as for full logits but for one chunk).
+        # finetune.models.losses: the hidden states of the trained positions are gathered (A*H per
+        # trained token), and one chunk of positions at a time has fp32 logits; in the chunk's
+        # backward its log-softmax output, that output's gradient and the logits' gradient are alive
+        # together (12 B x V per position, as for full logits but for one chunk).
         from finetune.models.losses import LOGITS_CHUNK_BYTES
 
-        chunk = min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * V)))
-        head_total = ((4 + A) * shape.hidden_size + 4) * tokens + 12 * V * chunk
+        trained = trained_tokens(s, tokens)
+        chunk = min(trained, max(1, LOGITS_CHUNK_BYTES // (4 * V)))
+        head_total = ((4 + A) * shape.hidden_size + 4) * trained + 12 * V * chunk
     else:
         head_total = ((4 * shape.hidden_size + 4) + V * (12 + (A if A != 4 else 0))) * tokens
     # With checkpointing, the first layer is recomputed only once backward has passed the head, whose
@@ -644,16 +653,17 @@ def _teacher_activation_lines(shape: ModelShape, s: Setup, lines: list[Line]) ->
 
     t = s.teacher
     tokens = s.micro_batch * s.seq_len
+    trained = trained_tokens(s, tokens)  # the teacher's hidden states and the divergence: trained positions only
     A = _act_bytes(s)
-    hidden = tokens * t.hidden_size * A
-    rows = min(tokens, KD_TOKEN_TILE)
+    hidden = trained * t.hidden_size * A
+    rows = min(trained, KD_TOKEN_TILE)
     n_tiles = KD_TILES_CPU if s.device == "cpu" else (2.5 if A == 2 else 2.0)
     tile_bytes = n_tiles * rows * KD_VOCAB_TILE * 4
     out = [Line("activations: teacher hidden states", hidden, 0.0,
-                f"{tokens} tokens x {t.hidden_size} x {A} B, kept for the divergence"),
-           Line("activations: divergence tiles", tile_bytes + tokens * (4 * shape.hidden_size + 12), 0.0,
+                f"{trained} trained tokens x {t.hidden_size} x {A} B, kept for the divergence"),
+           Line("activations: divergence tiles", tile_bytes + trained * (4 * shape.hidden_size + 12), 0.0,
                 f"TRL's kernel: {n_tiles:g} fp32 tiles of {rows} x {KD_VOCAB_TILE} + fp32 grad of the hidden states")]
-    ce_logits = 12 * shape.vocab_size * min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * shape.vocab_size)))
+    ce_logits = 12 * shape.vocab_size * min(trained, max(1, LOGITS_CHUNK_BYTES // (4 * shape.vocab_size)))
     out.append(Line("overlap: divergence after the logits are freed", -min(ce_logits, tile_bytes), 0.0,
                     "the cross-entropy's chunk of logits and the divergence's tiles are not alive together"))
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
@@ -710,9 +720,10 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
 
 def setup_for_batch(s: Setup, batch) -> Setup:
     """`s` for the micro-batch that sets the peak (finetune.plan.batches.LongestBatch): its rows and its
-    tokens per row instead of batch_size x max_length."""
+    tokens per row instead of batch_size x max_length, and the share of them that is trained."""
+    fraction = batch.trained_tokens / batch.tokens if batch.trained_tokens else 1.0
     return dataclasses.replace(s, micro_batch=batch.rows, seq_len=batch.row_tokens, max_length=s.seq_len,
-                               batch_note=batch.describe())
+                               batch_note=batch.describe(), trained_fraction=min(1.0, fraction))
 
 
 def plan_from_batch(shape: ModelShape, s: Setup, batch, *, alternatives: bool = True) -> Plan:

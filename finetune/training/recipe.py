@@ -78,7 +78,7 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     # What the method checks with the tokenizer, before any weights load (distill: one tokenizer for both).
     cfg.method_spec.hook("before_model", lambda cfg, tokenizer: None)(cfg, tokenizer)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
-    plan = _check_plan(cfg, rt, train_ds.data.column("length").to_numpy())
+    plan = _check_plan(cfg, rt, train_ds, data_stats["train"])
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
     with scoped_module_globals(patched):
@@ -209,12 +209,12 @@ def _cleanup_distributed() -> None:
     runtime.end()
 
 
-def _check_plan(cfg: TrainConfig, rt, lengths) -> dict | None:
+def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats) -> dict | None:
     """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true;
     return what the run's MemoryCheck compares its measured peak with.
 
-    The plan is for the longest micro-batch this run's sampler will produce from its data (`lengths`,
-    the data cache's token lengths; finetune.plan.batches), found by rank 0 and sent to the others.
+    The plan is for the longest micro-batch this run's sampler will produce from its data (the data
+    cache's token lengths; finetune.plan.batches), found by rank 0 and sent to the others.
     On GPUs the budget is the device's memory; on CPU it is the memory available now (psutil)
     shared by this node's processes, and the plan predicts RSS in CPU mode (fp32), the quantity
     scripts/validate_plan.py checks against measurements (docs/plan.md). Runs before the model is
@@ -234,9 +234,13 @@ def _check_plan(cfg: TrainConfig, rt, lengths) -> dict | None:
 
         device = "cpu"
         mem = int(psutil.virtual_memory().available / max(1, rt.local_world_size))
-    from finetune.plan.command import run_longest_batch
+    from finetune.plan.command import run_longest_batch, trained_counter
 
-    batch = [run_longest_batch(cfg, lengths, world_size=rt.world_size) if rt.is_main else None]
+    batch = [None]
+    if rt.is_main:
+        batch = [run_longest_batch(cfg, train_ds.data.column("length").to_numpy(), world_size=rt.world_size,
+                                   trained_of=trained_counter(train_ds),
+                                   mean_trained=train_stats.trained_tokens / max(1, train_stats.kept))]
     dist = process_group()
     if dist is not None:
         dist.broadcast_object_list(batch, src=0)

@@ -58,6 +58,25 @@ def test_the_simulated_longest_batch_is_the_trainers_longest_batch(tiny_model, c
         assert not sim.exact and sim.tokens >= real
 
 
+def test_the_longest_batchs_trained_tokens_are_the_ones_the_loss_scores(tiny_model, chat_data, tmp_path):
+    """The chunked loss runs at trained positions only; the plan counts the longest batch's from the cache."""
+    from finetune.plan.batches import with_trained_tokens
+    from finetune.plan.command import trained_counter
+
+    cfg, lengths, batches = _trainer_batches(tiny_model, chat_data, tmp_path)
+    from finetune.config import load_config  # noqa: F401  (the same config as the trainer's)
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
+
+    ds, stats, _ = prepared_split(cfg, load_tokenizer(cfg.model), cfg.data.train)
+    count = trained_counter(ds)
+    assert count(list(range(len(ds)))) == stats.trained_tokens
+    sim = longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed)
+    sim = with_trained_tokens(sim, count, stats.trained_tokens / stats.kept)
+    real = batches[sim.index]["labels"]
+    assert sim.trained_tokens == int((real[:, 1:] != -100).sum()) < sim.tokens
+
+
 def test_a_run_that_stops_early_plans_for_the_batches_it_runs():
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 400, size=1000)
