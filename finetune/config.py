@@ -116,6 +116,11 @@ class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(4, ge=1, description="Examples per device per micro-batch.")
+    tokens_per_batch: int | None = Field(
+        None, ge=1, description="Micro-batches of up to this many tokens (padding included; packed: the row's "
+        "length) instead of batch_size examples: many short examples or few long ones, so every step carries "
+        "about the same tokens. At least max_length. Tokens per optimizer step: up to tokens_per_batch x "
+        "grad_accum x ranks. Chat data (sft, distill).")
     eval_batch_size: int | None = Field(None, ge=1, description="Per-device eval batch (default: batch_size).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of total steps if < 1, else steps.")
@@ -306,6 +311,20 @@ class TrainConfig(Section):
         if v and method in methods.names() and not methods.get(method).packing:
             raise ValueError(f"not supported with method {method!r} (pairs are scored per sequence)")
         return v
+
+    @model_validator(mode="after")
+    def _token_budget_fits(self) -> TrainConfig:
+        budget = self.training.tokens_per_batch
+        if budget is None:
+            return self
+        if budget < self.max_length:
+            raise PydanticCustomError("value_error", f"{budget} is less than max_length ({self.max_length}): an example "
+                                      "of max_length tokens must fit in one micro-batch", {"key": "training.tokens_per_batch"})
+        if self.method_spec.data != "chat":
+            raise PydanticCustomError("value_error", f"method {self.method} reads {self.method_spec.data}, which is "
+                                      "batched by training.batch_size (a budget batches chat data)",
+                                      {"key": "training.tokens_per_batch"})
+        return self
 
     @field_validator("deepspeed")
     @classmethod

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LengthGroupedShuffledSampler", "LengthGroupedSampling"]
+__all__ = ["LengthGroupedShuffledSampler", "TokenBudgetBatchSampler", "LengthGroupedSampling"]
 
 
 class LengthGroupedShuffledSampler:
@@ -75,17 +75,115 @@ class LengthGroupedShuffledSampler:
             yield from partial.tolist()
 
 
+class TokenBudgetBatchSampler:
+    """Micro-batches of up to `budget` tokens (`training.tokens_per_batch`), not of a fixed number of
+    examples: short examples go many to a batch, long ones few, so every step carries about the same
+    tokens.
+
+    A batch's tokens are what its collator builds: rows x its longest example when padded, the sum
+    of its examples when packed (`packing: true`). The batches are made once, from the examples
+    sorted by length (ties in a seeded random order), by filling each batch until the next example
+    would pass the budget; every epoch then shuffles their order (a function of seed and epoch).
+    So every example is in exactly one batch per epoch, the number of batches is the same in every
+    epoch (the Trainer's step count and a resume's position stay exact), a resumed run replays the
+    same order, and batches hold examples of similar length (little padding). An example longer than
+    the budget is a batch alone. With `num_replicas` ranks, the largest batches are split until the
+    count divides evenly, so no rank repeats an example to fill its last step.
+    """
+
+    def __init__(self, lengths, budget: int, *, seed: int = 0, packing: bool = False, num_replicas: int = 1,
+                 max_rows: int | None = None):
+        import numpy as np
+
+        if budget < 1:
+            raise ValueError("the token budget must be >= 1")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.budget, self.seed, self.packing = int(budget), int(seed), bool(packing)
+        self.max_rows = max_rows
+        self.epoch = 0
+        self.sampler = self  # accelerate reaches a batch sampler's epoch through `.sampler.set_epoch`
+        self._batches = self._make_batches(max(1, int(num_replicas)))
+
+    def _make_batches(self, replicas: int) -> list:
+        import numpy as np
+
+        n = len(self.lengths)
+        rng = np.random.default_rng(self.seed)
+        order = np.lexsort((rng.permutation(n), self.lengths))  # by length; equal lengths in a seeded order
+        batches, start = [], 0
+        while start < n:
+            end, longest, total = start, 0, 0
+            while end < n:
+                length = int(self.lengths[order[end]])
+                rows = end - start + 1
+                size = total + length if self.packing else rows * max(longest, length)
+                if end > start and (size > self.budget or (self.max_rows and rows > self.max_rows)):
+                    break
+                longest, total, end = max(longest, length), total + length, end + 1
+            batches.append(order[start:end])
+            start = end
+        while len(batches) % replicas:  # split the batch of most rows (halves always fit the budget)
+            i = max(range(len(batches)), key=lambda k: len(batches[k]))
+            if len(batches[i]) < 2:
+                break  # fewer examples than ranks x 1: accelerate pads as it does for any batch sampler
+            b = batches.pop(i)
+            batches[i:i] = [b[: len(b) // 2], b[len(b) // 2:]]
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def batch_tokens(self, batch) -> int:
+        sizes = self.lengths[batch]
+        return int(sizes.sum()) if self.packing else int(len(sizes) * sizes.max())
+
+    def epoch_batches(self) -> list:
+        """This epoch's batches (arrays of example indices), in this epoch's order."""
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self._batches), generator=g).tolist()
+        return [self._batches[i] for i in perm]
+
+    def __iter__(self):
+        for batch in self.epoch_batches():
+            yield batch.tolist()
+
+
 class LengthGroupedSampling:
     """The kit's train sampler for a Trainer (subclass this before the Trainer class).
 
     Training batches come from `LengthGroupedShuffledSampler` when `training.group_by_length`
-    (the default): similar lengths within a batch, random order of batches.
+    (the default): similar lengths within a batch, random order of batches; with
+    `training.tokens_per_batch`, from `TokenBudgetBatchSampler` (batches of up to that many tokens).
     """
 
-    def __init__(self, *args, group_by_length: bool = False, group_window: int = 64, **kwargs):
+    def __init__(self, *args, group_by_length: bool = False, group_window: int = 64,
+                 tokens_per_batch: int | None = None, packing: bool = False, **kwargs):
         self.group_by_length = group_by_length
         self.group_window = group_window
+        self.tokens_per_batch = tokens_per_batch
+        self.packing = packing
         super().__init__(*args, **kwargs)
+
+    def token_budget_sampler(self, train_dataset=None) -> TokenBudgetBatchSampler:
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        return TokenBudgetBatchSampler(ds.data.column("length").to_numpy(), self.tokens_per_batch,
+                                       seed=self.args.seed, packing=self.packing, num_replicas=self.args.world_size)
+
+    def get_train_dataloader(self):
+        if not self.tokens_per_batch:
+            return super().get_train_dataloader()
+        # A batch sampler: the DataLoader takes its batches as they are (batch_size is not used).
+        from torch.utils.data import DataLoader
+
+        dl = DataLoader(self.train_dataset, batch_sampler=self.token_budget_sampler(), collate_fn=self.data_collator,
+                        num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        # accelerate shards the batches over the ranks (each rank every world_size-th batch).
+        return self.accelerator.prepare(dl)
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset

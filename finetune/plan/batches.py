@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LongestBatch", "longest_batch", "with_trained_tokens"]
+__all__ = ["LongestBatch", "longest_batch", "longest_budget_batch", "with_trained_tokens"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,40 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
             best = cand
     tokens, rows, per_row, epoch, index, ids = best
     return LongestBatch(1 if packing else rows, per_row, rows, longest, epoch, index, True, packing, n, ids=ids)
+
+
+def longest_budget_batch(lengths, budget: int, *, seed: int = 0, packing: bool = False, num_replicas: int = 1,
+                         epochs: int = 1, micro_batches: int | None = None) -> LongestBatch:
+    """The longest micro-batch of `training.tokens_per_batch` (finetune.data.sampler.TokenBudgetBatchSampler,
+    replayed with the run's seed): the same batches every epoch, so the order matters only when the
+    run stops early (`micro_batches`)."""
+    import numpy as np
+
+    from finetune.data.sampler import TokenBudgetBatchSampler
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        raise ValueError("no examples: the data holds nothing to train on")
+    sampler = TokenBudgetBatchSampler(lengths, budget, seed=seed, packing=packing, num_replicas=num_replicas)
+    best, left = None, micro_batches
+    for epoch in range(max(1, int(epochs))):
+        if left is not None and left <= 0:
+            break
+        sampler.set_epoch(epoch)
+        batches = sampler.epoch_batches()
+        if left is not None:
+            batches, left = batches[:left], left - len(batches)
+        for i, batch in enumerate(batches):
+            tokens = sampler.batch_tokens(batch)
+            if best is None or tokens > best[0]:
+                best = (tokens, epoch, i, batch)
+        if micro_batches is None:
+            break  # the same batches in every epoch
+    tokens, epoch, index, batch = best
+    sizes = lengths[batch]
+    rows, per_row = (1, int(sizes.sum())) if packing else (len(batch), int(sizes.max()))
+    return LongestBatch(rows, per_row, len(batch), int(lengths.max()), epoch, index, True, packing, len(lengths),
+                        ids=tuple(int(x) for x in batch))
 
 
 def with_trained_tokens(batch: LongestBatch, trained_of, mean_trained: float) -> LongestBatch:

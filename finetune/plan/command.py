@@ -65,17 +65,27 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     trained_counter) and the data's mean trained tokens per example, its trained tokens too."""
     import math
 
-    from finetune.plan.batches import longest_batch, with_trained_tokens
+    from finetune.plan.batches import longest_batch, longest_budget_batch, with_trained_tokens
 
     t = cfg.training
-    n_batches = max(1, math.ceil(len(lengths) / t.batch_size))
+    if t.tokens_per_batch:
+        from finetune.data.sampler import TokenBudgetBatchSampler
+
+        n_batches = len(TokenBudgetBatchSampler(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packing,
+                                                num_replicas=world_size))
+    else:
+        n_batches = max(1, math.ceil(len(lengths) / t.batch_size))
     if t.max_steps and t.max_steps > 0:
         micro = t.max_steps * t.grad_accum * world_size
         epochs = math.ceil(micro / n_batches)
     else:
         micro, epochs = None, math.ceil(t.epochs)
-    batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
-                          seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro)
+    if t.tokens_per_batch:
+        batch = longest_budget_batch(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packing,
+                                     num_replicas=world_size, epochs=epochs, micro_batches=micro)
+    else:
+        batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
+                              seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro)
     if trained_of is not None and mean_trained is not None:
         batch = with_trained_tokens(batch, trained_of, mean_trained)
     return batch

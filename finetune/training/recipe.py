@@ -364,7 +364,8 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     callbacks.extend(extra_callbacks)
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                  callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window)
+                  callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window,
+                  tokens_per_batch=t.tokens_per_batch, packing=cfg.packing)
     common["data_collator"] = make_collator(cfg, tokenizer)
     return cfg.method_spec.hook("trainer")(cfg, **common)
 
@@ -408,6 +409,16 @@ def _print_summary(cfg: TrainConfig, launch: Launch, trainer, model, data_stats:
     eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     st = data_stats["train"]
     mean_tokens = st.tokens / max(st.kept, 1)
+    budget = cfg.training.tokens_per_batch
+    accum = args.gradient_accumulation_steps
+    batch_lines = [
+        f"effective batch  {eff_batch} = {args.per_device_train_batch_size} per device x "
+        f"{accum} accum x {world} ranks",
+        f"tokens per step  ~{eff_batch * mean_tokens:.0f} (mean {mean_tokens:.0f} tokens/example)",
+    ] if not budget else [
+        f"effective batch  up to {budget * accum * world} tokens = up to {budget} per micro-batch x {accum} accum x "
+        f"{world} ranks (training.tokens_per_batch)",
+    ]
     zero = str(launch.zero_stage or "off")
     rank0_print(
         "\n".join([
@@ -415,9 +426,7 @@ def _print_summary(cfg: TrainConfig, launch: Launch, trainer, model, data_stats:
             f"parameters       {total / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
             f"({100 * trainable / max(total, 1):.2f}%)",
             f"world size       {world}   ZeRO stage {zero}   device {args.device}",
-            f"effective batch  {eff_batch} = {args.per_device_train_batch_size} per device x "
-            f"{args.gradient_accumulation_steps} accum x {world} ranks",
-            f"tokens per step  ~{eff_batch * mean_tokens:.0f} (mean {mean_tokens:.0f} tokens/example)",
+            *batch_lines,
             f"train data       {st.kept} examples, {st.trained_tokens} trained tokens, "
             f"{st.truncated} truncated, dropped {dict(st.dropped) or 0}",
         ])

@@ -190,6 +190,28 @@ def test_ddp_two_ranks_train_one_adapter(tiny_model, chat_data, tmp_path):
     assert report["models"]["tuned"]["extrinsic"]["n"] == 4, report  # all of them, not rank 0's half
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_two_ranks_train_on_token_budget_batches(tiny_model, chat_data, tmp_path):
+    """training.tokens_per_batch under DDP: each rank takes every other budget batch (no example twice),
+    the ranks stay in step, and the plan's longest batch is within the budget."""
+    config, run = _write_config(tmp_path, tiny_model, chat_data, training={"tokens_per_batch": 512})
+    res = _run_ok("ddp.yaml", config)
+    p0, p1 = _probes(run)
+    seen0 = {h for batch in p0["batches"] for h in batch}
+    seen1 = {h for batch in p1["batches"] for h in batch}
+    assert seen0 and seen1 and not seen0 & seen1, (p0["batches"], p1["batches"])
+    assert len({len(b) for b in p0["batches"] + p1["batches"]}) > 1, "rows vary with the examples' lengths"
+    assert p0["trainable_sum"] == pytest.approx(p1["trainable_sum"], rel=1e-6, abs=1e-9), (p0, p1)
+    losses = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert len(losses) == MAX_STEPS and losses[-1] < losses[0], losses
+    assert "up to 512 per micro-batch x 1 accum x 2 ranks" in res.stdout, _show(res)
+    mem = json.loads((run / "run.json").read_text())["memory"]
+    rows, per_row = (int(x) for x in mem["batch"].split(" tokens")[0].split(" x "))
+    assert rows * per_row <= 512, mem
+    _check_adapter(run, tiny_model)
+
+
 @needs_deepspeed
 @pytest.mark.distributed
 @pytest.mark.slow

@@ -171,3 +171,118 @@ def test_the_memory_check_warns_only_past_the_tolerance(tmp_path, monkeypatch, c
         assert rec["memory_measured_bytes"] == measured
         assert rec["memory_plan_error"] == pytest.approx((10 * gib - measured) / measured, abs=1e-4)
         assert ("the plan said" in caplog.text) is warned
+
+
+# ----------------------------------------------------------------------------------------------
+# token-budget micro-batches (training.tokens_per_batch)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_token_budget_batches_hold_every_example_once_within_the_budget(packing, replicas):
+    from finetune.data.sampler import TokenBudgetBatchSampler
+
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        n = int(rng.integers(1, 400))
+        lengths = rng.integers(1, 300, size=n)
+        budget = int(rng.integers(300, 3000))
+        s = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas)
+        counts = []
+        for epoch in range(3):
+            s.set_epoch(epoch)
+            batches = [list(b) for b in s]
+            counts.append(len(batches))
+            flat = sorted(i for b in batches for i in b)
+            assert flat == list(range(n)), "every example exactly once per epoch"
+            for b in batches:
+                size = int(lengths[b].sum()) if packing else len(b) * int(lengths[b].max())
+                assert size <= budget or len(b) == 1
+        assert len(set(counts)) == 1 == len(set([len(s)] + counts)), "the same number of batches every epoch"
+        assert len(s) % replicas == 0 or len(s) < replicas
+        again = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas)
+        again.set_epoch(2)
+        assert [list(b) for b in again] == batches, "a function of the seed and the epoch"
+        if len(s) >= 8:  # another epoch, another order (two orders of 8+ batches coincide 1 time in 40,320)
+            s.set_epoch(0)
+            assert [list(b) for b in s] != batches
+
+
+def test_token_budget_batches_beat_fixed_batches_on_spread_lengths():
+    """The point of a budget: full steps. Padded tokens per step vary far less than with batch_size rows."""
+    from finetune.data.sampler import LengthGroupedShuffledSampler, TokenBudgetBatchSampler
+
+    lengths = np.random.default_rng(0).lognormal(5.0, 0.9, size=2000).astype(int).clip(8, 2048)
+    budget = TokenBudgetBatchSampler(lengths, 8 * 2048, seed=0)
+    fixed = LengthGroupedShuffledSampler(lengths, 8, seed=0)
+    t_budget = np.array([budget.batch_tokens(b) for b in budget.epoch_batches()])
+    full, _ = fixed.epoch_arrays()
+    t_fixed = np.array([8 * lengths[b].max() for b in full])
+    assert t_budget.max() <= 8 * 2048
+    assert t_budget.mean() > 2 * t_fixed.mean() and len(budget) < len(full) / 2
+
+
+def test_the_trainer_runs_the_budget_batches_and_the_plan_finds_the_longest(tiny_model, chat_data, tmp_path):
+    from finetune.plan.batches import longest_budget_batch
+
+    cfg, lengths, batches = _trainer_batches(tiny_model, chat_data, tmp_path, "training.tokens_per_batch=600")
+    assert all(b["input_ids"].numel() <= 600 for b in batches)
+    assert sum(b["input_ids"].shape[0] for b in batches) == len(lengths)
+    assert len({b["input_ids"].shape[0] for b in batches}) > 1, "rows vary with the examples' lengths"
+    sim = longest_budget_batch(lengths, 600, seed=cfg.seed)
+    assert sim.tokens == max(b["input_ids"].numel() for b in batches)
+    assert batches[sim.index]["input_ids"].numel() == sim.tokens
+
+
+def test_a_resumed_epoch_continues_with_the_same_budget_batches(tiny_model, chat_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import load_config
+    from finetune.models.loading import load_tokenizer
+    from finetune.training.arguments import training_arguments
+    from finetune.training.launch import resolve_launch
+    from finetune.training.recipe import _setup_data, _setup_trainer
+    from kitcore.runtime import current
+
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'r'}",
+                             "training.tokens_per_batch=700", "training.report_to=[none]", "max_length=256"])
+    tok = load_tokenizer(cfg.model)
+    train_ds, _, _ = _setup_data(cfg, tok)
+    args = training_arguments(cfg, Path(cfg.output_dir), False, resolve_launch(cfg, current()))
+    trainer = _setup_trainer(cfg, args, Path(cfg.output_dir), AutoModelForCausalLM.from_pretrained(cfg.model), tok,
+                             train_ds, None)
+    dl = trainer.get_train_dataloader()
+    dl.set_epoch(1)
+    full = [b["input_ids"].tolist() for b in dl]
+    dl.set_epoch(1)
+    from accelerate import skip_first_batches  # what the Trainer resumes a mid-epoch run with (5.17 to 5.25)
+
+    resumed = [b["input_ids"].tolist() for b in skip_first_batches(dl, 3)]
+    assert resumed == full[3:]
+    dl.set_epoch(0)
+    assert [b["input_ids"].tolist() for b in dl] != full, "another epoch, another order"
+
+
+def test_a_token_budget_smaller_than_max_length_or_on_pairs_is_refused(tiny_model, chat_data, tmp_path):
+    from finetune.config import ConfigError, load_config
+
+    base = [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*base, "max_length=512", "training.tokens_per_batch=256"])
+    assert e.value.problems[0][0] == "training.tokens_per_batch" and "max_length" in e.value.problems[0][1]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*base, "method=dpo", "training.tokens_per_batch=4096"])
+    assert e.value.problems[0][0] == "training.tokens_per_batch" and "pairs" in e.value.problems[0][1]
+
+
+@pytest.mark.slow
+def test_a_run_with_a_token_budget_trains_and_logs_its_plan(tiny_model, chat_data, tmp_path):
+    from finetune.config import load_config
+    from finetune.training.recipe import train
+
+    run = train(load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                                   f"output_dir={tmp_path / 'run'}", "training.max_steps=4",
+                                   "training.tokens_per_batch=512", "training.report_to=[none]", "max_length=256"]))
+    mem = json.loads((run / "run.json").read_text())["memory"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    rows, per_row = (int(x) for x in mem["batch"].split(" tokens")[0].split(" x "))
+    assert rows * per_row <= 512
