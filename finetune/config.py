@@ -116,11 +116,17 @@ class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(4, ge=1, description="Examples per device per micro-batch.")
-    tokens_per_batch: int | None = Field(
-        None, ge=1, description="Micro-batches of up to this many tokens (padding included; packed: the row's "
+    tokens_per_batch: int | Literal["auto"] | None = Field(
+        None, description="Micro-batches of up to this many tokens (padding included; packed: the row's "
         "length) instead of batch_size examples: many short examples or few long ones, so every step carries "
         "about the same tokens. At least max_length. Tokens per optimizer step: up to tokens_per_batch x "
-        "grad_accum x ranks. Chat data (sft, distill).")
+        "grad_accum x ranks. Chat data (sft, distill). `auto`: the largest budget the memory plan says fits the "
+        "device with memory_margin to spare, grad_accum derived so that a step holds tokens_per_step.")
+    tokens_per_step: int | None = Field(
+        None, ge=1, description="With tokens_per_batch: auto, the tokens of one optimizer step over all ranks "
+        "(what the learning rate is tuned for); grad_accum is derived from it and the budget that fits.")
+    memory_margin: float = Field(
+        0.1, ge=0, lt=1, description="tokens_per_batch: auto leaves this share of the device's memory unplanned.")
     eval_batch_size: int | None = Field(None, ge=1, description="Per-device eval batch (default: batch_size).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of total steps if < 1, else steps.")
@@ -314,10 +320,18 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _token_budget_fits(self) -> TrainConfig:
-        budget = self.training.tokens_per_batch
+        budget, per_step = self.training.tokens_per_batch, self.training.tokens_per_step
+        if per_step is not None and budget != "auto":
+            raise PydanticCustomError("value_error", "only used with tokens_per_batch: auto (a fixed budget's step is "
+                                      "tokens_per_batch x grad_accum x ranks)", {"key": "training.tokens_per_step"})
         if budget is None:
             return self
-        if budget < self.max_length:
+        if budget == "auto":
+            if per_step is None:
+                raise PydanticCustomError(
+                    "value_error", "tokens_per_batch: auto needs training.tokens_per_step, the tokens of one optimizer "
+                    "step (the budget then depends on the device; the step must not)", {"key": "training.tokens_per_step"})
+        elif budget < self.max_length:
             raise PydanticCustomError("value_error", f"{budget} is less than max_length ({self.max_length}): an example "
                                       "of max_length tokens must fit in one micro-batch", {"key": "training.tokens_per_batch"})
         if self.method_spec.data != "chat":

@@ -12,7 +12,7 @@ from typing import Any
 from finetune.plan.memory import Plan, make_plan, plan_from_batch, render_plan, setup_from_config
 from finetune.plan.shapes import GiB, ModelShape, parse_size, resolve_model_config
 
-__all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "trained_counter", "data_batch_inputs", "add_plan_arguments", "plan_command", "main"]
+__all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "resolve_token_budget", "trained_counter", "data_batch_inputs", "add_plan_arguments", "plan_command", "main"]
 
 DESCRIPTION = "`finetune plan`: will this run fit? A per-device memory plan from `config.json` alone."
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +91,59 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     return batch
 
 
+def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None = None, device: str = "gpu",
+                         device_memory: int) -> tuple[int, int, str]:
+    """`training.tokens_per_batch: auto` -> (budget, grad_accum, what was decided, in words).
+
+    The budget is the largest whose plan fits `device_memory` with `training.memory_margin` to spare,
+    planned for its densest micro-batch (ceil(budget / max_length) rows of max_length tokens: no
+    batch of that budget holds more), so it fits whatever the data. grad_accum then makes a step hold
+    `training.tokens_per_step` over all ranks (the budget rounded down so that the product does not
+    pass it)."""
+    import dataclasses
+    import math
+
+    from finetune.config import ConfigError
+
+    t = cfg.training
+    raw, src = resolve_model_config(cfg.model)
+    shape = ModelShape.from_config(raw, src)
+    gpn = gpus_per_node or min(world_size, 8)
+    s = setup_from_config(cfg, nodes=max(1, world_size // gpn), gpus_per_node=gpn, device=device,
+                          device_memory=device_memory)
+    L, P = cfg.max_length, t.tokens_per_step
+    limit = (1 - t.memory_margin) * device_memory
+
+    def fits(budget: int) -> bool:
+        rows = math.ceil(budget / L)
+        return make_plan(shape, dataclasses.replace(s, micro_batch=rows, seq_len=L), alternatives=False).device_total <= limit
+
+    per_rank = P // world_size
+    if per_rank < L:
+        raise ConfigError("training config", [("training.tokens_per_step", (
+            f"{P} tokens over {world_size} rank(s) is less than one max_length ({L}) row per rank"))])
+    if not fits(L):
+        raise ConfigError("memory plan", [("training.tokens_per_batch", (
+            f"auto: not even one row of max_length ({L}) tokens fits {fmt_gib(limit)} "
+            f"({100 * (1 - t.memory_margin):.0f}% of the device); see `finetune plan` for what would"))])
+    lo, hi = L, per_rank  # fits(lo); find the largest budget that fits
+    if fits(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    accum = math.ceil(P / (lo * world_size))
+    budget = max(L, P // (accum * world_size))
+    said = (f"tokens_per_batch auto: {budget} (the largest that fits: {lo}, with {100 * t.memory_margin:.0f}% of "
+            f"{fmt_gib(device_memory)} spare) x grad_accum {accum} x {world_size} rank(s) = {budget * accum * world_size} "
+            f"tokens per optimizer step (tokens_per_step {P})")
+    return budget, accum, said
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
 def trained_counter(ds):
     """For a cache of chat data (a `labels` column): example ids -> their trained tokens (labels != -100
     past the first position, the positions the loss scores). None for other kinds of data."""
@@ -146,6 +199,13 @@ def plan_command(args: argparse.Namespace) -> int:
             cfg = load_plan_config(args.config, args.overrides)
         raw, src = resolve_model_config(cfg.model)
         shape = ModelShape.from_config(raw, src)
+        if cfg.training.tokens_per_batch == "auto":
+            budget, accum, said = resolve_token_budget(
+                cfg, world_size=args.nodes * args.gpus_per_node, gpus_per_node=args.gpus_per_node, device=args.device,
+                device_memory=parse_size(args.gpu_memory))
+            print(said, file=sys.stderr if args.json else sys.stdout)
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+                update={"tokens_per_batch": budget, "grad_accum": accum})})
         s = setup_from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
                               device_memory=parse_size(args.gpu_memory),
                               host_memory=parse_size(args.cpu_memory) if args.cpu_memory else None)

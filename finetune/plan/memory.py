@@ -196,7 +196,10 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         quant_bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant,
         weight_dtype=wdtype, precision=precision, zero_stage=stage, offload_optimizer=off_opt,
         offload_param=off_par and stage == 3, max_live_parameters=max_live, nodes=nodes, gpus_per_node=gpus_per_node,
-        micro_batch=t.batch_size, seq_len=cfg.max_length, grad_accum=t.grad_accum,
+        # A token budget's densest micro-batch: ceil(budget / max_length) rows of max_length tokens.
+        micro_batch=(math.ceil(t.tokens_per_batch / cfg.max_length) if isinstance(t.tokens_per_batch, int)
+                     else t.batch_size),
+        seq_len=cfg.max_length, grad_accum=t.grad_accum,
         gradient_checkpointing=t.gradient_checkpointing, attn=cfg.attn_implementation or "sdpa",
         loss=getattr(t, "loss", "chunked"),
         kernels=getattr(t, "kernels", "none") if device == "gpu" else "none",  # Triton kernels: CUDA only

@@ -78,12 +78,15 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     # What the method checks with the tokenizer, before any weights load (distill: one tokenizer for both).
     cfg.method_spec.hook("before_model", lambda cfg, tokenizer: None)(cfg, tokenizer)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
+    info = {}
+    if cfg.training.tokens_per_batch == "auto":
+        info["token_budget"] = _resolve_token_budget(cfg, rt, run_dir, resume_from)
     plan = _check_plan(cfg, rt, train_ds, data_stats["train"])
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
     with scoped_module_globals(patched):
         stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
-                          plan)
+                          plan, info)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
     runtime.release_accelerator_memory()
     _cleanup_distributed()
@@ -97,7 +100,7 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
 
 
 def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
-         plan: dict | None = None) -> int | None:
+         plan: dict | None = None, info: dict | None = None) -> int | None:
     """Build the model and the Trainer, train, export. Returns the step a pre-emption stopped at
     (None when training finished). Everything heavy lives in this frame and is freed on return."""
     args = training_arguments(cfg, run_dir, eval_ds is not None, launch)
@@ -112,7 +115,7 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
     trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks,
                              memory_plan=plan, memory_baseline=baseline)
     _print_summary(cfg, launch, trainer, model, data_stats)
-    write_run_info(cfg, run_dir, trainer, data_stats, launch)
+    write_run_info(cfg, run_dir, trainer, data_stats, launch, extra=info)
 
     preempt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Preemption))
     preempt.install()
@@ -209,6 +212,52 @@ def _cleanup_distributed() -> None:
     runtime.end()
 
 
+def _device_memory(rt) -> tuple[str, int]:
+    """("gpu" | "cpu", the memory a run on this device may plan for): the GPU's memory; on CPU the
+    memory available now, shared by this node's processes."""
+    import torch
+
+    if rt.device.startswith("cuda"):
+        return "gpu", torch.cuda.get_device_properties(torch.device(rt.device)).total_memory
+    import psutil
+
+    return "cpu", int(psutil.virtual_memory().available / max(1, rt.local_world_size))
+
+
+def _resolve_token_budget(cfg: TrainConfig, rt, run_dir: Path, resume_from) -> str:
+    """`training.tokens_per_batch: auto`: decided by rank 0 from the plan and the device's memory, sent
+    to every rank, written into this run's config (config.yaml records the budget it trained with).
+    A resumed run keeps the budget and grad_accum it started with: other batches would make its
+    position in the data meaningless."""
+    import yaml
+
+    from kitcore.runtime import process_group
+
+    decided = [None]
+    if rt.is_main:
+        saved = run_dir / "config.yaml"
+        before = (yaml.safe_load(saved.read_text()) or {}).get("training", {}) if resume_from and saved.is_file() else {}
+        if isinstance(before.get("tokens_per_batch"), int):
+            decided = [(before["tokens_per_batch"], before["grad_accum"],
+                        f"tokens_per_batch auto: {before['tokens_per_batch']} x grad_accum {before['grad_accum']}, "
+                        f"as the run being resumed decided")]
+        else:
+            from finetune.plan.command import resolve_token_budget
+
+            device, mem = _device_memory(rt)
+            decided = [resolve_token_budget(cfg, world_size=rt.world_size, gpus_per_node=rt.local_world_size,
+                                            device=device, device_memory=mem)]
+    dist = process_group()
+    if dist is not None:
+        dist.broadcast_object_list(decided, src=0)
+    budget, accum, said = decided[0]
+    # The run's config becomes what it trains with (config.yaml reloads as a fixed budget); the decision
+    # itself is in the log and run.json ("token_budget").
+    cfg.training.tokens_per_batch, cfg.training.grad_accum, cfg.training.tokens_per_step = budget, accum, None
+    rank0_print(said)
+    return said
+
+
 def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats) -> dict | None:
     """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true;
     return what the run's MemoryCheck compares its measured peak with.
@@ -219,21 +268,12 @@ def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats) -> dict | None:
     shared by this node's processes, and the plan predicts RSS in CPU mode (fp32), the quantity
     scripts/validate_plan.py checks against measurements (docs/plan.md). Runs before the model is
     loaded: a run that cannot fit fails before minutes of loading."""
-    import torch
-
     from finetune.config import ConfigError
     from finetune.plan.command import plan_for_training
     from finetune.plan.memory import render_plan
     from kitcore.runtime import process_group
 
-    if rt.device.startswith("cuda"):
-        device = "gpu"
-        mem = torch.cuda.get_device_properties(torch.device(rt.device)).total_memory
-    else:
-        import psutil
-
-        device = "cpu"
-        mem = int(psutil.virtual_memory().available / max(1, rt.local_world_size))
+    device, mem = _device_memory(rt)
     from finetune.plan.command import run_longest_batch, trained_counter
 
     batch = [None]

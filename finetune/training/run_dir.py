@@ -209,7 +209,7 @@ def git_commit() -> str | None:
         return None
 
 
-def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, launch) -> None:
+def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, launch, extra: dict | None = None) -> None:
     if not is_main_process():
         return
     from importlib.metadata import PackageNotFoundError, version
@@ -235,6 +235,7 @@ def write_run_info(cfg: TrainConfig, run_dir: Path, trainer, data_stats, launch)
         "model": model_ref(cfg.model),
         "data": {k: _data_record(p) for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
         "data_stats": {k: v.as_dict() for k, v in data_stats.items()},
+        **(extra or {}),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))

@@ -286,3 +286,67 @@ def test_a_run_with_a_token_budget_trains_and_logs_its_plan(tiny_model, chat_dat
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     rows, per_row = (int(x) for x in mem["batch"].split(" tokens")[0].split(" x "))
     assert rows * per_row <= 512
+
+
+def _auto_cfg(tiny_model, chat_data, tmp_path, *over):
+    from finetune.config import load_config
+
+    return load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                              f"output_dir={tmp_path / 'run'}", "max_length=128", "training.tokens_per_batch=auto",
+                              "training.tokens_per_step=4096", "training.report_to=[none]", *over])
+
+
+def _plan_of_rows(cfg, rows: int) -> float:
+    import dataclasses
+
+    from finetune.plan.memory import ModelShape, make_plan, resolve_model_config, setup_from_config
+
+    raw, src = resolve_model_config(cfg.model)
+    s = setup_from_config(cfg, device="cpu", device_memory=1 << 40)
+    return make_plan(ModelShape.from_config(raw, src), dataclasses.replace(s, micro_batch=rows, seq_len=cfg.max_length),
+                     alternatives=False).device_total
+
+
+def test_auto_picks_the_largest_budget_the_plan_fits_and_keeps_the_step(tiny_model, chat_data, tmp_path):
+    from finetune.config import ConfigError
+    from finetune.plan.command import resolve_token_budget
+
+    cfg = _auto_cfg(tiny_model, chat_data, tmp_path)
+    margin = cfg.training.memory_margin
+    for rows in (2, 5):  # memory for exactly `rows` max_length rows (and a little), with the margin spare
+        mem = int(_plan_of_rows(cfg, rows) / (1 - margin)) + 1
+        budget, accum, said = resolve_token_budget(cfg, device="cpu", device_memory=mem)
+        assert (rows - 1) * 128 < budget <= rows * 128 or budget * accum <= 4096
+        assert budget * accum <= 4096 and budget * (accum - 1) < 4096 and budget >= 128
+        assert _plan_of_rows(cfg, -(-budget // 128)) <= (1 - margin) * mem
+        assert f"x grad_accum {accum} x 1 rank(s) = {budget * accum}" in said
+    big, accum, _ = resolve_token_budget(cfg, device="cpu", device_memory=1 << 40)
+    assert (big, accum) == (4096, 1), "ample memory: the whole step in one micro-batch"
+    with pytest.raises(ConfigError, match="not even one row"):
+        resolve_token_budget(cfg, device="cpu", device_memory=int(_plan_of_rows(cfg, 1) / 2))
+
+
+@pytest.mark.slow
+def test_an_auto_budget_run_trains_with_the_budget_its_memory_plan_fits(tiny_model, chat_data, tmp_path, monkeypatch):
+    """The CPU's 'device memory' is what psutil says is available: made small here, the run picks a
+    smaller budget and more accumulation, keeps the step within the configured tokens, and trains."""
+    import types
+
+    import psutil
+
+    from finetune.training.recipe import train
+
+    cfg = _auto_cfg(tiny_model, chat_data, tmp_path, "training.max_steps=3")
+    mem = int(_plan_of_rows(cfg, 3) / (1 - cfg.training.memory_margin)) + 1
+    real = psutil.virtual_memory
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(**{**real()._asdict(), "available": mem}))
+    run = train(cfg)
+    info = json.loads((run / "run.json").read_text())
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())["training"]
+    budget, accum = saved["tokens_per_batch"], saved["grad_accum"]
+    # A step holds up to budget x accum tokens: at most tokens_per_step, and one more micro-batch would pass it.
+    assert 256 < budget <= 384 and budget * accum <= 4096 < budget * (accum + 1), saved
+    assert saved["tokens_per_step"] is None and "tokens_per_batch auto" in info["token_budget"]
+    assert info["memory"]["memory_plan_bytes"] <= (1 - cfg.training.memory_margin) * mem
