@@ -81,6 +81,27 @@ def test_a_single_training_process_uses_one_gpu_whatever_the_node_has(gpu_run):
     assert "effective batch  4 = 4 per device x 1 accum x 1 ranks" in res.stdout, res.stdout[-3000:]
 
 
+def test_the_gpu_run_logs_its_allocator_peak_beside_the_plan_from_its_data(gpu_run):
+    """MemoryCheck's CUDA branch: the caching allocator's peak (reserved, and allocated beside it) against
+    the plan from the run's data (finetune/plan/batches.py)."""
+    out, res = gpu_run
+    assert "batch     longest:" in res.stdout and "without data (every row 128 tokens)" in res.stdout, res.stdout[-3000:]
+    mem = json.loads((out / "run.json").read_text())["memory"]
+    assert mem["device"] == "gpu" and mem["measured"] == "torch.cuda.max_memory_reserved", mem
+    assert 0 < mem["measured_allocated_bytes"] <= mem["memory_measured_bytes"], mem
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "memory_plan_bytes" in x]
+    assert recs and recs[0]["memory_measured_bytes"] == mem["memory_measured_bytes"]
+
+
+def test_token_budget_batches_and_the_auto_budget_on_the_gpu(tiny_model, chat_data, tmp_path):
+    """tokens_per_batch: auto against the GPU's memory: the whole step fits one micro-batch on this tiny model."""
+    out = tmp_path / "run"
+    res = _run([sys.executable, "-m", "finetune", "train", *_overrides(
+        tiny_model, chat_data, out, "training.tokens_per_batch=auto", "training.tokens_per_step=1024")])
+    assert "tokens_per_batch auto: 1024" in res.stdout and "x grad_accum 1 x 1 rank(s)" in res.stdout, res.stdout[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_eval_inference_and_the_sweep_objective_run_on_the_gpu(gpu_run, chat_data, tmp_path):
     from finetune import chat, evaluate, load_for_inference
     from finetune.sweep import assign_worker_gpus
