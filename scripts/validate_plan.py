@@ -314,11 +314,21 @@ def main() -> int:
                f"Total {time.monotonic() - t_all:.0f} s.")
     print(table + "\n" + summary)
     if not args.no_write and not args.only:
-        text = DOC.read_text()
-        block = f"<!-- validation:start -->\n{table}\n\n{summary}\n<!-- validation:end -->"
-        DOC.write_text(re.sub(r"<!-- validation:start -->.*<!-- validation:end -->", lambda _: block, text,
-                              flags=re.S))
+        write_doc_block("validation", table, summary)
     return 0 if worst <= TOLERANCE else 1
+
+
+def write_doc_block(name: str, table: str, summary: str, *, after: str | None = None) -> None:
+    """Replace docs/plan.md's `<!-- NAME:start -->` ... `<!-- NAME:end -->` block; a missing one goes after
+    block `after`."""
+    text = DOC.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{table}\n\n{summary}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.replace(f"<!-- {after}:end -->", f"<!-- {after}:end -->\n\n" + block, 1)
+    DOC.write_text(text)
 
 
 def main_varied(args) -> int:
@@ -359,14 +369,7 @@ def main_varied(args) -> int:
                f"{run_s:.0f} s in all.")
     print(table + "\n" + summary)
     if not args.no_write and not args.only:
-        text = DOC.read_text()
-        block = f"<!-- validation-data:start -->\n{table}\n\n{summary}\n<!-- validation-data:end -->"
-        if "<!-- validation-data:start -->" in text:
-            text = re.sub(r"<!-- validation-data:start -->.*<!-- validation-data:end -->", lambda _: block, text,
-                          flags=re.S)
-        else:
-            text = text.replace("<!-- validation:end -->", "<!-- validation:end -->\n\n" + block, 1)
-        DOC.write_text(text)
+        write_doc_block("validation-data", table, summary, after="validation")
     return 0 if worst <= 0.10 else 1
 
 

@@ -105,10 +105,10 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
 
 
 def longest_budget_batch(lengths, budget: int, *, seed: int = 0, packing: bool = False, num_replicas: int = 1,
-                         epochs: int = 1, micro_batches: int | None = None) -> LongestBatch:
+                         epochs: int = 1, micro_batches: int | None = None, sampler=None) -> LongestBatch:
     """The longest micro-batch of `training.tokens_per_batch` (finetune.data.sampler.TokenBudgetBatchSampler,
     replayed with the run's seed): the same batches every epoch, so the order matters only when the
-    run stops early (`micro_batches`)."""
+    run stops early (`micro_batches`). `sampler`: that sampler, when the caller has already made it."""
     import numpy as np
 
     from finetune.data.sampler import TokenBudgetBatchSampler
@@ -116,7 +116,8 @@ def longest_budget_batch(lengths, budget: int, *, seed: int = 0, packing: bool =
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) == 0:
         raise ValueError("no examples: the data holds nothing to train on")
-    sampler = TokenBudgetBatchSampler(lengths, budget, seed=seed, packing=packing, num_replicas=num_replicas)
+    if sampler is None:
+        sampler = TokenBudgetBatchSampler(lengths, budget, seed=seed, packing=packing, num_replicas=num_replicas)
     best, left = None, micro_batches
     for epoch in range(max(1, int(epochs))):
         if left is not None and left <= 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.plan.memory import Plan, make_plan, plan_from_batch, render_plan, setup_from_config
-from finetune.plan.shapes import GiB, ModelShape, parse_size, resolve_model_config
+from finetune.plan.shapes import GiB, ModelShape, fmt_bytes, parse_size, resolve_model_config
 
 __all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "resolve_token_budget", "trained_counter", "data_batch_inputs", "add_plan_arguments", "plan_command", "main"]
 
@@ -68,11 +68,13 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     from finetune.plan.batches import longest_batch, longest_budget_batch, with_trained_tokens
 
     t = cfg.training
+    sampler = None
     if t.tokens_per_batch:
         from finetune.data.sampler import TokenBudgetBatchSampler
 
-        n_batches = len(TokenBudgetBatchSampler(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packing,
-                                                num_replicas=world_size))
+        sampler = TokenBudgetBatchSampler(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packing,
+                                          num_replicas=world_size)
+        n_batches = len(sampler)
     else:
         n_batches = max(1, math.ceil(len(lengths) / t.batch_size))
     if t.max_steps and t.max_steps > 0:
@@ -82,7 +84,7 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
         micro, epochs = None, math.ceil(t.epochs)
     if t.tokens_per_batch:
         batch = longest_budget_batch(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packing,
-                                     num_replicas=world_size, epochs=epochs, micro_batches=micro)
+                                     num_replicas=world_size, epochs=epochs, micro_batches=micro, sampler=sampler)
     else:
         batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
                               seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro)
@@ -124,7 +126,7 @@ def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None 
             f"{P} tokens over {world_size} rank(s) is less than one max_length ({L}) row per rank"))])
     if not fits(L):
         raise ConfigError("memory plan", [("training.tokens_per_batch", (
-            f"auto: not even one row of max_length ({L}) tokens fits {fmt_gib(limit)} "
+            f"auto: not even one row of max_length ({L}) tokens fits {fmt_bytes(limit).strip()} "
             f"({100 * (1 - t.memory_margin):.0f}% of the device); see `finetune plan` for what would"))])
     lo, hi = L, per_rank  # fits(lo); find the largest budget that fits
     if fits(hi):
@@ -135,13 +137,9 @@ def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None 
     accum = math.ceil(P / (lo * world_size))
     budget = max(L, P // (accum * world_size))
     said = (f"tokens_per_batch auto: {budget} (the largest that fits: {lo}, with {100 * t.memory_margin:.0f}% of "
-            f"{fmt_gib(device_memory)} spare) x grad_accum {accum} x {world_size} rank(s) = {budget * accum * world_size} "
+            f"{fmt_bytes(device_memory).strip()} spare) x grad_accum {accum} x {world_size} rank(s) = {budget * accum * world_size} "
             f"tokens per optimizer step (tokens_per_step {P})")
     return budget, accum, said
-
-
-def fmt_gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
 
 
 def trained_counter(ds):
