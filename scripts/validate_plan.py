@@ -70,8 +70,13 @@ VARIED_CASES = [
     ("lora", "lora", 0, 1, 1024, False, "small", 4),
     ("lora ZeRO-2", "lora", 2, 2, 512, False, "model", 4),
     ("lora dpo", "lora", 0, 1, 512, False, "model", 2),
+    ("full dpo", "full", 0, 1, 512, False, "model", 2),
+    ("lora simpo", "lora", 0, 1, 512, False, "model", 2),
+    ("lora kto", "lora", 0, 1, 512, False, "model", 4),
     ("lora distill", "lora", 0, 1, 512, False, "model", 4),
 ]
+# Methods whose cases train on the preference pairs (KTO reads each pair as a desirable and an undesirable example).
+PAIR_METHODS = ("dpo", "simpo", "kto")
 SMALL_SHAPE = dict(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=2, max_positions=2048)
 
 
@@ -216,8 +221,9 @@ def run_case(case, model: Path, data: Path, teacher: Path | None = None, *, batc
         cfg["deepspeed"] = str(REPO / f"configs/deepspeed/zero{stage}.json")
     if "distill" in name:
         cfg.update(method="distill", distill={"teacher": str(teacher)})
-    if "dpo" in name:
-        cfg.update(method="dpo")
+    for method in PAIR_METHODS:
+        if method in name.split():
+            cfg.update(method=method)
     cfg_path = d / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     # glibc's dynamic mmap threshold keeps freed 0.1-32 MB tensors in the heap, so without a fixed
@@ -342,7 +348,7 @@ def main_varied(args) -> int:
         name, adapter, stage, nproc, length, ckpt, model_key, batch = case
         if args.only and not re.search(args.only, name):
             continue
-        res = run_case(case, models[model_key], pairs if "dpo" in name else chats, teacher, batch=batch,
+        res = run_case(case, models[model_key], pairs if set(name.split()) & set(PAIR_METHODS) else chats, teacher, batch=batch,
                        prefix=f"varied_{model_key}_")
         plan = predict_from_data(res["cfg"], nproc)
         pred, meas = plan.device_total, max(r["train_peak"] for r in res["ranks"])
@@ -361,7 +367,7 @@ def main_varied(args) -> int:
               "|---|---|---|---|---|---|---|---|---|---|")
     table = "\n".join([header, *rows])
     small = SMALL_SHAPE
-    summary = (f"Data: 256 chats (128 preference pairs for DPO) with log-normal reply lengths (median ~120 words, "
+    summary = (f"Data: 256 chats (128 preference pairs for DPO, SimPO and KTO, which reads each pair as a desirable and an undesirable example) with log-normal reply lengths (median ~120 words, "
                f"tail truncated at max_length), the first 3 micro-batches of the length-grouped sampler as "
                f"training runs them. Models: the 124.7M Llama above and a smaller one (hidden {small['hidden']}, "
                f"{small['layers']} layers, {small['heads']}/{small['kv_heads']} heads, vocab 32000); distill: the "

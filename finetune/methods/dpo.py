@@ -45,6 +45,7 @@ DPO = Method(
     reference=True,
     reference_off_key="dpo.precompute_ref_log_probs",
     own_head="TRL's trainer scores through its own chunked LM head",
+    fused_lm_head=True,
     export_drops=("ref",),  # PEFT saves TRL's frozen copy of the starting adapter as a subdirectory
 )
 METHODS = (DPO,)

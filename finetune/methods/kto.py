@@ -31,6 +31,7 @@ KTO = Method(
     section=KTOSection,
     reference=True,
     own_head="TRL's trainer scores through its own chunked LM head",
+    fused_lm_head=True,
     export_drops=("ref",),
 )
 METHODS = (KTO,)

@@ -26,7 +26,9 @@ class SimPOSection(Section):
 
 _HEAD = "TRL's trainer scores through its own chunked LM head"
 ORPO = Method(name="orpo", description="preference pairs, no reference (odds ratio + NLL)",
-              impl="finetune.methods.preference", data="pairs", section=ORPOSection, own_head=_HEAD)
+              impl="finetune.methods.preference", data="pairs", section=ORPOSection, own_head=_HEAD,
+              fused_lm_head=True)
 SIMPO = Method(name="simpo", description="preference pairs, no reference (length-normalised margin)",
-               impl="finetune.methods.preference", data="pairs", section=SimPOSection, own_head=_HEAD)
+               impl="finetune.methods.preference", data="pairs", section=SimPOSection, own_head=_HEAD,
+               fused_lm_head=True)
 METHODS = (ORPO, SIMPO)

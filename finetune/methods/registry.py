@@ -52,6 +52,10 @@ class Method:
     # cross-entropy on CUDA). Otherwise `own_head` says how it scores tokens instead.
     token_loss: bool = False
     own_head: str = ""
+    # It scores tokens through TRL's fused LM head (trl.trainer.utils.add_fused_lm_head): per-token
+    # log-probabilities over tiles of positions x vocabulary entries, never the full logits. The plan
+    # counts that head's memory (finetune.plan.memory) instead of the kit's loss.
+    fused_lm_head: bool = False
     export_drops: tuple[str, ...] = ()  # subdirectories of the saved adapter that are not the trained adapter
     # Section keys that hold paths (read from the YAML's directory, as the top-level paths are).
     path_keys: tuple[str, ...] = ()

@@ -156,7 +156,7 @@ class Setup:
     def liger_fused_loss(self) -> bool:
         """Liger's fused linear cross-entropy is the loss (finetune.training.launch.kernel_settings: not
         under ZeRO-3, where the kit's chunked loss stays)."""
-        return self.liger and self.loss == "chunked" and self.zero_stage != 3
+        return self.liger and self.loss == "chunked" and self.zero_stage != 3 and self.method_spec.token_loss
 
 
 _BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -332,7 +332,9 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     # head: final norm + logits. logits (A), their fp32 copy for the loss, log_softmax output and its
     # gradient (fp32) are alive together at the start of backward: (A + 4 + 4) V per token, A=4 -> 12V.
     V = shape.vocab_size
-    if s.liger_fused_loss:
+    if s.method_spec.fused_lm_head:
+        head_total = trl_fused_head_bytes(shape, s, b, t)
+    elif s.liger_fused_loss:
         # Liger's fused linear cross-entropy: the gradient of the hidden states is computed in the
         # forward and kept ([tokens, H] in the compute dtype) instead of the hidden states; the loss
         # per token is fp32; logits exist one chunk at a time in the compute dtype, over every
@@ -356,6 +358,36 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     # logits/log-softmax tensors are freed by then: the peak holds the larger of the two, not both
     # (measured: LoRA + checkpointing was predicted +15% high without this).
     return {"layers": layers, "head": head_total, "recompute_overlap": -min(recompute, head_total)}
+
+
+# TRL's fused LM head (trl.kernels.chunked_logprob), which the preference trainers score through: the
+# positions are projected in tiles of this many positions x vocabulary entries (a test keeps them in sync).
+TRL_HEAD_TOKEN_TILE = 4096
+TRL_HEAD_VOCAB_TILE = 32768
+# fp32 tiles alive at once in its torch fallback (CPU), in backward, the step's peak: measured alone
+# 8.3 per tile added (N = 1,024-4,096 positions, vocabulary 32,000; its forward holds 4.4).
+TRL_HEAD_TILES_CPU = 8.3
+
+
+def trl_fused_head_bytes(shape: ModelShape, s: Setup, rows: int, seq_len: int) -> float:
+    """The LM head of a method that scores through TRL's fused head (Method.fused_lm_head), for `rows`
+    sequences of `seq_len` tokens (pairs: chosen and rejected already counted in `rows`).
+
+    It copies the hidden states of the positions it scores (A*H each; saved for backward), keeps
+    seven fp32 statistics per position, and in backward accumulates their gradient in fp32 (4*H).
+    With Triton (CUDA) only the trained positions are scored and each tile of logits is folded in
+    place: one tile in the compute dtype (the fp32 accumulation is cuBLAS's out_dtype, no copies).
+    Elsewhere (CPU) every position is scored and the torch fallback holds TRL_HEAD_TILES_CPU fp32
+    tiles. The full [rows, seq_len, vocab] logits never exist."""
+    A = _act_bytes(s)
+    positions = rows * max(1, seq_len - 1)  # the next-token targets
+    if s.device == "gpu":
+        positions = trained_tokens(s, positions)
+        tiles = A * 1.0
+    else:
+        tiles = 4 * TRL_HEAD_TILES_CPU
+    tile = min(positions, TRL_HEAD_TOKEN_TILE) * min(shape.vocab_size, TRL_HEAD_VOCAB_TILE)
+    return positions * ((A + 4) * shape.hidden_size + 7 * 4) + tiles * tile
 
 
 @dataclass
@@ -693,7 +725,10 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
             if s.sequences_per_example == 2
             else f"{s.micro_batch}")
     lines.append(Line("activations: decoder layers", act["layers"], 0.0, f"{rows} x {s.seq_len} tokens, {note_ckpt}"))
-    if s.liger_fused_loss:
+    if s.method_spec.fused_lm_head:
+        head_note = (f"TRL's fused LM head: tiles of {TRL_HEAD_TOKEN_TILE} positions x {TRL_HEAD_VOCAB_TILE} "
+                     + ("entries, trained positions only" if s.device == "gpu" else "entries, every position"))
+    elif s.liger_fused_loss:
         head_note = "Liger fused linear cross-entropy: one chunk of logits, gradient computed in forward"
     elif s.loss == "chunked":
         head_note = "chunked: one chunk of fp32 logits at a time"

@@ -480,6 +480,51 @@ def test_plan_counts_the_pair_forward_and_the_reference():
     assert z3["reference model (DPO, frozen)"] == full["reference model (DPO, frozen)"] / 8  # partitioned
 
 
+def test_plan_counts_trls_fused_head_for_the_preference_methods():
+    """DPO, KTO, ORPO and SimPO score tokens through TRL's fused LM head, not the kit's chunked loss:
+    the plan counts its tiles (every position on CPU, where its torch fallback holds 8.3 fp32 tiles in
+    backward; the trained positions only and one tile in the compute dtype with Triton), never Liger's
+    fused cross-entropy (which the kit does not turn on for them). scripts/validate_plan.py --varied
+    measures it (DPO was 26% under the measured peak while the kit's loss was counted)."""
+    from dataclasses import replace
+
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils as trl_utils
+
+    from finetune import methods
+    from finetune.plan.memory import (
+        TRL_HEAD_TILES_CPU,
+        TRL_HEAD_TOKEN_TILE,
+        TRL_HEAD_VOCAB_TILE,
+        ModelShape,
+        Setup,
+        activation_bytes,
+        make_plan,
+    )
+
+    assert (TRL_HEAD_TOKEN_TILE, TRL_HEAD_VOCAB_TILE) == (chunked_logprob.TOKEN_CHUNK_SIZE,
+                                                          trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    assert {m.name for m in methods.methods() if m.fused_lm_head} == {"dpo", "kto", "orpo", "simpo"}
+    shape = ModelShape(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, head_dim=64, vocab_size=32000)
+    cpu = Setup(adapter="lora", micro_batch=2, seq_len=512, precision="fp32", weight_dtype="float32", device="cpu",
+                method="dpo")
+    positions = 4 * 511  # chosen + rejected of 2 pairs, next-token targets
+    tile = min(positions, 4096) * 32000
+    head = activation_bytes(shape, cpu)["head"]
+    assert head == pytest.approx(positions * (8 * 768 + 28) + 4 * TRL_HEAD_TILES_CPU * tile)
+    sft_head = activation_bytes(shape, replace(cpu, method="sft", micro_batch=4))["head"]
+    assert head > 2 * sft_head  # the kit's chunked loss holds about 3 of those tiles
+    # On a GPU only the trained positions are projected, in tiles of the compute dtype.
+    gpu = replace(cpu, device="gpu", precision="bf16", weight_dtype="bfloat16", trained_fraction=0.25)
+    assert activation_bytes(shape, gpu)["head"] == pytest.approx(positions // 4 * (6 * 768 + 28) + 2 * 511 * 32000)
+    liger = replace(gpu, kernels="liger")
+    assert not liger.liger_fused_loss and replace(liger, method="sft").liger_fused_loss
+    assert activation_bytes(shape, liger)["head"] == activation_bytes(shape, gpu)["head"]
+    line = {x.name: x.note for x in make_plan(shape, cpu, alternatives=False).lines}["activations: logits + loss"]
+    assert "TRL's fused LM head" in line and "every position" in line
+
+
 def _dpo_config(tmp_path, tiny_model, **extra):
     from tests.finetune.test_distributed import _write_config
 
