@@ -102,7 +102,8 @@ class TokenBudgetBatchSampler:
         self.max_rows = max_rows
         self.epoch = 0
         self.sampler = self  # accelerate reaches a batch sampler's epoch through `.sampler.set_epoch`
-        self._batches = self._make_batches(max(1, int(num_replicas)))
+        self.replicas = max(1, int(num_replicas))
+        self._batches = self._make_batches(self.replicas)
 
     def _make_batches(self, replicas: int) -> list:
         import numpy as np
@@ -141,12 +142,20 @@ class TokenBudgetBatchSampler:
         return int(sizes.sum()) if self.packing else int(len(sizes) * sizes.max())
 
     def epoch_batches(self) -> list:
-        """This epoch's batches (arrays of example indices), in this epoch's order."""
+        """This epoch's batches (arrays of example indices), in this epoch's order: shuffled, then the
+        heaviest (most tokens, then the longest example) moved to the front, one per rank (a rank
+        takes every num_replicas-th batch). A budget that does not fit the device then fails in the
+        first step, before any weight has changed (an `auto` budget retries smaller there), not
+        somewhere in the epoch; the Trainer's LengthGroupedSampler does the same for its batches."""
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(len(self._batches), generator=g).tolist()
-        return [self._batches[i] for i in perm]
+        batches = [self._batches[i] for i in perm]
+        weight = lambda i: (self.batch_tokens(batches[i]), int(self.lengths[batches[i]].max()))  # noqa: E731
+        heavy = sorted(sorted(range(len(batches)), key=weight, reverse=True)[: self.replicas])
+        first = set(heavy)
+        return [batches[i] for i in heavy] + [b for i, b in enumerate(batches) if i not in first]
 
     def __iter__(self):
         for batch in self.epoch_batches():

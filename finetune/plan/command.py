@@ -94,7 +94,7 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
 
 
 def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None = None, device: str = "gpu",
-                         device_memory: int) -> tuple[int, int, str]:
+                         device_memory: int, memory_note: str = "") -> tuple[int, int, str]:
     """`training.tokens_per_batch: auto` -> (budget, grad_accum, what was decided, in words).
 
     The budget is the largest whose plan fits `device_memory` with `training.memory_margin` to spare,
@@ -135,9 +135,15 @@ def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None 
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     accum = math.ceil(P / (lo * world_size))
+    # The fewest micro-batches per step whose budget divides the step exactly (tokens_per_step kept to
+    # the token), unless that costs more than a tenth of the micro-batch; else the budget is rounded
+    # down and the message says what a step holds.
+    exact = next((a for a in range(accum, min(math.ceil(1.1 * accum), P // (L * world_size)) + 1)
+                  if P % (a * world_size) == 0), None)
+    accum = exact or accum
     budget = max(L, P // (accum * world_size))
     said = (f"tokens_per_batch auto: {budget} (the largest that fits: {lo}, with {100 * t.memory_margin:.0f}% of "
-            f"{fmt_bytes(device_memory).strip()} spare) x grad_accum {accum} x {world_size} rank(s) = {budget * accum * world_size} "
+            f"{fmt_bytes(device_memory).strip()}{' (' + memory_note + ')' if memory_note else ''} spare) x grad_accum {accum} x {world_size} rank(s) = {budget * accum * world_size} "
             f"tokens per optimizer step (tokens_per_step {P})")
     return budget, accum, said
 

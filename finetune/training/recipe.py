@@ -85,8 +85,20 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
     with scoped_module_globals(patched):
-        stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
-                          plan, info)
+        try:
+            stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
+                              plan, info)
+            retry = False
+        except FirstStepsOutOfMemory as exc:
+            retry = _smaller_token_budget(cfg, rt, launch, resume_from, info, str(exc))
+        if retry:  # outside the handler: the failed attempt's frames (its model, its Trainer) are gone
+            import gc
+
+            gc.collect()
+            runtime.release_accelerator_memory()
+            plan = _check_plan(cfg, rt, train_ds, data_stats["train"])
+            stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
+                              plan, info)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
     runtime.release_accelerator_memory()
     _cleanup_distributed()
@@ -119,10 +131,17 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
 
     preempt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Preemption))
     preempt.install()
+    failed = None
     try:
         _train_with_checkpoint_errors(trainer, resume_from)
+    except (RuntimeError, MemoryError) as exc:
+        if not (_out_of_memory(exc) and trainer.state.global_step == 0):
+            raise
+        failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     finally:
         preempt.uninstall()
+    if failed is not None:  # raised here, not in the handler: the caller may free this frame and retry
+        raise FirstStepsOutOfMemory(failed)
     if preempt.stopped:
         trainer.accelerator.wait_for_everyone()
         rank0_print(f"Pre-empted ({preempt.signal_name}): checkpoint saved at step "
@@ -212,16 +231,75 @@ def _cleanup_distributed() -> None:
     runtime.end()
 
 
-def _device_memory(rt) -> tuple[str, int]:
-    """("gpu" | "cpu", the memory a run on this device may plan for): the GPU's memory; on CPU the
-    memory available now, shared by this node's processes."""
+class FirstStepsOutOfMemory(RuntimeError):
+    """Training ran out of memory before its first optimizer step (no weight has changed)."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA out-of-memory error, its CPU allocator's failure (a cgroup or RLIMIT_AS limit), or
+    Python's MemoryError."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _smaller_token_budget(cfg: TrainConfig, rt, launch: Launch, resume_from, info: dict, error: str) -> bool:
+    """After an out-of-memory error in the first steps of a `tokens_per_batch: auto` run: halve the
+    budget and double grad_accum (the tokens of an optimizer step stay as they were), once, and say
+    so. Only a single process without DeepSpeed retries in place: with several ranks the others
+    are waiting in a collective the failed one never reaches (the launcher stops them all), and a
+    DeepSpeed engine is not rebuilt in one process; those runs stop with the settings to re-run
+    with. A fixed budget is the user's choice and is not changed."""
+    from finetune.config import ConfigError
+
+    t = cfg.training
+    decided = info.get("token_budget") or ""
+    half = t.tokens_per_batch // 2 if isinstance(t.tokens_per_batch, int) else 0
+    why = ("training.tokens_per_batch is fixed (auto retries)" if not decided else
+           "the budget was already lowered once" if "retried" in decided else
+           "a resumed run keeps its budget" if resume_from else
+           f"half the budget would be under one max_length row ({cfg.max_length})" if half < cfg.max_length else None)
+    if not isinstance(t.tokens_per_batch, int):
+        raise ConfigError("memory", [("training.batch_size", (
+            f"ran out of memory before the first optimizer step ({error}). Lower training.batch_size (and raise "
+            f"training.grad_accum to keep the step), use training.tokens_per_batch: auto, or turn on "
+            f"training.gradient_checkpointing; `finetune plan --data` shows what fits"))])
+    if why:
+        raise ConfigError("memory", [("training.tokens_per_batch", (
+            f"ran out of memory before the first optimizer step ({error}); not retried: {why}. Lower "
+            f"training.tokens_per_batch (or raise training.memory_margin for auto), or turn on "
+            f"training.gradient_checkpointing"))])
+    said = (f"out of memory before the first optimizer step ({error}): retried once with tokens_per_batch "
+            f"{half} x grad_accum {2 * t.grad_accum} (was {t.tokens_per_batch} x {t.grad_accum}); tokens per "
+            f"optimizer step unchanged ({half * 2 * t.grad_accum * rt.world_size})")
+    if rt.distributed or launch.uses_deepspeed:
+        raise ConfigError("memory", [("training.tokens_per_batch", (
+            f"ran out of memory before the first optimizer step ({error}); a run of {rt.world_size} process(es)"
+            f"{' under DeepSpeed' if launch.uses_deepspeed else ''} is not retried in place. Re-run with "
+            f"training.tokens_per_batch={half} training.grad_accum={2 * t.grad_accum} (the same tokens per "
+            f"step), or raise training.memory_margin"))])
+    rank0_print(said)
+    logger.warning(said)
+    t.tokens_per_batch, t.grad_accum = half, 2 * t.grad_accum
+    info["token_budget"] = f"{info['token_budget']}; retried: {said}"
+    return True
+
+
+def _device_memory(rt) -> tuple[str, int, str]:
+    """("gpu" | "cpu", the memory a run on this device may plan for, what sets it): the GPU's memory;
+    on CPU what this process may still allocate (the system's available memory or its memory cgroup's
+    headroom, shared by this node's processes, or its RLIMIT_AS; kitcore.runtime.host_memory_available)."""
     import torch
 
     if rt.device.startswith("cuda"):
-        return "gpu", torch.cuda.get_device_properties(torch.device(rt.device)).total_memory
-    import psutil
+        return "gpu", torch.cuda.get_device_properties(torch.device(rt.device)).total_memory, "the GPU's memory"
+    from kitcore.runtime import host_memory_available
 
-    return "cpu", int(psutil.virtual_memory().available / max(1, rt.local_world_size))
+    mem, what = host_memory_available(rt.local_world_size)
+    return "cpu", mem, what
 
 
 def _resolve_token_budget(cfg: TrainConfig, rt, run_dir: Path, resume_from) -> str:
@@ -244,9 +322,9 @@ def _resolve_token_budget(cfg: TrainConfig, rt, run_dir: Path, resume_from) -> s
         else:
             from finetune.plan.command import resolve_token_budget
 
-            device, mem = _device_memory(rt)
+            device, mem, what = _device_memory(rt)
             decided = [resolve_token_budget(cfg, world_size=rt.world_size, gpus_per_node=rt.local_world_size,
-                                            device=device, device_memory=mem)]
+                                            device=device, device_memory=mem, memory_note=what)]
     dist = process_group()
     if dist is not None:
         dist.broadcast_object_list(decided, src=0)
@@ -273,7 +351,7 @@ def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats) -> dict | None:
     from finetune.plan.memory import render_plan
     from kitcore.runtime import process_group
 
-    device, mem = _device_memory(rt)
+    device, mem, _ = _device_memory(rt)
     from finetune.plan.command import run_longest_batch, trained_counter
 
     batch = [None]

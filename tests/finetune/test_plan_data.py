@@ -4,12 +4,15 @@ collator produce; every run logs its measured peak beside the plan's figure."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from finetune.plan.batches import longest_batch
 
@@ -350,3 +353,73 @@ def test_an_auto_budget_run_trains_with_the_budget_its_memory_plan_fits(tiny_mod
     assert 256 < budget <= 384 and budget * accum <= 4096 < budget * (accum + 1), saved
     assert saved["tokens_per_step"] is None and "tokens_per_batch auto" in info["token_budget"]
     assert info["memory"]["memory_plan_bytes"] <= (1 - cfg.training.memory_margin) * mem
+
+
+@pytest.fixture(scope="module")
+def limit_run_config(tmp_path_factory):
+    """A model whose activations dominate its memory (hidden 256, 4 layers: about 1 GiB for an 8,192-token
+    micro-batch on CPU) and enough chats for two 8,192-token steps."""
+    from finetune.tiny import build_tiny_model
+    from tests.conftest import make_chat_examples, write_jsonl
+
+    d = tmp_path_factory.mktemp("memory_limit")
+    data = write_jsonl(d / "train.jsonl", make_chat_examples(600, seed=0))
+    model = build_tiny_model(d / "model", [data], vocab_size=512, hidden_size=256, layers=4, heads=4, kv_heads=2)
+    cfg = d / "train.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": str(model), "data": {"train": str(data)}, "output_dir": str(d / "run"), "overwrite": True,
+        "max_length": 256, "seed": 0, "eval": {"after_train": False},
+        "training": {"max_steps": 2, "logging_steps": 1, "report_to": ["none"]}}))
+    return cfg
+
+
+def _under_limit(cfg, headroom: float, inflate: float, *overrides, env: dict | None = None) -> dict:
+    child = Path(__file__).with_name("memory_limit_child.py")
+    proc = subprocess.run([sys.executable, str(child), str(cfg), str(headroom), str(inflate), *overrides],
+                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                               **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["log"] = proc.stdout + proc.stderr
+    run = cfg.parent / "run"
+    if out["ok"]:
+        out["config"] = yaml.safe_load((run / "config.yaml").read_text())["training"]
+        out["info"] = json.loads((run / "run.json").read_text())
+        out["steps"] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return out
+
+
+@pytest.mark.slow
+def test_auto_trains_under_a_real_memory_limit_where_the_whole_step_runs_out(limit_run_config):
+    """Under an address-space limit (RLIMIT_AS) that leaves room for 70% of the plan of one micro-batch
+    holding the whole 8,192-token step: that micro-batch really runs out of memory (forced past the
+    plan's refusal), while `tokens_per_batch: auto` reads the limit, picks a budget that fits and
+    trains, with budget x grad_accum = tokens_per_step exactly. A plan that believed it had three
+    times the memory gets the out-of-memory error in its first step and retries once with half the
+    budget and twice the accumulation, saying so, and trains the same tokens per step."""
+    step = ["training.tokens_per_step=8192"]
+    refused = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=8192")
+    assert not refused["ok"] and "predicted not to fit" in refused["error"], refused["log"][-2000:]
+    whole = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=8192", "force=true")
+    assert not whole["ok"] and "ran out of memory before the first optimizer step" in whole["error"], whole["log"][-2000:]
+    assert "training.tokens_per_batch" in whole["error"] and "not retried" in whole["error"]
+
+    auto = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=auto", *step)
+    assert auto["ok"], auto["log"][-3000:]
+    budget, accum = auto["config"]["tokens_per_batch"], auto["config"]["grad_accum"]
+    assert budget < 8192 and accum >= 2 and budget * accum == 8192, auto["config"]
+    assert "RLIMIT_AS" in auto["info"]["token_budget"] and "retried" not in auto["info"]["token_budget"]
+    assert len(auto["steps"]) == 2 and all(math.isfinite(r["loss"]) for r in auto["steps"])
+
+    # The retry loads the model again within the same limit. glibc keeps freed tensors' address space
+    # mapped inside its heaps (what RLIMIT_AS counts; a GPU's caching allocator and a cgroup's resident
+    # limit get theirs back), so this leg has large allocations mapped on their own and unmapped when freed.
+    retried = _under_limit(limit_run_config, 0.7, 3, "training.tokens_per_batch=auto", *step,
+                           env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert retried["ok"], retried["log"][-3000:]
+    said = retried["info"]["token_budget"]
+    assert "tokens_per_batch auto: 8192" in said and "retried: out of memory before the first optimizer step" in said
+    assert (retried["config"]["tokens_per_batch"], retried["config"]["grad_accum"]) == (4096, 2)
+    assert "retried once with tokens_per_batch 4096 x grad_accum 2" in retried["log"]
+    assert len(retried["steps"]) == 2 and all(math.isfinite(r["loss"]) for r in retried["steps"])

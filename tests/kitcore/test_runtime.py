@@ -75,3 +75,51 @@ def test_release_drops_a_finished_runs_deepspeed_config():
     runtime.release_accelerator_memory()
     assert not is_deepspeed_zero3_enabled()
     del cfg
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_host_memory_reads_the_memory_cgroup_v2_and_v1_and_their_ancestors(tmp_path):
+    """A container's or a Slurm job's memory limit is what a CPU run plans for: limit minus usage, the
+    inactive page cache counted as free; the cgroup found under its path, or at the mount's root when
+    a cgroup namespace hides the path; an unlimited cgroup ("max", or v1's ~2^63) sets nothing."""
+    GiB = 1 << 30
+    v2 = tmp_path / "v2"
+    _write(v2 / "proc", "0::/job/step\n")
+    _write(v2 / "job/step/memory.max", "max\n")
+    _write(v2 / "job/step/memory.current", f"{GiB}\n")
+    _write(v2 / "job/memory.max", f"{4 * GiB}\n")  # the limit is set on the parent (a Slurm job, its step inside)
+    _write(v2 / "job/memory.current", f"{3 * GiB}\n")
+    _write(v2 / "job/memory.stat", f"anon 1\ninactive_file {GiB // 2}\n")
+    free, what = runtime._cgroup_available(str(v2), str(v2 / "proc"))
+    assert free == GiB + GiB // 2 and str(v2 / "job") in what and "4.00 GiB" in what
+    v1 = tmp_path / "v1"
+    _write(v1 / "proc", "12:pids:/x\n4:memory:/docker/abc\n")
+    _write(v1 / "memory/memory.limit_in_bytes", f"{2 * GiB}\n")  # namespaced: the container's cgroup is the root
+    _write(v1 / "memory/memory.usage_in_bytes", f"{GiB}\n")
+    _write(v1 / "memory/memory.stat", f"cache 5\ntotal_inactive_file {GiB // 4}\n")
+    assert runtime._cgroup_available(str(v1), str(v1 / "proc"))[0] == GiB + GiB // 4
+    _write(v1 / "memory/memory.limit_in_bytes", "9223372036854771712\n")
+    assert runtime._cgroup_available(str(v1), str(v1 / "proc")) is None
+    assert runtime._cgroup_available(str(tmp_path / "none"), str(tmp_path / "no_proc")) is None
+
+
+def test_host_memory_available_is_the_least_of_the_system_the_cgroup_and_the_address_space_limit(monkeypatch):
+    import resource
+
+    import psutil
+
+    GiB = 1 << 30
+    monkeypatch.setattr(runtime, "_cgroup_available", lambda: (6 * GiB, "the memory cgroup /sys/fs/cgroup/job"))
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=16 * GiB))
+    assert runtime.host_memory_available(2) == (3 * GiB, "the memory cgroup /sys/fs/cgroup/job, shared by 2 processes")
+    vms = psutil.Process().memory_info().vms
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (vms + 2 * GiB, resource.RLIM_INFINITY)
+                        if what == resource.RLIMIT_AS else (resource.RLIM_INFINITY,) * 2)
+    mem, what = runtime.host_memory_available(1)
+    assert what.startswith("this process's address-space limit (RLIMIT_AS")
+    assert 0 <= 2 * GiB - runtime.thread_address_space() - mem < 64 << 20  # less what the process mapped since
