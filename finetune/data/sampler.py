@@ -10,7 +10,8 @@ class LengthGroupedShuffledSampler:
     """Batches of similar length, in a random order of batches: little padding, lengths still mixed.
 
     Per epoch: shuffle all examples; cut them into windows of `window` batches; sort each window
-    by length and cut it into batches; then shuffle the batches of the whole epoch together.
+    by length and cut it into batches; then shuffle the batches of the whole epoch together, and
+    move the heaviest (one per rank) to the front, so that running out of memory happens at once.
 
     transformers' `LengthGroupedSampler` stops at the per-window sort, so every window runs from
     its longest batch to its shortest and an epoch ends on short examples only. The batch-level
@@ -22,7 +23,7 @@ class LengthGroupedShuffledSampler:
     DataLoader's fixed-size batching stays aligned with ours.
     """
 
-    def __init__(self, lengths, batch_size: int, *, window: int = 64, seed: int = 0):
+    def __init__(self, lengths, batch_size: int, *, window: int = 64, seed: int = 0, num_replicas: int = 1):
         import numpy as np
 
         if batch_size < 1 or window < 1:
@@ -31,6 +32,7 @@ class LengthGroupedShuffledSampler:
         self.batch_size = batch_size
         self.window = window
         self.seed = seed
+        self.replicas = max(1, int(num_replicas))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -60,7 +62,16 @@ class LengthGroupedShuffledSampler:
                 partial = chunk[n_full * self.batch_size:]
         full_arr = np.concatenate(full) if full else np.zeros((0, self.batch_size), dtype=np.int64)
         perm = torch.randperm(len(full_arr), generator=g).numpy()
-        return full_arr[perm], partial
+        full_arr = full_arr[perm]
+        if len(full_arr) > self.replicas:
+            # The heaviest batches first, one per rank (the longest example, then the most tokens): a batch
+            # size that does not fit fails in the first step, before any weight has changed.
+            sizes = self.lengths[full_arr]
+            heavy = np.sort(np.lexsort((-sizes.sum(axis=1), -sizes.max(axis=1)), axis=0)[: self.replicas])
+            rest = np.ones(len(full_arr), dtype=bool)
+            rest[heavy] = False
+            full_arr = np.concatenate([full_arr[heavy], full_arr[rest]])
+        return full_arr, partial
 
     def batches(self) -> list[list[int]]:
         full, partial = self.epoch_arrays()
@@ -199,6 +210,6 @@ class LengthGroupedSampling:
         if self.group_by_length and ds is not None and "length" in getattr(ds, "column_names", ()):
             # The length column straight from Arrow as one numpy array (no Python list per example).
             lengths = ds.data.column("length").to_numpy()
-            return LengthGroupedShuffledSampler(lengths, self._train_batch_size,
-                                                window=self.group_window, seed=self.args.seed)
+            return LengthGroupedShuffledSampler(lengths, self._train_batch_size, window=self.group_window,
+                                                seed=self.args.seed, num_replicas=self.args.world_size)
         return super()._get_train_sampler(train_dataset)

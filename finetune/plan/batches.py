@@ -52,7 +52,8 @@ class LongestBatch:
 
 
 def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, window: int = 64, seed: int = 0,
-                  packing: bool = False, epochs: int = 1, micro_batches: int | None = None) -> LongestBatch:
+                  packing: bool = False, epochs: int = 1, micro_batches: int | None = None,
+                  num_replicas: int = 1) -> LongestBatch:
     """The micro-batch with the most tokens (padding included) that training will run, from the
     examples' token lengths (the data cache's `length` column, in dataset order). `micro_batches`:
     how many the run consumes in all, over all ranks (max_steps x grad_accum x world size), when it
@@ -76,7 +77,7 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
                             ids=(int(np.argmax(lengths)),))
     from finetune.data.sampler import LengthGroupedShuffledSampler
 
-    sampler = LengthGroupedShuffledSampler(lengths, b, window=window, seed=seed)
+    sampler = LengthGroupedShuffledSampler(lengths, b, window=window, seed=seed, num_replicas=num_replicas)
     best: tuple | None = None  # (tokens, rows, row_tokens, epoch, index, example ids)
     left = micro_batches
     for epoch in range(max(1, int(epochs))):

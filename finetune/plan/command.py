@@ -87,7 +87,8 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
                                      num_replicas=world_size, epochs=epochs, micro_batches=micro, sampler=sampler)
     else:
         batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
-                              seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro)
+                              seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro,
+                              num_replicas=world_size)
     if trained_of is not None and mean_trained is not None:
         batch = with_trained_tokens(batch, trained_of, mean_trained)
     return batch

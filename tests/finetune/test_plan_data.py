@@ -80,17 +80,24 @@ def test_the_longest_batchs_trained_tokens_are_the_ones_the_loss_scores(tiny_mod
     assert sim.trained_tokens == int((real[:, 1:] != -100).sum()) < sim.tokens
 
 
-def test_a_run_that_stops_early_plans_for_the_batches_it_runs():
+def test_the_heaviest_batch_comes_first_so_a_run_that_stops_early_plans_for_it():
+    """Each epoch starts with its heaviest batch (one per rank), so memory runs out in the first step,
+    not late in an epoch, and a run of a few steps is planned for that batch; the plan's simulation
+    replays the sampler, early stop included."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 400, size=1000)
-    lengths[500] = 2000  # one long outlier, whose batch does not come early in the order of seed 3
+    lengths[500] = 2000  # one long outlier
     everything = longest_batch(lengths, 8, seed=3)
     first = longest_batch(lengths, 8, seed=3, micro_batches=3)
     from finetune.data.sampler import LengthGroupedShuffledSampler
 
     full, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3).epoch_arrays()
-    assert 500 not in full[:3] and everything.tokens == 8 * 2000
-    assert first.tokens == max(8 * int(lengths[b].max()) for b in full[:3]) < everything.tokens
+    assert 500 in full[0] and everything.tokens == 8 * 2000 == first.tokens and first.index == 0
+    # with 4 ranks, each rank's first batch is among the 4 heaviest; the order is otherwise unchanged
+    four, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, num_replicas=4).epoch_arrays()
+    heaviest = sorted((int(lengths[b].max()) for b in four), reverse=True)[:4]
+    assert sorted((int(lengths[b].max()) for b in four[:4]), reverse=True) == heaviest
+    assert sorted(map(tuple, four.tolist())) == sorted(map(tuple, full.tolist()))  # the same batches
     # several epochs: the longest of all of them, each replayed with its own order
     two = longest_batch(lengths, 8, seed=3, epochs=2)
     s = LengthGroupedShuffledSampler(lengths, 8, seed=3)
