@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -115,7 +115,13 @@ class TrainingConfig(Section):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use `epochs`).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(4, ge=1, description="Examples per device per micro-batch.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        4, description="Examples per device per micro-batch. `auto`: the most the memory plan says fit the device "
+        "with memory_margin to spare (planned for the data's longest example), grad_accum derived so that a step "
+        "holds examples_per_step.")
+    examples_per_step: int | None = Field(
+        None, ge=1, description="With batch_size: auto, the examples of one optimizer step over all ranks (what the "
+        "learning rate is tuned for); grad_accum is derived from it and the batch size that fits.")
     tokens_per_batch: int | Literal["auto"] | None = Field(
         None, description="Micro-batches of up to this many tokens (padding included; packed: the row's "
         "length) instead of batch_size examples: many short examples or few long ones, so every step carries "
@@ -126,7 +132,8 @@ class TrainingConfig(Section):
         None, ge=1, description="With tokens_per_batch: auto, the tokens of one optimizer step over all ranks "
         "(what the learning rate is tuned for); grad_accum is derived from it and the budget that fits.")
     memory_margin: float = Field(
-        0.1, ge=0, lt=1, description="tokens_per_batch: auto leaves this share of the device's memory unplanned.")
+        0.1, ge=0, lt=1, description="tokens_per_batch: auto and batch_size: auto leave this share of the device's "
+        "memory unplanned.")
     eval_batch_size: int | None = Field(None, ge=1, description="Per-device eval batch (default: batch_size).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of total steps if < 1, else steps.")
@@ -317,6 +324,24 @@ class TrainConfig(Section):
         if v and method in methods.names() and not methods.get(method).packing:
             raise ValueError(f"not supported with method {method!r} (pairs are scored per sequence)")
         return v
+
+    @model_validator(mode="after")
+    def _auto_batch_size(self) -> TrainConfig:
+        t = self.training
+        if t.examples_per_step is not None and t.batch_size != "auto":
+            raise PydanticCustomError("value_error", "only used with batch_size: auto (a fixed batch's step is "
+                                      "batch_size x grad_accum x ranks)", {"key": "training.examples_per_step"})
+        if t.batch_size == "auto":
+            if t.examples_per_step is None:
+                raise PydanticCustomError(
+                    "value_error", "batch_size: auto needs training.examples_per_step, the examples of one optimizer "
+                    "step (the batch size then depends on the device; the step must not)",
+                    {"key": "training.examples_per_step"})
+            if t.tokens_per_batch is not None:
+                raise PydanticCustomError("value_error", "batch_size: auto with tokens_per_batch: a token budget "
+                                          "batches by tokens, not examples; set one of them",
+                                          {"key": "training.batch_size"})
+        return self
 
     @model_validator(mode="after")
     def _token_budget_fits(self) -> TrainConfig:

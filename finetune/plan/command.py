@@ -12,7 +12,7 @@ from typing import Any
 from finetune.plan.memory import Plan, make_plan, plan_from_batch, render_plan, setup_from_config
 from finetune.plan.shapes import GiB, ModelShape, fmt_bytes, parse_size, resolve_model_config
 
-__all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "resolve_token_budget", "trained_counter", "data_batch_inputs", "add_plan_arguments", "plan_command", "main"]
+__all__ = ["load_plan_config", "plan_for_training", "run_longest_batch", "resolve_token_budget", "resolve_batch_size", "trained_counter", "data_batch_inputs", "add_plan_arguments", "plan_command", "main"]
 
 DESCRIPTION = "`finetune plan`: will this run fit? A per-device memory plan from `config.json` alone."
 REPO = Path(__file__).resolve().parents[2]
@@ -103,6 +103,35 @@ def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None 
     batch of that budget holds more), so it fits whatever the data. grad_accum then makes a step hold
     `training.tokens_per_step` over all ranks (the budget rounded down so that the product does not
     pass it)."""
+    L = cfg.max_length
+    return _largest_fitting(cfg, "tokens_per_batch", "tokens_per_step", cfg.training.tokens_per_step, L,
+                            lambda budget: (-(-budget // L), L), world_size=world_size, gpus_per_node=gpus_per_node,
+                            device=device, device_memory=device_memory, memory_note=memory_note,
+                            unit_words=f"one max_length ({L}) row")
+
+
+def resolve_batch_size(cfg, *, world_size: int = 1, gpus_per_node: int | None = None, device: str = "gpu",
+                       device_memory: int, memory_note: str = "", longest: int | None = None) -> tuple[int, int, str]:
+    """`training.batch_size: auto` -> (batch size, grad_accum, what was decided, in words).
+
+    The batch size is the largest whose plan fits `device_memory` with `training.memory_margin` to
+    spare, planned for its heaviest micro-batch: that many rows of the data's longest example
+    (`longest`, truncated to max_length; a padded batch is never longer than its longest row), or of
+    max_length without data or with packing. grad_accum then makes a step hold
+    `training.examples_per_step` over all ranks."""
+    seq = cfg.max_length if (longest is None or cfg.packing) else max(1, min(int(longest), cfg.max_length))
+    return _largest_fitting(cfg, "batch_size", "examples_per_step", cfg.training.examples_per_step, 1,
+                            lambda rows: (rows, seq), world_size=world_size, gpus_per_node=gpus_per_node,
+                            device=device, device_memory=device_memory, memory_note=memory_note,
+                            unit_words=f"one example of {seq} tokens", exact_step=True)
+
+
+def _largest_fitting(cfg, key: str, step_key: str, per_step: int, least: int, shape_of, *, world_size: int,
+                     gpus_per_node: int | None, device: str, device_memory: int, memory_note: str,
+                     unit_words: str, exact_step: bool = False) -> tuple[int, int, str]:
+    """The largest micro-batch (in `key`'s unit, at least `least`) whose plan, for the micro-batch
+    `shape_of(value)` = (rows, tokens per row), fits with the margin; and the grad_accum that makes an
+    optimizer step hold `per_step` over all ranks."""
     import dataclasses
     import math
 
@@ -112,41 +141,43 @@ def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None 
     raw, src = resolve_model_config(cfg.model)
     shape = ModelShape.from_config(raw, src)
     gpn = gpus_per_node or min(world_size, 8)
-    s = setup_from_config(cfg, nodes=max(1, world_size // gpn), gpus_per_node=gpn, device=device,
-                          device_memory=device_memory)
-    L, P = cfg.max_length, t.tokens_per_step
+    s = setup_from_config(cfg.model_copy(update={"training": t.model_copy(update={"batch_size": 1})}),
+                          nodes=max(1, world_size // gpn), gpus_per_node=gpn, device=device, device_memory=device_memory)
     limit = (1 - t.memory_margin) * device_memory
 
-    def fits(budget: int) -> bool:
-        rows = math.ceil(budget / L)
-        return make_plan(shape, dataclasses.replace(s, micro_batch=rows, seq_len=L), alternatives=False).device_total <= limit
+    def fits(value: int) -> bool:
+        rows, seq = shape_of(value)
+        plan = make_plan(shape, dataclasses.replace(s, micro_batch=rows, seq_len=seq), alternatives=False)
+        return plan.device_total <= limit
 
-    per_rank = P // world_size
-    if per_rank < L:
-        raise ConfigError("training config", [("training.tokens_per_step", (
-            f"{P} tokens over {world_size} rank(s) is less than one max_length ({L}) row per rank"))])
-    if not fits(L):
-        raise ConfigError("memory plan", [("training.tokens_per_batch", (
-            f"auto: not even one row of max_length ({L}) tokens fits {fmt_bytes(limit).strip()} "
+    per_rank = per_step // world_size
+    if per_rank < least:
+        raise ConfigError("training config", [(f"training.{step_key}", (
+            f"{per_step} over {world_size} rank(s) is less than {unit_words} per rank"))])
+    if not fits(least):
+        raise ConfigError("memory plan", [(f"training.{key}", (
+            f"auto: not even {unit_words} fits {fmt_bytes(limit).strip()} "
             f"({100 * (1 - t.memory_margin):.0f}% of the device); see `finetune plan` for what would"))])
-    lo, hi = L, per_rank  # fits(lo); find the largest budget that fits
+    lo, hi = least, per_rank  # fits(lo); find the largest that fits
     if fits(hi):
         lo = hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    accum = math.ceil(P / (lo * world_size))
-    # The fewest micro-batches per step whose budget divides the step exactly (tokens_per_step kept to
-    # the token), unless that costs more than a tenth of the micro-batch; else the budget is rounded
-    # down and the message says what a step holds.
-    exact = next((a for a in range(accum, min(math.ceil(1.1 * accum), P // (L * world_size)) + 1)
-                  if P % (a * world_size) == 0), None)
+    accum = math.ceil(per_step / (lo * world_size))
+    # The fewest micro-batches per step whose size divides the step exactly. A step of examples is
+    # kept exactly (the learning rate is tuned for it; one example per micro-batch always divides);
+    # a step of tokens only while that costs under a tenth of the budget (a budget is "up to" its
+    # tokens anyway), else the budget is rounded down and the message says what a step holds.
+    widest = per_step // (least * world_size) if exact_step else min(math.ceil(1.1 * accum), per_step // (least * world_size))
+    exact = next((a for a in range(accum, widest + 1) if per_step % (a * world_size) == 0), None)
     accum = exact or accum
-    budget = max(L, P // (accum * world_size))
-    said = (f"tokens_per_batch auto: {budget} (the largest that fits: {lo}, with {100 * t.memory_margin:.0f}% of "
-            f"{fmt_bytes(device_memory).strip()}{' (' + memory_note + ')' if memory_note else ''} spare) x grad_accum {accum} x {world_size} rank(s) = {budget * accum * world_size} "
-            f"tokens per optimizer step (tokens_per_step {P})")
-    return budget, accum, said
+    value = max(least, per_step // (accum * world_size))
+    where = f"{fmt_bytes(device_memory).strip()}{' (' + memory_note + ')' if memory_note else ''}"
+    said = (f"{key} auto: {value} (the largest that fits: {lo}, with {100 * t.memory_margin:.0f}% of {where} spare) "
+            f"x grad_accum {accum} x {world_size} rank(s) = {value * accum * world_size} "
+            f"{step_key.split('_')[0]} per optimizer step ({step_key} {per_step})")
+    return value, accum, said
 
 
 def trained_counter(ds):
@@ -204,19 +235,24 @@ def plan_command(args: argparse.Namespace) -> int:
             cfg = load_plan_config(args.config, args.overrides)
         raw, src = resolve_model_config(cfg.model)
         shape = ModelShape.from_config(raw, src)
-        if cfg.training.tokens_per_batch == "auto":
-            budget, accum, said = resolve_token_budget(
+        lengths = trained_of = mean = None
+        if getattr(args, "data", False):
+            lengths, trained_of, mean = data_batch_inputs(cfg)
+        auto = {"tokens_per_batch": resolve_token_budget, "batch_size": resolve_batch_size}
+        for key, resolve in auto.items():
+            if getattr(cfg.training, key) != "auto":
+                continue
+            extra = {"longest": int(lengths.max())} if key == "batch_size" and lengths is not None and len(lengths) else {}
+            value, accum, said = resolve(
                 cfg, world_size=args.nodes * args.gpus_per_node, gpus_per_node=args.gpus_per_node, device=args.device,
-                device_memory=parse_size(args.gpu_memory))
+                device_memory=parse_size(args.gpu_memory), **extra)
             print(said, file=sys.stderr if args.json else sys.stdout)
-            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
-                update={"tokens_per_batch": budget, "grad_accum": accum})})
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={key: value, "grad_accum": accum})})
         s = setup_from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
                               device_memory=parse_size(args.gpu_memory),
                               host_memory=parse_size(args.cpu_memory) if args.cpu_memory else None)
         batch = None
-        if getattr(args, "data", False):
-            lengths, trained_of, mean = data_batch_inputs(cfg)
+        if lengths is not None:
             batch = run_longest_batch(cfg, lengths, world_size=args.nodes * args.gpus_per_node, trained_of=trained_of,
                                       mean_trained=mean)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

@@ -49,7 +49,9 @@ def trial_config(sweep: SweepConfig, keys: dict[str, Any], output_dir: str | Pat
     cfg = base_config(sweep, **nested_params(keys))
     cfg.output_dir = str(output_dir)
     if sweep.eval_every_examples:
-        per_step = cfg.training.batch_size * cfg.training.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+        t = cfg.training
+        per_step = (t.examples_per_step if t.batch_size == "auto"  # the step the run keeps, whatever fits
+                    else t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1")))
         cfg.training.eval_steps = max(1, round(sweep.eval_every_examples / per_step))
         cfg.training.save_steps = cfg.training.eval_steps
     return cfg

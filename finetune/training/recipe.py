@@ -79,8 +79,9 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     cfg.method_spec.hook("before_model", lambda cfg, tokenizer: None)(cfg, tokenizer)
     train_ds, eval_ds, data_stats = _setup_data(cfg, tokenizer, rt)
     info = {}
-    if cfg.training.tokens_per_batch == "auto":
-        info["token_budget"] = _resolve_token_budget(cfg, rt, run_dir, resume_from)
+    for key, record in AUTO_RECORD.items():
+        if getattr(cfg.training, key) == "auto":
+            info[record] = _resolve_auto_batch(cfg, rt, run_dir, resume_from, key, train_ds)
     plan = _check_plan(cfg, rt, train_ds, data_stats["train"])
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
@@ -90,7 +91,7 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
                               plan, info)
             retry = False
         except FirstStepsOutOfMemory as exc:
-            retry = _smaller_token_budget(cfg, rt, launch, resume_from, info, str(exc))
+            retry = _smaller_micro_batch(cfg, rt, launch, resume_from, info, str(exc))
         if retry:  # outside the handler: the failed attempt's frames (its model, its Trainer) are gone
             import gc
 
@@ -246,45 +247,49 @@ def _out_of_memory(exc: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def _smaller_token_budget(cfg: TrainConfig, rt, launch: Launch, resume_from, info: dict, error: str) -> bool:
-    """After an out-of-memory error in the first steps of a `tokens_per_batch: auto` run: halve the
-    budget and double grad_accum (the tokens of an optimizer step stay as they were), once, and say
-    so. Only a single process without DeepSpeed retries in place: with several ranks the others
-    are waiting in a collective the failed one never reaches (the launcher stops them all), and a
-    DeepSpeed engine is not rebuilt in one process; those runs stop with the settings to re-run
-    with. A fixed budget is the user's choice and is not changed."""
+def _smaller_micro_batch(cfg: TrainConfig, rt, launch: Launch, resume_from, info: dict, error: str) -> bool:
+    """After an out-of-memory error before the first optimizer step of a run whose micro-batch was
+    decided by `auto` (tokens_per_batch or batch_size): halve it and double grad_accum (an optimizer
+    step holds what it held), once, and say so. Only a single process without DeepSpeed retries in
+    place: with several ranks the others are waiting in a collective the failed one never reaches
+    (the launcher stops them all), and a DeepSpeed engine is not rebuilt in one process; those runs
+    stop with the settings to re-run with. A micro-batch the user fixed is not changed: the error
+    says what to change."""
     from finetune.config import ConfigError
 
     t = cfg.training
-    decided = info.get("token_budget") or ""
-    half = t.tokens_per_batch // 2 if isinstance(t.tokens_per_batch, int) else 0
-    why = ("training.tokens_per_batch is fixed (auto retries)" if not decided else
-           "the budget was already lowered once" if "retried" in decided else
-           "a resumed run keeps its budget" if resume_from else
-           f"half the budget would be under one max_length row ({cfg.max_length})" if half < cfg.max_length else None)
-    if not isinstance(t.tokens_per_batch, int):
-        raise ConfigError("memory", [("training.batch_size", (
-            f"ran out of memory before the first optimizer step ({error}). Lower training.batch_size (and raise "
-            f"training.grad_accum to keep the step), use training.tokens_per_batch: auto, or turn on "
-            f"training.gradient_checkpointing; `finetune plan --data` shows what fits"))])
+    key = next((k for k, record in AUTO_RECORD.items() if info.get(record)), None)
+    if key is None:
+        key = "tokens_per_batch" if t.tokens_per_batch else "batch_size"
+        raise ConfigError("memory", [(f"training.{key}", (
+            f"ran out of memory before the first optimizer step ({error}). Lower training.{key} (and raise "
+            f"training.grad_accum to keep the step), set it to auto, or turn on training.gradient_checkpointing; "
+            f"`finetune plan --data` shows what fits"))])
+    decided, value = info[AUTO_RECORD[key]], getattr(t, key)
+    least = cfg.max_length if key == "tokens_per_batch" else 1
+    half = value // 2
+    why = ("it was already lowered once" if "retried" in decided else
+           "a resumed run keeps its micro-batch" if resume_from else
+           f"half of it would be under {least}" if half < least else None)
     if why:
-        raise ConfigError("memory", [("training.tokens_per_batch", (
-            f"ran out of memory before the first optimizer step ({error}); not retried: {why}. Lower "
-            f"training.tokens_per_batch (or raise training.memory_margin for auto), or turn on "
-            f"training.gradient_checkpointing"))])
-    said = (f"out of memory before the first optimizer step ({error}): retried once with tokens_per_batch "
-            f"{half} x grad_accum {2 * t.grad_accum} (was {t.tokens_per_batch} x {t.grad_accum}); tokens per "
-            f"optimizer step unchanged ({half * 2 * t.grad_accum * rt.world_size})")
+        raise ConfigError("memory", [(f"training.{key}", (
+            f"ran out of memory before the first optimizer step ({error}); not retried: {why}. Raise "
+            f"training.memory_margin, or turn on training.gradient_checkpointing"))])
+    unit = "tokens" if key == "tokens_per_batch" else "examples"
+    said = (f"out of memory before the first optimizer step ({error}): retried once with {key} {half} x grad_accum "
+            f"{2 * t.grad_accum} (was {value} x {t.grad_accum}); {unit} per optimizer step unchanged "
+            f"({half * 2 * t.grad_accum * rt.world_size})")
     if rt.distributed or launch.uses_deepspeed:
-        raise ConfigError("memory", [("training.tokens_per_batch", (
+        raise ConfigError("memory", [(f"training.{key}", (
             f"ran out of memory before the first optimizer step ({error}); a run of {rt.world_size} process(es)"
             f"{' under DeepSpeed' if launch.uses_deepspeed else ''} is not retried in place. Re-run with "
-            f"training.tokens_per_batch={half} training.grad_accum={2 * t.grad_accum} (the same tokens per "
-            f"step), or raise training.memory_margin"))])
+            f"training.{key}={half} training.grad_accum={2 * t.grad_accum} (the same {unit} per step), or raise "
+            f"training.memory_margin"))])
     rank0_print(said)
     logger.warning(said)
-    t.tokens_per_batch, t.grad_accum = half, 2 * t.grad_accum
-    info["token_budget"] = f"{info['token_budget']}; retried: {said}"
+    setattr(t, key, half)
+    t.grad_accum = 2 * t.grad_accum
+    info[AUTO_RECORD[key]] = f"{decided}; retried: {said}"
     return True
 
 
@@ -302,11 +307,17 @@ def _device_memory(rt) -> tuple[str, int, str]:
     return "cpu", mem, what
 
 
-def _resolve_token_budget(cfg: TrainConfig, rt, run_dir: Path, resume_from) -> str:
-    """`training.tokens_per_batch: auto`: decided by rank 0 from the plan and the device's memory, sent
-    to every rank, written into this run's config (config.yaml records the budget it trained with).
-    A resumed run keeps the budget and grad_accum it started with: other batches would make its
-    position in the data meaningless."""
+# run.json's record of an `auto` micro-batch decision, per config key.
+AUTO_RECORD = {"tokens_per_batch": "token_budget", "batch_size": "batch_size_auto"}
+_STEP_KEY = {"tokens_per_batch": "tokens_per_step", "batch_size": "examples_per_step"}
+
+
+def _resolve_auto_batch(cfg: TrainConfig, rt, run_dir: Path, resume_from, key: str, train_ds) -> str:
+    """`training.tokens_per_batch: auto` or `training.batch_size: auto` (`key`): decided by rank 0 from
+    the plan and the device's memory (batch_size: planned for the data's longest example), sent to
+    every rank, written into this run's config (config.yaml records what it trained with). A resumed
+    run keeps the micro-batch and grad_accum it started with: other batches would make its position
+    in the data meaningless."""
     import yaml
 
     from kitcore.runtime import process_group
@@ -315,23 +326,29 @@ def _resolve_token_budget(cfg: TrainConfig, rt, run_dir: Path, resume_from) -> s
     if rt.is_main:
         saved = run_dir / "config.yaml"
         before = (yaml.safe_load(saved.read_text()) or {}).get("training", {}) if resume_from and saved.is_file() else {}
-        if isinstance(before.get("tokens_per_batch"), int):
-            decided = [(before["tokens_per_batch"], before["grad_accum"],
-                        f"tokens_per_batch auto: {before['tokens_per_batch']} x grad_accum {before['grad_accum']}, "
-                        f"as the run being resumed decided")]
+        if isinstance(before.get(key), int):
+            decided = [(before[key], before["grad_accum"],
+                        f"{key} auto: {before[key]} x grad_accum {before['grad_accum']}, as the run being resumed decided")]
         else:
-            from finetune.plan.command import resolve_token_budget
+            from finetune.plan.command import resolve_batch_size, resolve_token_budget
 
             device, mem, what = _device_memory(rt)
-            decided = [resolve_token_budget(cfg, world_size=rt.world_size, gpus_per_node=rt.local_world_size,
-                                            device=device, device_memory=mem, memory_note=what)]
+            extra = {}
+            if key == "batch_size":
+                lengths = train_ds.data.column("length").to_numpy()
+                extra = {"longest": int(lengths.max())} if len(lengths) else {}
+            resolve = resolve_token_budget if key == "tokens_per_batch" else resolve_batch_size
+            decided = [resolve(cfg, world_size=rt.world_size, gpus_per_node=rt.local_world_size,
+                               device=device, device_memory=mem, memory_note=what, **extra)]
     dist = process_group()
     if dist is not None:
         dist.broadcast_object_list(decided, src=0)
-    budget, accum, said = decided[0]
-    # The run's config becomes what it trains with (config.yaml reloads as a fixed budget); the decision
-    # itself is in the log and run.json ("token_budget").
-    cfg.training.tokens_per_batch, cfg.training.grad_accum, cfg.training.tokens_per_step = budget, accum, None
+    value, accum, said = decided[0]
+    # The run's config becomes what it trains with (config.yaml reloads as a fixed micro-batch); the
+    # decision itself is in the log and run.json (AUTO_RECORD).
+    setattr(cfg.training, key, value)
+    setattr(cfg.training, _STEP_KEY[key], None)
+    cfg.training.grad_accum = accum
     rank0_print(said)
     return said
 

@@ -430,3 +430,72 @@ def test_auto_trains_under_a_real_memory_limit_where_the_whole_step_runs_out(lim
     assert (retried["config"]["tokens_per_batch"], retried["config"]["grad_accum"]) == (4096, 2)
     assert "retried once with tokens_per_batch 4096 x grad_accum 2" in retried["log"]
     assert len(retried["steps"]) == 2 and all(math.isfinite(r["loss"]) for r in retried["steps"])
+
+
+def test_batch_size_auto_is_checked_with_the_key_to_fix(tiny_model, chat_data, tmp_path):
+    from finetune.config import ConfigError, load_config
+
+    base = [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'run'}"]
+    for over, key, words in ((["training.batch_size=auto"], "training.examples_per_step", "needs"),
+                             (["training.examples_per_step=64"], "training.examples_per_step", "only used with"),
+                             (["training.batch_size=auto", "training.examples_per_step=64", "training.tokens_per_batch=512"],
+                              "training.batch_size", "set one of them")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, base + over)
+        assert key in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_batch_size_auto_picks_the_most_examples_the_plan_fits_for_the_longest_one(tiny_model, chat_data, tmp_path):
+    """Planned for rows of the data's longest example (a padded batch is never longer), not of
+    max_length; grad_accum keeps examples_per_step, exactly when a divisor is at hand."""
+    import dataclasses
+
+    from finetune.config import load_config
+    from finetune.plan.command import resolve_batch_size
+    from finetune.plan.memory import ModelShape, make_plan, resolve_model_config, setup_from_config
+
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'run'}",
+                             "max_length=512", "training.batch_size=auto", "training.examples_per_step=64",
+                             "training.report_to=[none]"])
+    raw, src = resolve_model_config(cfg.model)
+    shape = ModelShape.from_config(raw, src)
+    s = setup_from_config(cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": 1})}),
+                          device="cpu", device_memory=1 << 40)
+    plan = lambda rows, seq: make_plan(shape, dataclasses.replace(s, micro_batch=rows, seq_len=seq),  # noqa: E731
+                                       alternatives=False).device_total
+    margin = cfg.training.memory_margin
+    mem = int(plan(12, 100) / (1 - margin)) + 1  # room for 12 rows of the longest example (100 tokens)
+    bs, accum, said = resolve_batch_size(cfg, device="cpu", device_memory=mem, longest=100)
+    assert 8 <= bs <= 12 and bs * accum == 64 and plan(bs, 100) <= (1 - margin) * mem, (bs, accum)
+    assert f"batch_size auto: {bs}" in said and "= 64 examples per optimizer step (examples_per_step 64)" in said
+    # without the data (or packed), rows of max_length: fewer fit
+    bs_worst, _, _ = resolve_batch_size(cfg, device="cpu", device_memory=mem)
+    assert bs_worst < bs and plan(bs_worst, 512) <= (1 - margin) * mem
+    assert resolve_batch_size(cfg, device="cpu", device_memory=1 << 40, longest=100)[:2] == (64, 1)
+
+
+@pytest.mark.slow
+def test_a_batch_size_auto_run_trains_with_what_its_plan_fits(tiny_model, chat_data, tmp_path, monkeypatch):
+    """End to end: the CPU's memory made small, `batch_size: auto` trains with the batch size the
+    plan fits for the data's longest example and the accumulation that keeps examples_per_step;
+    config.yaml records both, run.json the decision."""
+    import types
+
+    import psutil
+
+    from finetune.config import load_config
+    from finetune.training.recipe import train
+
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'run'}",
+                             "max_length=256", "training.batch_size=auto", "training.examples_per_step=32",
+                             "training.max_steps=2", "training.report_to=[none]"])
+    real = psutil.virtual_memory
+    mem = int(_plan_of_rows(cfg, 4) / (1 - cfg.training.memory_margin)) + 1  # 4 rows of max_length; more of the data's
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(**{**real()._asdict(), "available": mem}))
+    run = train(cfg)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["training"]
+    info = json.loads((run / "run.json").read_text())
+    assert saved["batch_size"] * saved["grad_accum"] == 32 and 4 <= saved["batch_size"] < 32, saved
+    assert saved["examples_per_step"] is None and f"batch_size auto: {saved['batch_size']}" in info["batch_size_auto"]
+    assert info["memory"]["memory_plan_bytes"] <= (1 - cfg.training.memory_margin) * mem
+
