@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -115,7 +115,7 @@ class TrainingConfig(Section):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use `epochs`).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+    batch_size: int | Literal["auto"] = Field(
         4, description="Examples per device per micro-batch. `auto`: the most the memory plan says fit the device "
         "with memory_margin to spare (planned for the data's longest example), grad_accum derived so that a step "
         "holds examples_per_step.")
@@ -180,6 +180,13 @@ class TrainingConfig(Section):
         default_factory=lambda: ["tensorboard"], description="tensorboard, wandb, mlflow, or none."
     )
     ddp_timeout_s: int = Field(1800, ge=1, description="Timeout of every collective, in seconds.")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be at least 1 or auto (got {v})")
+        return v
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:
@@ -437,9 +444,14 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
 
 def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
     """pydantic's errors as (dotted key, message) pairs, the way ConfigError lists them."""
-    problems = []
+    import re
+
+    # A value that may be one of several types (`int | "auto"`) fails once per member, each with the
+    # member's tag in its location: the key is the field's, the messages are joined with "or".
+    member = re.compile(r"^(function-.*|(constrained-)?(int|str|float|bool|none)|(literal|list|dict|tuple)\[.*\])$")
+    problems: list[tuple[str, str]] = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+        loc = [str(p) for p in e["loc"] if not member.match(str(p))]
         if (e.get("ctx") or {}).get("key"):  # a section's validator naming the key inside it
             loc.append(str(e["ctx"]["key"]))
         key = ".".join(loc) or "<root>"
@@ -451,7 +463,10 @@ def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
             msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and e["type"] not in ("value_error",) and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        problems.append((key, msg))
+        if problems and problems[-1][0] == key and key != "<root>" and e["type"] != "extra_forbidden":
+            problems[-1] = (key, f"{problems[-1][1].split(' (got ')[0]} or {msg[0].lower()}{msg[1:]}")
+        else:
+            problems.append((key, msg))
     return problems
 
 

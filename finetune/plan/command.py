@@ -107,7 +107,7 @@ def resolve_token_budget(cfg, *, world_size: int = 1, gpus_per_node: int | None 
     return _largest_fitting(cfg, "tokens_per_batch", "tokens_per_step", cfg.training.tokens_per_step, L,
                             lambda budget: (-(-budget // L), L), world_size=world_size, gpus_per_node=gpus_per_node,
                             device=device, device_memory=device_memory, memory_note=memory_note,
-                            unit_words=f"one max_length ({L}) row")
+                            unit_words=f"one row of max_length ({L}) tokens")
 
 
 def resolve_batch_size(cfg, *, world_size: int = 1, gpus_per_node: int | None = None, device: str = "gpu",

@@ -410,7 +410,7 @@ def test_auto_trains_under_a_real_memory_limit_where_the_whole_step_runs_out(lim
     assert not refused["ok"] and "predicted not to fit" in refused["error"], refused["log"][-2000:]
     whole = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=8192", "force=true")
     assert not whole["ok"] and "ran out of memory before the first optimizer step" in whole["error"], whole["log"][-2000:]
-    assert "training.tokens_per_batch" in whole["error"] and "not retried" in whole["error"]
+    assert "training.tokens_per_batch" in whole["error"] and "set it to auto" in whole["error"]  # fixed: not changed
 
     auto = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=auto", *step)
     assert auto["ok"], auto["log"][-3000:]
