@@ -55,6 +55,7 @@ from finetune.models.teacher import (
     teacher_problems,
     trained_hidden_states,
 )
+from finetune.training.throughput import ThroughputAccounting
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def install_distill_loss(model, teacher, d: DistillSection) -> None:
     model._kit_chunked_loss = True  # its loss never returns logits (finetune.models.losses.installed)
 
 
-class KitDistillTrainer(LengthGroupedSampling, Trainer):
+class KitDistillTrainer(ThroughputAccounting, LengthGroupedSampling, Trainer):
     """`Trainer` with the kit's sampler and a teacher: before the student's forward, the teacher's
     hidden states at the trained positions are computed and handed to the student's loss.
 

@@ -40,6 +40,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from finetune.config import TrainConfig
 from finetune.data.kinds import PAIRS, UNPAIRED
 from finetune.data.sampler import LengthGroupedSampling
+from finetune.training.throughput import ThroughputAccounting
 
 __all__ = ["dpo_arguments", "kto_arguments", "arguments", "collator", "trainer", "KitDPOTrainer",
            "KitKTOTrainer", "KitReferenceFreeTrainer", "KTOBatchCollator"]
@@ -115,7 +116,7 @@ def trainer(cfg: TrainConfig, **common):
     return KitReferenceFreeTrainer(method=cfg.method, settings=getattr(cfg, cfg.method), **common)
 
 
-class KitDPOTrainer(LengthGroupedSampling, DPOTrainer):
+class KitDPOTrainer(ThroughputAccounting, LengthGroupedSampling, DPOTrainer):
     """TRL's DPOTrainer with the kit's sampler, on data the kit has already tokenized."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -147,7 +148,7 @@ class KTOBatchCollator:
         return self.inner(examples)
 
 
-class KitKTOTrainer(LengthGroupedSampling, KTOTrainer):
+class KitKTOTrainer(ThroughputAccounting, LengthGroupedSampling, KTOTrainer):
     """TRL's KTOTrainer with the kit's sampler, on unpaired examples the kit has already tokenized."""
 
     def __init__(self, *args, **kwargs):
@@ -189,7 +190,7 @@ def _trl_pair_losses():
     return ORPOTrainer.odds_ratio_loss, CPOTrainer.cpo_loss
 
 
-class KitReferenceFreeTrainer(LengthGroupedSampling, Trainer):
+class KitReferenceFreeTrainer(ThroughputAccounting, LengthGroupedSampling, Trainer):
     """ORPO and SimPO: TRL's losses on length-normalised completion log-probabilities, no reference.
 
     Batches are TRL's DataCollatorForPreference's (chosen rows, then rejected rows, with completion

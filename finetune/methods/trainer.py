@@ -11,12 +11,14 @@ from transformers import Trainer
 from finetune.config import TrainConfig
 from finetune.data.files import pad_collate
 from finetune.data.sampler import LengthGroupedSampling
+from finetune.training.throughput import ThroughputAccounting
 
 __all__ = ["KitTrainer", "chat_collator", "collator", "trainer"]
 
 
-class KitTrainer(LengthGroupedSampling, Trainer):
-    """`Trainer` with one change: its train sampler (LengthGroupedSampling)."""
+class KitTrainer(ThroughputAccounting, LengthGroupedSampling, Trainer):
+    """`Trainer` with the kit's train sampler (LengthGroupedSampling) and its throughput and MFU in every
+    training log (ThroughputAccounting)."""
 
 
 # The one private Trainer method the kit overrides: transformers has no public hook for the train

@@ -51,7 +51,7 @@ class MetricsLogger(TrainerCallback):
         for k, v in logs.items():
             if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
                 rec[k] = v
-        if "loss" in logs and self._t0 is not None:
+        if "loss" in logs and self._t0 is not None and "tokens_per_s" not in logs:  # else the trainer measured it
             dt = now - self._t0
             dtok = state.num_input_tokens_seen - self._tokens0
             if dt > 0 and dtok > 0:

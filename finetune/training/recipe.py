@@ -148,9 +148,31 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
         rank0_print(f"Pre-empted ({preempt.signal_name}): checkpoint saved at step "
                     f"{trainer.state.global_step}; re-run the same command with resume=true to continue.")
         return trainer.state.global_step
+    _record_throughput(trainer, run_dir)
     export_weights(cfg, run_dir, trainer, tokenizer)
     trainer.accelerator.wait_for_everyone()
     return None
+
+
+def _record_throughput(trainer, run_dir: Path) -> None:
+    """The run's tokens/s, TFLOP/s and MFU over its logged steps (finetune.training.throughput):
+    printed, and kept in run.json ("throughput")."""
+    summary = trainer.throughput_summary() if hasattr(trainer, "throughput_summary") else None
+    if summary is None or not trainer.is_world_process_zero():
+        return
+    import json
+
+    from finetune.console import atomic_write_text
+
+    rank0_print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s ({summary['trained_tokens_per_s']:,.0f} trained), "
+                f"{summary['tflops_per_device']:.3g} TFLOP/s per device, MFU {100 * summary['mfu']:.1f}% "
+                f"(6N convention {100 * summary['mfu_6n']:.1f}%) of {summary['mfu_peak']}; peak memory "
+                f"{summary['peak_mem_gib']:.2f} GiB")
+    path = run_dir / "run.json"
+    if path.is_file():
+        info = json.loads(path.read_text())
+        info["throughput"] = summary
+        atomic_write_text(path, json.dumps(info, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,6 +127,12 @@ def _check_two_ranks_trained(run: Path, res, *, replicated: bool = True) -> list
     # 8 steps x 4 per rank x 2 ranks = 64 of 96 examples: the epoch counter proves the sharding too.
     assert metrics[-1]["epoch"] == pytest.approx(MAX_STEPS * 4 * 2 / 96, abs=0.01), metrics[-1]
     assert (run / "checkpoints" / f"checkpoint-{MAX_STEPS}" / "COMPLETE").is_file(), why
+    # Throughput over both ranks: every training log has it, and the tokens counted on each rank and
+    # summed at each log add up to what the Trainer gathered (num_input_tokens_seen).
+    logged = [m for m in metrics if "loss" in m]
+    assert all(m["tokens_per_s"] > 0 and 0 < m["mfu"] <= m["mfu_6n"] for m in logged), logged
+    through = json.loads((run / "run.json").read_text())["throughput"]
+    assert through["tokens"] == logged[-1]["num_input_tokens_seen"], (through, logged[-1])
     return [p0, p1]
 
 
