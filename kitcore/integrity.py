@@ -40,7 +40,7 @@ _ALGORITHMS = (ALGORITHM, "sha256")  # what a manifest entry may record, in orde
 MANIFEST = "checksums.json"
 FORMAT = 1
 CHUNK = 8 << 20  # 8 MiB reads: large enough for memory speed, small enough for any RAM
-_THREADS = 4  # xxhash releases the GIL while hashing: several files are read and hashed at once
+HASH_THREADS = 4  # xxhash releases the GIL while hashing: several files are read and hashed at once
 
 
 class IntegrityError(Exception):
@@ -79,7 +79,7 @@ def _each(fn, names: list[str]) -> dict[str, Any]:
     """{name: fn(name)}, a few files at a time."""
     if len(names) <= 1:
         return {n: fn(n) for n in names}
-    with ThreadPoolExecutor(min(_THREADS, len(names))) as pool:
+    with ThreadPoolExecutor(min(HASH_THREADS, len(names))) as pool:
         return dict(zip(names, pool.map(fn, names)))
 
 

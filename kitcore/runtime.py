@@ -295,16 +295,21 @@ THREAD_ADDRESS_SPACE = 72 << 20
 
 
 def thread_address_space() -> int:
-    """The address space the threads a training step starts will reserve: torch's intra-op pool and
-    four more (autograd, the data loader's, the tokenizer's, the logger's). Measured on 2 cores: the
-    address space grew 0.28-0.41 GiB more than the resident memory between the plan and the peak."""
+    """The address space the threads a training run starts will reserve: torch's intra-op pool, four
+    more during the steps (autograd, the data loader's, the tokenizer's, the logger's) and the
+    checksum threads that hash what it saves (kitcore.integrity). Measured on 2 cores: the address
+    space grew 0.28-0.41 GiB more than the resident memory between the plan and the peak; without the
+    checksum threads counted, a run that trained within an address-space limit could fail hashing
+    its adapter."""
+    from kitcore.integrity import HASH_THREADS
+
     try:
         import torch
 
         threads = torch.get_num_threads()
     except ImportError:
         threads = os.cpu_count() or 1
-    return THREAD_ADDRESS_SPACE * (threads + 4)
+    return THREAD_ADDRESS_SPACE * (threads + 4 + HASH_THREADS)
 
 
 def host_memory_available(local_processes: int = 1) -> tuple[int, str]:

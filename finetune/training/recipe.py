@@ -136,7 +136,9 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
     try:
         _train_with_checkpoint_errors(trainer, resume_from)
     except (RuntimeError, MemoryError) as exc:
-        if not (_out_of_memory(exc) and trainer.state.global_step == 0):
+        # The heaviest micro-batches open the second optimizer step (finetune.data.sampler.heavy_batches_at):
+        # one that does not fit fails in the first two.
+        if not (_out_of_memory(exc) and trainer.state.global_step <= 1):
             raise
         failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     finally:
@@ -255,7 +257,7 @@ def _cleanup_distributed() -> None:
 
 
 class FirstStepsOutOfMemory(RuntimeError):
-    """Training ran out of memory before its first optimizer step (no weight has changed)."""
+    """Training ran out of memory in its first two optimizer steps (where its heaviest micro-batches run)."""
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -284,7 +286,7 @@ def _smaller_micro_batch(cfg: TrainConfig, rt, launch: Launch, resume_from, info
     if key is None:
         key = "tokens_per_batch" if t.tokens_per_batch else "batch_size"
         raise ConfigError("memory", [(f"training.{key}", (
-            f"ran out of memory before the first optimizer step ({error}). Lower training.{key} (and raise "
+            f"ran out of memory in the first two optimizer steps ({error}). Lower training.{key} (and raise "
             f"training.grad_accum to keep the step), set it to auto, or turn on training.gradient_checkpointing; "
             f"`finetune plan --data` shows what fits"))])
     decided, value = info[AUTO_RECORD[key]], getattr(t, key)
@@ -295,20 +297,24 @@ def _smaller_micro_batch(cfg: TrainConfig, rt, launch: Launch, resume_from, info
            f"half of it would be under {least}" if half < least else None)
     if why:
         raise ConfigError("memory", [(f"training.{key}", (
-            f"ran out of memory before the first optimizer step ({error}); not retried: {why}. Raise "
+            f"ran out of memory in the first two optimizer steps ({error}); not retried: {why}. Raise "
             f"training.memory_margin, or turn on training.gradient_checkpointing"))])
     unit = "tokens" if key == "tokens_per_batch" else "examples"
-    said = (f"out of memory before the first optimizer step ({error}): retried once with {key} {half} x grad_accum "
+    said = (f"out of memory in the first two optimizer steps ({error}): retried once with {key} {half} x grad_accum "
             f"{2 * t.grad_accum} (was {value} x {t.grad_accum}); {unit} per optimizer step unchanged "
             f"({half * 2 * t.grad_accum * rt.world_size})")
     if rt.distributed or launch.uses_deepspeed:
         raise ConfigError("memory", [(f"training.{key}", (
-            f"ran out of memory before the first optimizer step ({error}); a run of {rt.world_size} process(es)"
+            f"ran out of memory in the first two optimizer steps ({error}); a run of {rt.world_size} process(es)"
             f"{' under DeepSpeed' if launch.uses_deepspeed else ''} is not retried in place. Re-run with "
             f"training.{key}={half} training.grad_accum={2 * t.grad_accum} (the same {unit} per step), or raise "
             f"training.memory_margin"))])
     rank0_print(said)
     logger.warning(said)
+    # The retry starts the run again from the model on disk: a checkpoint the failed attempt saved
+    # (save_steps 1) is not a state of the retried run.
+    for stale in (Path(cfg.output_dir) / "checkpoints").glob("checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     setattr(t, key, half)
     t.grad_accum = 2 * t.grad_accum
     info[AUTO_RECORD[key]] = f"{decided}; retried: {said}"

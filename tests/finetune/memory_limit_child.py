@@ -4,8 +4,8 @@
 
 The limit is this process's address space (RLIMIT_AS; any Linux, no privileges), set at the moment
 the run asks how much memory it has (kitcore.runtime.host_memory_available: the auto budget is
-decided then): what the process maps at that moment, the reserve the kit keeps for the threads a
-step starts, and HEADROOM_FRACTION of the plan of one micro-batch holding the whole optimizer step
+decided then): what the process maps at that moment, the address space of the threads its steps
+start, and HEADROOM_FRACTION of the plan of one micro-batch holding the whole optimizer step
 (`training.tokens_per_step`, or the fixed `tokens_per_batch`). Setting it there, relative to the
 process, keeps the test independent of how much address space the libraries map on a machine.
 INFLATE > 1 makes the run believe it has that many times the memory it has (a plan that was too
@@ -28,6 +28,7 @@ def main() -> int:
     from finetune.config import ConfigError, load_config
     from finetune.plan.memory import ModelShape, make_plan, resolve_model_config, setup_from_config
     from finetune.training import recipe
+    from kitcore.integrity import HASH_THREADS
 
     cfg = load_config(config, overrides)
     t = cfg.training
@@ -45,7 +46,10 @@ def main() -> int:
     def limited(local_processes: int = 1):
         if not limit:
             vms = psutil.Process().memory_info().vms
-            limit["bytes"] = int(vms + runtime.thread_address_space() + float(headroom) * whole)
+            # the threads of the steps (not the checksum threads that hash the saved adapter afterwards:
+            # the kit keeps room for those, and the test's limit must not give it to the steps)
+            steps_threads = runtime.thread_address_space() - runtime.THREAD_ADDRESS_SPACE * HASH_THREADS
+            limit["bytes"] = int(vms + steps_threads + float(headroom) * whole)
             resource.setrlimit(resource.RLIMIT_AS, (limit["bytes"], resource.RLIM_INFINITY))
         mem, what = real(local_processes)
         return int(mem * float(inflate)), what

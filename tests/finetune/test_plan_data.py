@@ -50,7 +50,7 @@ def test_the_simulated_longest_batch_is_the_trainers_longest_batch(tiny_model, c
     assert len(set(lengths.tolist())) > 5, "the data must vary in length for this test to mean anything"
     real = max(b["input_ids"].numel() for b in batches)  # rows x padded length; packed: the one row
     sim = longest_batch(lengths, cfg.training.batch_size, group_by_length=grouped, window=cfg.training.group_window,
-                        seed=cfg.seed, packing=packing)
+                        seed=cfg.seed, packing=packing, heavy_at=cfg.training.grad_accum)
     if grouped:  # replayed: the very batch, and where it is
         assert sim.exact and sim.tokens == real
         i = sim.index
@@ -74,30 +74,36 @@ def test_the_longest_batchs_trained_tokens_are_the_ones_the_loss_scores(tiny_mod
     ds, stats, _ = prepared_split(cfg, load_tokenizer(cfg.model), cfg.data.train)
     count = trained_counter(ds)
     assert count(list(range(len(ds)))) == stats.trained_tokens
-    sim = longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed)
+    sim = longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed, heavy_at=cfg.training.grad_accum)
     sim = with_trained_tokens(sim, count, stats.trained_tokens / stats.kept)
     real = batches[sim.index]["labels"]
     assert sim.trained_tokens == int((real[:, 1:] != -100).sum()) < sim.tokens
 
 
-def test_the_heaviest_batch_comes_first_so_a_run_that_stops_early_plans_for_it():
-    """Each epoch starts with its heaviest batch (one per rank), so memory runs out in the first step,
-    not late in an epoch, and a run of a few steps is planned for that batch; the plan's simulation
-    replays the sampler, early stop included."""
+def test_the_heaviest_batches_open_the_second_step_so_a_short_run_plans_for_them():
+    """Each epoch puts its heaviest batches (one per rank) at the start of the second optimizer step,
+    the first that holds the optimizer's states too: memory runs out in the first two steps, not late
+    in an epoch, and a run of a few steps is planned for that batch; the plan's simulation replays the
+    sampler, early stop included."""
+    from finetune.data.sampler import LengthGroupedShuffledSampler, heavy_batches_at
+
+    assert heavy_batches_at([1, 5, 2, 5, 3], 2, 2) == [0, 2, 1, 3, 4]  # the two 5s, in order, at 2
+    assert heavy_batches_at([1, 5, 2], 1, 9) == [0, 2, 1]  # clamped to fit
+    assert heavy_batches_at([4, 1], 1, 0) == [0, 1] and heavy_batches_at([], 1, 3) == []
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 400, size=1000)
     lengths[500] = 2000  # one long outlier
-    everything = longest_batch(lengths, 8, seed=3)
-    first = longest_batch(lengths, 8, seed=3, micro_batches=3)
-    from finetune.data.sampler import LengthGroupedShuffledSampler
-
-    full, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3).epoch_arrays()
-    assert 500 in full[0] and everything.tokens == 8 * 2000 == first.tokens and first.index == 0
-    # with 4 ranks, each rank's first batch is among the 4 heaviest; the order is otherwise unchanged
-    four, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, num_replicas=4).epoch_arrays()
+    everything = longest_batch(lengths, 8, seed=3, heavy_at=3)
+    first = longest_batch(lengths, 8, seed=3, micro_batches=4, heavy_at=3)
+    full, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, heavy_at=3).epoch_arrays()
+    assert 500 in full[3] and everything.tokens == 8 * 2000 == first.tokens and first.index == 3
+    assert longest_batch(lengths, 8, seed=3, micro_batches=3, heavy_at=3).tokens < everything.tokens
+    # with 4 ranks and grad_accum 2, micro-batches 8-11 (each rank's first of its second step) are the 4 heaviest;
+    # the batches themselves are unchanged
+    four, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, num_replicas=4, heavy_at=8).epoch_arrays()
     heaviest = sorted((int(lengths[b].max()) for b in four), reverse=True)[:4]
-    assert sorted((int(lengths[b].max()) for b in four[:4]), reverse=True) == heaviest
-    assert sorted(map(tuple, four.tolist())) == sorted(map(tuple, full.tolist()))  # the same batches
+    assert sorted((int(lengths[b].max()) for b in four[8:12]), reverse=True) == heaviest
+    assert sorted(map(tuple, four.tolist())) == sorted(map(tuple, full.tolist()))
     # several epochs: the longest of all of them, each replayed with its own order
     two = longest_batch(lengths, 8, seed=3, epochs=2)
     s = LengthGroupedShuffledSampler(lengths, 8, seed=3)
@@ -196,7 +202,9 @@ def test_token_budget_batches_hold_every_example_once_within_the_budget(packing,
         n = int(rng.integers(1, 400))
         lengths = rng.integers(1, 300, size=n)
         budget = int(rng.integers(300, 3000))
-        s = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas)
+        heavy_at = int(rng.integers(0, 6))
+        s = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas,
+                                    heavy_at=heavy_at)
         counts = []
         for epoch in range(3):
             s.set_epoch(epoch)
@@ -204,12 +212,15 @@ def test_token_budget_batches_hold_every_example_once_within_the_budget(packing,
             counts.append(len(batches))
             flat = sorted(i for b in batches for i in b)
             assert flat == list(range(n)), "every example exactly once per epoch"
-            for b in batches:
-                size = int(lengths[b].sum()) if packing else len(b) * int(lengths[b].max())
-                assert size <= budget or len(b) == 1
+            sizes = [int(lengths[b].sum()) if packing else len(b) * int(lengths[b].max()) for b in batches]
+            assert all(size <= budget or len(b) == 1 for size, b in zip(sizes, batches))
+            # the heaviest, one per rank, at heavy_at (clamped so that they fit)
+            at, k = min(heavy_at, max(0, len(sizes) - replicas)), min(replicas, len(sizes))
+            assert sorted(sizes[at:at + k], reverse=True) == sorted(sizes, reverse=True)[:k]
         assert len(set(counts)) == 1 == len(set([len(s)] + counts)), "the same number of batches every epoch"
         assert len(s) % replicas == 0 or len(s) < replicas
-        again = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas)
+        again = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas,
+                                        heavy_at=heavy_at)
         again.set_epoch(2)
         assert [list(b) for b in again] == batches, "a function of the seed and the epoch"
         if len(s) >= 8:  # another epoch, another order (two orders of 8+ batches coincide 1 time in 40,320)
@@ -238,7 +249,7 @@ def test_the_trainer_runs_the_budget_batches_and_the_plan_finds_the_longest(tiny
     assert all(b["input_ids"].numel() <= 600 for b in batches)
     assert sum(b["input_ids"].shape[0] for b in batches) == len(lengths)
     assert len({b["input_ids"].shape[0] for b in batches}) > 1, "rows vary with the examples' lengths"
-    sim = longest_budget_batch(lengths, 600, seed=cfg.seed)
+    sim = longest_budget_batch(lengths, 600, seed=cfg.seed, heavy_at=cfg.training.grad_accum)
     assert sim.tokens == max(b["input_ids"].numel() for b in batches)
     assert batches[sim.index]["input_ids"].numel() == sim.tokens
 
@@ -403,13 +414,13 @@ def test_auto_trains_under_a_real_memory_limit_where_the_whole_step_runs_out(lim
     holding the whole 8,192-token step: that micro-batch really runs out of memory (forced past the
     plan's refusal), while `tokens_per_batch: auto` reads the limit, picks a budget that fits and
     trains, with budget x grad_accum = tokens_per_step exactly. A plan that believed it had three
-    times the memory gets the out-of-memory error in its first step and retries once with half the
+    times the memory gets the out-of-memory error in its first two steps and retries once with half the
     budget and twice the accumulation, saying so, and trains the same tokens per step."""
     step = ["training.tokens_per_step=8192"]
     refused = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=8192")
     assert not refused["ok"] and "predicted not to fit" in refused["error"], refused["log"][-2000:]
     whole = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=8192", "force=true")
-    assert not whole["ok"] and "ran out of memory before the first optimizer step" in whole["error"], whole["log"][-2000:]
+    assert not whole["ok"] and "ran out of memory in the first two optimizer steps" in whole["error"], whole["log"][-2000:]
     assert "training.tokens_per_batch" in whole["error"] and "set it to auto" in whole["error"]  # fixed: not changed
 
     auto = _under_limit(limit_run_config, 0.7, 1, "training.tokens_per_batch=auto", *step)
@@ -426,7 +437,7 @@ def test_auto_trains_under_a_real_memory_limit_where_the_whole_step_runs_out(lim
                            env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     assert retried["ok"], retried["log"][-3000:]
     said = retried["info"]["token_budget"]
-    assert "tokens_per_batch auto: 8192" in said and "retried: out of memory before the first optimizer step" in said
+    assert "tokens_per_batch auto: 8192" in said and "retried: out of memory in the first two optimizer steps" in said
     assert (retried["config"]["tokens_per_batch"], retried["config"]["grad_accum"]) == (4096, 2)
     assert "retried once with tokens_per_batch 4096 x grad_accum 2" in retried["log"]
     assert len(retried["steps"]) == 2 and all(math.isfinite(r["loss"]) for r in retried["steps"])
