@@ -46,6 +46,26 @@ def test_bench_train_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_gpu_smoke(tmp_path):
+    """scripts/bench_gpu.py on CPU (a toy shape, 3 steps): each arm in its own process, figures that add
+    up (MFU = TFLOP/s over the device's peak; the kit's own log measures the same run), the held-out
+    NLL of every adapter. The padded kit arm and TRL's packed arm cover both kinds of batch."""
+    res, stdout = _run("bench_gpu.py", tmp_path, "--arms", "kit,trl_packed")
+    assert res["device"]["name"].startswith("CPU: measured fp32 matmul") and res["device"]["peak_flops"] > 0
+    for arm in ("kit", "trl_packed"):
+        r = res[arm]
+        assert r["steps"] == 3 and r["tokens"] > 0 and r["train_s"] > 0, r
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["train_s"])
+        assert r["mfu"] == pytest.approx(r["tflops"] * 1e12 / res["device"]["peak_flops"])
+        assert 0 < r["mfu"] < 1 and r["peak_mem_gib"] > 0.05
+        assert math.isfinite(r["first_loss"]) and 0 < r["held_out_nll"] < math.log(4096) + 1
+    # TRL's packed rows hold max_length tokens, the kit's padded rows 8 chats: more tokens per step for TRL
+    assert res["trl_packed"]["tokens"] > res["kit"]["tokens"]
+    assert res["kit"]["own_log_mfu"] > 0  # the run's own throughput accounting (run.json)
+    assert "kit / trl_packed tokens/s >= 1.5" in stdout and "held-out NLL" in stdout
+
+
+@pytest.mark.slow
 def test_bench_memory_smoke(tmp_path):
     res, stdout = _run("bench_memory.py", tmp_path)
     full, lora, qlora = (res[m]["model_state"] for m in ("full", "lora", "qlora"))
