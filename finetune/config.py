@@ -264,7 +264,10 @@ class TrainConfig(Section):
         None, description="Jinja chat template, or a template the kit ships: `chatml`, or `chatml_tools` (ChatML "
         "that renders tools and tool calls, Qwen2.5/Hermes format). Default: the tokenizer's own, else `chatml`."
     )
-    packing: bool = Field(False, description="Pack several examples per row (no cross-attention).")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Pack each micro-batch's examples into one padding-free row (no attention across "
+        "examples, the same loss). auto: on CUDA for chat-data methods, with flex_attention (or the flash-attention "
+        "the config names); off on CPU. true: on any device (CPU: sdpa's block-diagonal mask).")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quantization: QuantConfig = Field(default_factory=QuantConfig)
@@ -328,7 +331,7 @@ class TrainConfig(Section):
     @classmethod
     def _packing_supported(cls, v: bool, info: ValidationInfo) -> bool:
         method = info.data.get("method", methods.DEFAULT)
-        if v and method in methods.names() and not methods.get(method).packing:
+        if v is True and method in methods.names() and not methods.get(method).packing:
             raise ValueError(f"not supported with method {method!r} (pairs are scored per sequence)")
         return v
 

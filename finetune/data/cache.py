@@ -5,8 +5,8 @@
 
 The cache is keyed by everything that changes the tokens: the data file (its SHA-256, or its size
 and mtime with `data.cache_key: stat`; for a dataset of shards, every shard's, in order), the tokenizer (its full serialized state, added tokens and
-special tokens), the chat template, `max_length`, `data.loss_on`, `data.too_long`, `packing`, and
-FORMAT_VERSION. A changed input gives another key, so a stale cache is never read; the old one is
+special tokens), the chat template, `max_length`, `data.loss_on`, `data.too_long`, and FORMAT_VERSION
+(not `packing`: packed and padded batches read the same tokens). A changed input gives another key, so a stale cache is never read; the old one is
 simply not used (see "clearing" below).
 
 Where: `data.cache_dir`, by default `.finetune-cache/` next to the data file (next to the shard
@@ -195,7 +195,6 @@ def cache_key(spec: CacheSpec, tokenizer: Any) -> tuple[str, dict[str, Any]]:
         "max_length": spec.max_length,
         "loss_on": spec.loss_on,
         "too_long": spec.too_long,
-        "packing": spec.packing,
     }
     cache_id = kind(spec.kind).cache_id
     if cache_id is not None:

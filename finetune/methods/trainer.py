@@ -40,12 +40,33 @@ def chat_collator(cfg: TrainConfig, tokenizer):
     does: with a cache, transformers' sdpa path lets the second sequence attend to the first
     (logits off by 0.77, measured on CPU).
     """
-    if not cfg.packing:
+    if cfg.packing is not True:  # the recipe has decided `auto` by now (finetune.training.launch.packing_settings)
         return pad_collate(tokenizer.pad_token_id)
     from transformers import DataCollatorWithFlattening
 
-    flash = bool(cfg.attn_implementation and cfg.attn_implementation.startswith("flash"))
-    return DataCollatorWithFlattening(return_flash_attn_kwargs=flash, return_position_ids=True)
+    flash = bool(cfg.attn_implementation and ("flash" in cfg.attn_implementation))
+    return PackedRows(DataCollatorWithFlattening(return_flash_attn_kwargs=flash, return_position_ids=True))
+
+
+class PackedRows:
+    """The packing collator, guarded: a packed row must reach the model with its position ids and no
+    2-D attention mask. transformers finds the examples' boundaries from the position ids only when
+    there is no mask; beside an all-ones mask it would let every example attend to the ones before
+    it in the row, silently. A collator that ever returns one (another transformers release, another
+    option) fails the first step instead."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        mask = batch.get("attention_mask")
+        if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
+            raise RuntimeError("packed rows came with a 2-D attention_mask: transformers would ignore the examples' "
+                               "boundaries (position_ids) and let them attend to each other; set packing=false")
+        if "position_ids" not in batch:
+            raise RuntimeError("packed rows came without position_ids: the examples' boundaries would be lost")
+        return batch
 
 
 # ---- the method's hooks (finetune.methods.registry) ----

@@ -233,6 +233,11 @@ def plan_command(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, args.overrides)  # the data must exist to plan from it
         else:
             cfg = load_plan_config(args.config, args.overrides)
+        from finetune.training.launch import packing_settings
+
+        # `packing: auto` as a run on this device decides it (packed rows are one long row per micro-batch).
+        packing, attn, _ = packing_settings(cfg, args.device)
+        cfg = cfg.model_copy(update={"packing": packing, "attn_implementation": attn})
         raw, src = resolve_model_config(cfg.model)
         shape = ModelShape.from_config(raw, src)
         lengths = trained_of = mean = None

@@ -258,6 +258,54 @@ def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
     return Kernels(liger=liger, notes=notes)
 
 
+# Attention implementations that keep packed examples apart without a dense [tokens, tokens] mask:
+# flex_attention (a document block mask, compiled; torch's, no extra wheel) and flash-attention
+# (sequence boundaries; the flash-attn wheel, or a Hub kernel "kernels-community/...").
+PACKING_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def packing_settings(cfg: TrainConfig, device: str) -> tuple[bool, str | None, str]:
+    """(pack the batches?, the attention implementation, what was decided, in words) for `device`
+    ("cuda:N", "cpu", ..., or the plan's "gpu"/"cpu").
+
+    `packing: auto` (the default) packs on CUDA when the method can (chat data: sft, distill) and
+    the attention keeps examples apart without a dense mask: flex_attention unless the config names
+    flash-attention (a wheel or a Hub kernel); on CPU it does not pack (flex_attention has no
+    backward pass there, and padded batches of similar length are as fast). `packing: true` packs
+    on any device; on CPU through sdpa's block-diagonal mask (quadratic in the row, correct). Refused:
+    flex_attention for training on CPU (torch raises in backward), and packing for a method that
+    scores sequences one by one (config validation)."""
+    from finetune.config import ConfigError
+
+    cuda = device.startswith("cuda") or device == "gpu"
+    attn = cfg.attn_implementation
+    if not cuda and attn == "flex_attention":
+        raise ConfigError("training config", [("attn_implementation", (
+            "flex_attention cannot train on CPU: torch's FlexAttention has no backward pass there "
+            "(NotImplementedError); leave attn_implementation unset (sdpa) on CPU"))])
+    fast = attn is None or attn in PACKING_ATTENTION or str(attn).startswith("kernels-")
+    want = cfg.packing
+    if want == "auto":
+        if not cuda:
+            return False, attn, "packing auto: off on CPU (padded batches of similar length)"
+        if not cfg.method_spec.packing:
+            return False, attn, f"packing auto: off (method {cfg.method} scores each sequence on its own)"
+        if not fast:
+            return False, attn, (f"packing auto: off (attn_implementation {attn} would need a dense mask per "
+                                 "packed row; flex_attention or flash-attention keep examples apart without one)")
+        want = True
+    if not want:
+        return False, attn, "packing off"
+    if cuda and attn is None:
+        attn = "flex_attention"
+    how = {"flex_attention": "flex_attention's document mask",
+           None: "sdpa's block-diagonal mask from the position ids (quadratic in the row's length)",
+           "sdpa": "sdpa's block-diagonal mask from the position ids (quadratic in the row's length)",
+           "eager": "eager attention's block-diagonal mask (quadratic in the row's length)"}.get(
+        attn, f"{attn}'s sequence boundaries")
+    return True, attn, f"packing on: one padding-free row per micro-batch, examples kept apart by {how}"
+
+
 @dataclass(frozen=True)
 class Launch:
     """What this run's config and launch decided, once (resolve_launch)."""
@@ -272,6 +320,9 @@ class Launch:
     quantize: str | None  # "4bit" | "8bit" | None: the student's quantization
     quant_kwargs: dict[str, Any] | None
     kernels: Kernels
+    packing: bool = False  # `packing` as decided for this device (packing_settings)
+    attn_implementation: str | None = None  # the attention the model loads with
+    packing_note: str = ""
 
     @property
     def precision(self) -> str:
@@ -285,6 +336,8 @@ def resolve_launch(cfg: TrainConfig, rt, *, model_type: str | None = None) -> La
     check_quantized_storage(cfg, rt)
     bf16, fp16 = autocast_flags(cfg, rt)
     quantize, qkw = quantization_settings(cfg)
+    packing, attn, packing_note = packing_settings(cfg, rt.device)
     return Launch(rt=rt, deepspeed=cfg.deepspeed, uses_deepspeed=uses_deepspeed(cfg), zero_stage=zero_stage(cfg),
                   bf16=bf16, fp16=fp16, weights_dtype=weights_dtype(cfg, rt), quantize=quantize, quant_kwargs=qkw,
-                  kernels=kernel_settings(cfg, rt, model_type))
+                  kernels=kernel_settings(cfg, rt, model_type), packing=packing, attn_implementation=attn,
+                  packing_note=packing_note)

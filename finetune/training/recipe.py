@@ -72,6 +72,8 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     cfg.deepspeed = deepspeed_config(cfg)  # this run's own copy: its config.yaml names the JSON it ran with
     rt = _setup_distributed(cfg)
     launch = resolve_launch(cfg, rt, model_type=_model_type(cfg) if cfg.training.kernels != "none" else None)
+    # `packing: auto` becomes what this device does (config.yaml records it), with the attention it needs.
+    cfg.packing, cfg.attn_implementation = launch.packing, launch.attn_implementation
     resume_from = setup_run_dir(cfg, run_dir, launch)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
@@ -592,6 +594,7 @@ def _print_summary(cfg: TrainConfig, launch: Launch, trainer, model, data_stats:
             *batch_lines,
             f"train data       {st.kept} examples, {st.trained_tokens} trained tokens, "
             f"{st.truncated} truncated, dropped {dict(st.dropped) or 0}",
+            f"attention        {launch.attn_implementation or 'the model default (sdpa)'}; {launch.packing_note}",
         ])
     )
 

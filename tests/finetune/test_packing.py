@@ -56,3 +56,111 @@ def test_training_with_packing(tiny_model, chat_data, tmp_path):
     losses = [m["loss"] for m in logs if "loss" in m]
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert any("eval_loss" in m for m in logs)
+
+
+def _lora_model(tiny_model, attn: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
+    for name, p in lora.named_parameters():  # B = 0 at init would give A no gradient: make both matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    lora.train()
+    return lora
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_padded_loss_and_lora_gradients_for_each_cpu_attention(tiny_model, chat_data, tmp_path,
+                                                                                     attn):
+    """Every attention implementation the kit can select on CPU (flex_attention cannot train there):
+    the packed row's per-token loss and every LoRA gradient equal the padded batch's (fp32, 1e-5)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune.training.recipe import make_collator
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(x)["messages"] for x in chat_data["train"].read_text().splitlines()[:6]]
+    feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_chat(tok, m) for m in rows)]
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                             f"output_dir={tmp_path / 'r'}", "packing=true", f"attn_implementation={attn}"])
+    packed, padded = make_collator(cfg, tok)(feats), pad_collate(tok.pad_token_id)(feats)
+    model = _lora_model(tiny_model, attn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lp = model(**packed).loss
+    gp = torch.autograd.grad(lp, params)
+    lu = model(**padded).loss
+    gu = torch.autograd.grad(lu, params)
+    assert lp.item() == pytest.approx(lu.item(), rel=1e-5)
+    worst = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(gp, gu))
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_changing_one_example_changes_no_logit_of_its_neighbours_in_the_row(tiny_model, chat_data, tmp_path, attn):
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune.training.recipe import make_collator
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(x)["messages"] for x in chat_data["train"].read_text().splitlines()[:3]]
+    feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_chat(tok, m) for m in rows)]
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                             f"output_dir={tmp_path / 'r'}", "packing=true", f"attn_implementation={attn}"])
+    collate = make_collator(cfg, tok)
+    changed = [dict(f) for f in feats]
+    changed[1] = {"input_ids": [(t + 7) % 300 + 5 for t in feats[1]["input_ids"]], "labels": feats[1]["labels"]}
+    model = _lora_model(tiny_model, attn).eval()
+    with torch.no_grad():
+        a = model(**collate(feats)).logits[0]
+        b = model(**collate(changed)).logits[0]
+    n0, n1 = len(feats[0]["input_ids"]), len(feats[1]["input_ids"])
+    assert not torch.allclose(a[n0:n0 + n1], b[n0:n0 + n1])  # the changed example's own logits move
+    assert torch.equal(a[:n0], b[:n0]) and torch.allclose(a[n0 + n1:], b[n0 + n1:], atol=1e-6, rtol=0)
+
+
+def test_a_packed_row_with_a_2d_mask_is_refused_not_trained_across_examples(tiny_model, chat_data, tmp_path):
+    import torch
+
+    from finetune.methods.trainer import PackedRows
+
+    ok = PackedRows(lambda feats: {"input_ids": torch.ones(1, 4), "position_ids": torch.tensor([[0, 1, 0, 1]])})
+    assert "position_ids" in ok([])
+    with pytest.raises(RuntimeError, match="2-D attention_mask"):
+        PackedRows(lambda feats: {"input_ids": torch.ones(1, 4), "position_ids": torch.tensor([[0, 1, 0, 1]]),
+                                  "attention_mask": torch.ones(1, 4)})([])
+    with pytest.raises(RuntimeError, match="without position_ids"):
+        PackedRows(lambda feats: {"input_ids": torch.ones(1, 4)})([])
+
+
+def test_packing_auto_is_decided_per_device_and_method(tiny_model, chat_data, tmp_path):
+    from finetune.config import ConfigError
+    from finetune.training.launch import packing_settings
+
+    def cfg(*over):
+        return load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                                  f"output_dir={tmp_path / 'r'}", *over])
+
+    assert cfg().packing == "auto"
+    assert packing_settings(cfg(), "cpu")[:2] == (False, None)
+    on, attn, said = packing_settings(cfg(), "cuda:0")
+    assert (on, attn) == (True, "flex_attention") and "document mask" in said
+    assert packing_settings(cfg("attn_implementation=flash_attention_2"), "cuda:0")[:2] == (True, "flash_attention_2")
+    off, attn, said = packing_settings(cfg("attn_implementation=sdpa"), "cuda:0")
+    assert (off, attn) == (False, "sdpa") and "dense mask" in said
+    assert packing_settings(cfg("packing=true", "attn_implementation=sdpa"), "cuda:0")[:2] == (True, "sdpa")
+    assert packing_settings(cfg("packing=true"), "cpu")[:2] == (True, None)  # sdpa's block-diagonal mask
+    assert packing_settings(cfg("packing=false"), "cuda:0")[0] is False
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    dpo = load_config(None, [f"model={tiny_model}", f"data.train={pairs}", f"output_dir={tmp_path / 'd'}", "method=dpo"])
+    off, _, said = packing_settings(dpo, "cuda:0")
+    assert off is False and "scores each sequence on its own" in said
+    with pytest.raises(ConfigError, match="flex_attention cannot train on CPU"):
+        packing_settings(cfg("attn_implementation=flex_attention"), "cpu")

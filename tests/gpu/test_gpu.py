@@ -93,6 +93,59 @@ def test_the_gpu_run_logs_its_allocator_peak_beside_the_plan_from_its_data(gpu_r
     assert recs and recs[0]["memory_measured_bytes"] == mem["memory_measured_bytes"]
 
 
+def test_packing_auto_packs_with_flex_attention_on_the_gpu_and_the_run_measures_its_mfu(gpu_run):
+    """The default (`packing: auto`) on CUDA: padding-free rows through flex_attention's document mask,
+    said in the summary and recorded in config.yaml; every log line has its throughput and MFU against
+    the GPU's peak."""
+    import yaml
+
+    out, res = gpu_run
+    assert "attention        flex_attention; packing on" in res.stdout, res.stdout[-3000:]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["packing"] is True and saved["attn_implementation"] == "flex_attention"
+    logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert logs and all(m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and m["peak_mem_gib"] > 0 for m in logs), logs
+    through = json.loads((out / "run.json").read_text())["throughput"]
+    assert through["mfu_peak"].startswith(torch.cuda.get_device_name(0)), through
+
+
+def test_packed_flex_attention_equals_the_padded_batch_in_bf16(tiny_model, chat_data, tmp_path):
+    """The packed row through flex_attention gives the padded batch's loss and LoRA gradients (sdpa),
+    within bf16 tolerance."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.config import load_config
+    from finetune.data.chat_template import encode_chat
+    from finetune.data.files import pad_collate
+    from finetune.training.recipe import make_collator
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(x)["messages"] for x in chat_data["train"].read_text().splitlines()[:8]]
+    feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_chat(tok, m) for m in rows)]
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'r'}",
+                             "packing=true", "attn_implementation=flex_attention"])
+    packed = {k: v.cuda() for k, v in make_collator(cfg, tok)(feats).items()}
+    padded = {k: v.cuda() for k, v in pad_collate(tok.pad_token_id)(feats).items()}
+    losses, grads = [], []
+    for attn, batch in (("flex_attention", packed), ("sdpa", padded)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16, attn_implementation=attn).cuda()
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.manual_seed(hash(name) % 1000)
+                torch.nn.init.normal_(p, std=0.02)
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2), losses
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
+    assert cos > 0.99, cos
+
+
 def test_token_budget_batches_and_the_auto_budget_on_the_gpu(tiny_model, chat_data, tmp_path):
     """tokens_per_batch: auto against the GPU's memory: the whole step fits one micro-batch on this tiny model."""
     out = tmp_path / "run"
