@@ -158,10 +158,11 @@ class TrainingConfig(Section):
         "chunked", description="chunked: the LM head runs only at trained positions, a chunk of fp32 logits "
         "at a time (no [batch, seq, vocab] tensor; finetune.models.losses); full: the model's own loss over full logits.",
     )
-    kernels: Literal["none", "liger"] = Field(
-        "none", description="GPU kernel library: liger = Liger's Triton kernels for RMSNorm, RoPE, SwiGLU and a "
-        "fused linear cross-entropy (pip install 'finetune-kit[liger]'; Llama/Mistral/Qwen2-family models). "
-        "CUDA only: on CPU the run goes on without them, with a warning.",
+    kernels: Literal["auto", "none", "liger"] = Field(
+        "auto", description="GPU kernel library: liger = Liger's Triton kernels for RMSNorm, RoPE, SwiGLU and a "
+        "fused linear cross-entropy (pip install 'finetune-kit[liger]'; Llama/Mistral/Qwen2/3/Gemma-family models). "
+        "CUDA only: on CPU the run goes on without them, with a warning. auto: liger on CUDA when liger-kernel is "
+        "installed and has kernels for the model's family, none otherwise (the run summary says which).",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."

@@ -202,12 +202,35 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         seq_len=cfg.max_length, grad_accum=t.grad_accum,
         gradient_checkpointing=t.gradient_checkpointing, attn=cfg.attn_implementation or "sdpa",
         loss=getattr(t, "loss", "chunked"),
-        kernels=getattr(t, "kernels", "none") if device == "gpu" else "none",  # Triton kernels: CUDA only
+        kernels=_planned_kernels(cfg) if device == "gpu" else "none",  # Triton kernels: CUDA only
         method=cfg.method,
         precompute_ref=_precomputed_reference(cfg),
         **_teacher_setup(cfg, device),
         device=device, device_memory=device_memory, host_memory=host_memory,
     )
+
+
+# Model families Liger has kernels for (liger_kernel.transformers.monkey_patch), for planning without
+# importing it (it imports torch and Triton); a run asks Liger itself (finetune.training.launch.auto_kernels).
+LIGER_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite")
+
+
+def _planned_kernels(cfg) -> str:
+    """`training.kernels` for a GPU plan: `auto` is Liger when liger-kernel is installed here and the
+    model's family is one it covers (what a run on a GPU with it installed decides), else none (the
+    larger plan)."""
+    k = getattr(cfg.training, "kernels", "none")
+    if k != "auto":
+        return k
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "none"
+    try:
+        raw, _ = resolve_model_config(cfg.model)
+    except (FileNotFoundError, ValueError, KeyError):
+        return "none"
+    return "liger" if raw.get("model_type") in LIGER_FAMILIES else "none"
 
 
 def _precomputed_reference(cfg) -> bool:

@@ -214,6 +214,20 @@ class Kernels:
         return bool(self.liger and self.liger.get("fused_linear_cross_entropy"))
 
 
+def auto_kernels(device: str, model_type: str | None) -> tuple[str, str]:
+    """`training.kernels: auto` -> ("liger" | "none", why): Liger on CUDA when liger-kernel imports and
+    has kernels for the model's family (transformers' model_type)."""
+    if not (device.startswith("cuda") or device == "gpu"):
+        return "none", "kernels auto: none (Triton kernels need CUDA)"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return "none", "kernels auto: none (liger-kernel is not installed: pip install 'finetune-kit[liger]')"
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return "none", f"kernels auto: none (Liger has no kernels for model type {model_type!r})"
+    return "liger", f"kernels auto: liger (model type {model_type})"
+
+
 def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
     """What `training.kernels` means on this device, for this model and loss; checked before the
     model loads.
@@ -227,6 +241,10 @@ def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
     Triton kernels need CUDA: on CPU (and MPS) the run goes on without them and says so."""
     if cfg.training.kernels == "none":
         return Kernels()
+    if cfg.training.kernels == "auto":
+        chosen, why = auto_kernels(rt.device, model_type)
+        if chosen == "none":
+            return Kernels(notes=[why] if rt.device.startswith("cuda") else [])
     if not rt.device.startswith("cuda"):
         note = (f"training.kernels=liger: Liger's Triton kernels need a CUDA GPU; this run on {rt.device} "
                 "trains without them")
@@ -255,6 +273,8 @@ def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
                      "the kit's chunked loss is used, with Liger's RMSNorm/RoPE/SwiGLU kernels")
     liger = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": fused,
              "cross_entropy": cfg.training.loss == "full"}
+    if cfg.training.kernels == "auto":
+        notes.insert(0, auto_kernels(rt.device, model_type)[1])
     return Kernels(liger=liger, notes=notes)
 
 

@@ -71,9 +71,12 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     run_dir = Path(cfg.output_dir)
     cfg.deepspeed = deepspeed_config(cfg)  # this run's own copy: its config.yaml names the JSON it ran with
     rt = _setup_distributed(cfg)
-    launch = resolve_launch(cfg, rt, model_type=_model_type(cfg) if cfg.training.kernels != "none" else None)
-    # `packing: auto` becomes what this device does (config.yaml records it), with the attention it needs.
+    kernels_here = cfg.training.kernels != "none" and rt.device.startswith("cuda")
+    launch = resolve_launch(cfg, rt, model_type=_model_type(cfg) if kernels_here else None)
+    # `packing: auto` and `training.kernels: auto` become what this device does (config.yaml records
+    # them), packing with the attention it needs.
     cfg.packing, cfg.attn_implementation = launch.packing, launch.attn_implementation
+    cfg.training.kernels = "liger" if launch.kernels.liger else "none"
     resume_from = setup_run_dir(cfg, run_dir, launch)
     tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template,
                                trust_remote_code=cfg.trust_remote_code)
@@ -595,6 +598,8 @@ def _print_summary(cfg: TrainConfig, launch: Launch, trainer, model, data_stats:
             f"train data       {st.kept} examples, {st.trained_tokens} trained tokens, "
             f"{st.truncated} truncated, dropped {dict(st.dropped) or 0}",
             f"attention        {launch.attn_implementation or 'the model default (sdpa)'}; {launch.packing_note}",
+            f"kernels          {'liger' if launch.kernels.liger else 'none'}"
+            + "".join(f"; {n}" for n in launch.kernels.notes),
         ])
     )
 

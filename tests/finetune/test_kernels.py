@@ -64,6 +64,36 @@ def test_liger_on_a_gpu_fuses_the_loss_except_under_zero3(chat_data, tiny_model,
     assert z3.liger["rms_norm"] and not z3.fused_loss and "ZeRO-3" in z3.notes[0]
 
 
+def test_kernels_auto_is_liger_on_a_gpu_that_has_it_for_the_family_and_none_elsewhere(chat_data, tiny_model,
+                                                                                       fake_liger, monkeypatch):
+    """The default: Liger on CUDA when it is installed and covers the model's family; otherwise none,
+    said in the run summary (notes), never an error; on CPU none without a word."""
+    cfg = _cfg(chat_data, tiny_model)
+    assert cfg.training.kernels == "auto"
+    k = kernel_settings(cfg, GPU, "llama")
+    assert k.liger["rms_norm"] and k.fused_loss and k.notes[0] == "kernels auto: liger (model type llama)"
+    other = kernel_settings(cfg, GPU, "gpt2")
+    assert other.liger is None and "no kernels for model type 'gpt2'" in other.notes[0]
+    assert kernel_settings(cfg, CPU, "llama").liger is None and not kernel_settings(cfg, CPU, "llama").notes
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)  # not installed
+    missing = kernel_settings(cfg, GPU, "llama")
+    assert missing.liger is None and "not installed" in missing.notes[0]
+
+
+def test_the_plan_counts_liger_for_auto_only_where_a_run_would_use_it(chat_data, tiny_model, monkeypatch):
+    import importlib.util
+
+    from finetune.plan.memory import setup_from_config
+
+    cfg = _cfg(chat_data, tiny_model)
+    assert setup_from_config(cfg, device="cpu").kernels == "none"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    assert setup_from_config(cfg, device="gpu").kernels == "none"  # not installed here: the larger plan
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+    assert setup_from_config(cfg, device="gpu").kernels == "liger"  # the tiny model is a llama
+
+
 def test_liger_for_an_unsupported_model_lists_the_supported_ones(chat_data, tiny_model, fake_liger):
     with pytest.raises(ConfigError) as e:
         kernel_settings(_cfg(chat_data, tiny_model, "training.kernels=liger"), GPU, "gpt2")
