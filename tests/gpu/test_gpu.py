@@ -99,8 +99,12 @@ def test_packing_auto_packs_with_flex_attention_on_the_gpu_and_the_run_measures_
     the GPU's peak."""
     import yaml
 
+    import importlib.util
+
     out, res = gpu_run
     assert "attention        flex_attention; packing on" in res.stdout, res.stdout[-3000:]
+    if importlib.util.find_spec("liger_kernel"):  # training.kernels: auto, on a GPU that has Liger
+        assert "kernels          liger; kernels auto: liger (model type llama)" in res.stdout, res.stdout[-3000:]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["packing"] is True and saved["attn_implementation"] == "flex_attention"
     logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
