@@ -164,6 +164,9 @@ class TrainingConfig(Section):
         "CUDA only: on CPU the run goes on without them, with a warning. auto: liger on CUDA when liger-kernel is "
         "installed and has kernels for the model's family, none otherwise (the run summary says which).",
     )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional: one compiled graph shared by the layers; the "
+        "first step compiles, later steps run faster). Not with ZeRO-3.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
     )

@@ -354,6 +354,10 @@ def resolve_launch(cfg: TrainConfig, rt, *, model_type: str | None = None) -> La
     any weights load. `cfg.deepspeed` must already be the run's JSON (deepspeed_config); `model_type`
     (the model's config.json) is needed only for `training.kernels` other than none."""
     check_quantized_storage(cfg, rt)
+    if cfg.training.compile and zero_stage(cfg) == 3:
+        raise ConfigError("training config", [("training.compile", (
+            "not with ZeRO-3: its hooks gather each layer's parameters as the layer runs, which a compiled "
+            "layer would trace as empty shards; set training.compile=false or use ZeRO-2"))])
     bf16, fp16 = autocast_flags(cfg, rt)
     quantize, qkw = quantization_settings(cfg)
     packing, attn, packing_note = packing_settings(cfg, rt.device)

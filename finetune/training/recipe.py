@@ -24,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune.config import TrainConfig
+from finetune.config import ConfigError, TrainConfig
 from finetune.console import rank0_print
 from finetune.data.files import DataStats
 from finetune.data.kinds import kind
@@ -284,7 +284,6 @@ def _smaller_micro_batch(cfg: TrainConfig, rt, launch: Launch, resume_from, info
     (the launcher stops them all), and a DeepSpeed engine is not rebuilt in one process; those runs
     stop with the settings to re-run with. A micro-batch the user fixed is not changed: the error
     says what to change."""
-    from finetune.config import ConfigError
 
     t = cfg.training
     key = next((k for k, record in AUTO_RECORD.items() if info.get(record)), None)
@@ -396,7 +395,6 @@ def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats) -> dict | None:
     shared by this node's processes, and the plan predicts RSS in CPU mode (fp32), the quantity
     scripts/validate_plan.py checks against measurements (docs/plan.md). Runs before the model is
     loaded: a run that cannot fit fails before minutes of loading."""
-    from finetune.config import ConfigError
     from finetune.plan.command import plan_for_training
     from finetune.plan.memory import render_plan
     from kitcore.runtime import process_group
@@ -451,6 +449,31 @@ def _model_type(cfg: TrainConfig) -> str | None:
 
 
 def _setup_model(cfg: TrainConfig, tokenizer, launch: Launch):
+    model = _build_model(cfg, tokenizer, launch)
+    if cfg.training.compile:
+        compiled = compile_decoder_layers(model)
+        rank0_print(f"training.compile: {compiled} decoder layers compiled (torch.compile, dynamic shapes); the first "
+                    "step compiles them")
+    return model
+
+
+def compile_decoder_layers(model) -> int:
+    """Regional compilation: torch.compile each decoder layer in place (the classes transformers lists
+    in the model's `_no_split_modules`), not the whole model. The layers share one compiled graph, so
+    compiling costs one layer's time, not the model's; shapes are dynamic (every batch has its own
+    length). Returns how many layers were compiled."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError("training config", [("training.compile", (
+            f"{type(base).__name__} names no decoder layer class (_no_split_modules); set training.compile=false"))])
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _build_model(cfg: TrainConfig, tokenizer, launch: Launch):
     quantize, kernels = launch.quantize, launch.kernels
     model = load_base_model(
         cfg.model, dtype=launch.weights_dtype, quantize=quantize, quant_kwargs=launch.quant_kwargs,

@@ -131,3 +131,24 @@ def test_a_run_predicted_not_to_fit_is_refused_before_loading_and_force_override
     forced = cfg.model_copy(update={"force": True, "overwrite": True})
     with pytest.raises(OSError, match=r"no file named model\.safetensors"):
         train(forced)
+
+
+@pytest.mark.slow
+def test_training_compile_compiles_each_decoder_layer_and_gives_the_same_step(tiny_model, chat_data, tmp_path):
+    """training.compile: regional compilation (each decoder layer, dynamic shapes) changes no number:
+    the first steps' losses of a compiled run equal the eager run's."""
+    from finetune.config import ConfigError, load_config
+    from finetune.training.recipe import train
+
+    base = [f"model={tiny_model}", f"data.train={chat_data['train']}", "training.max_steps=2", "training.logging_steps=1",
+            "training.report_to=[none]", "training.batch_size=4", "max_length=128"]
+    losses = {}
+    for compiled in (False, True):
+        run = train(load_config(None, [*base, f"output_dir={tmp_path / str(compiled)}", f"training.compile={compiled}"]))
+        losses[compiled] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+                            if '"loss"' in x]
+    assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6), losses
+    ds = tmp_path / "z3.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}')
+    with pytest.raises(ConfigError, match="training.compile: not with ZeRO-3"):
+        train(load_config(None, [*base, f"output_dir={tmp_path / 'z3'}", "training.compile=true", f"deepspeed={ds}"]))

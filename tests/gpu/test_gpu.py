@@ -97,9 +97,9 @@ def test_packing_auto_packs_with_flex_attention_on_the_gpu_and_the_run_measures_
     """The default (`packing: auto`) on CUDA: padding-free rows through flex_attention's document mask,
     said in the summary and recorded in config.yaml; every log line has its throughput and MFU against
     the GPU's peak."""
-    import yaml
-
     import importlib.util
+
+    import yaml
 
     out, res = gpu_run
     assert "attention        flex_attention; packing on" in res.stdout, res.stdout[-3000:]
@@ -148,6 +148,18 @@ def test_packed_flex_attention_equals_the_padded_batch_in_bf16(tiny_model, chat_
     assert losses[0] == pytest.approx(losses[1], rel=2e-2), losses
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
     assert cos > 0.99, cos
+
+
+def test_training_compile_on_the_gpu_gives_the_eager_losses(tiny_model, chat_data, tmp_path):
+    """training.compile (regional: each decoder layer) with the GPU defaults (packed flex_attention rows,
+    bf16): the first steps' losses equal the eager run's within bf16 tolerance."""
+    losses = {}
+    for compiled in ("false", "true"):
+        out = tmp_path / f"compile-{compiled}"
+        _run([sys.executable, "-m", "finetune", "train", *_overrides(
+            tiny_model, chat_data, out, "training.max_steps=3", "training.logging_steps=1", f"training.compile={compiled}")])
+        losses[compiled] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses["true"] == pytest.approx(losses["false"], rel=2e-2), losses
 
 
 def test_token_budget_batches_and_the_auto_budget_on_the_gpu(tiny_model, chat_data, tmp_path):
