@@ -392,6 +392,12 @@ class TrainConfig(Section):
         return model_present(v)
 
     @property
+    def packed(self) -> bool:
+        """Whether batches are packed: `packing: true`, or `auto` once a run has decided it for its
+        device (finetune.training.launch.packing_settings); an undecided `auto` counts as off."""
+        return self.packing is True
+
+    @property
     def method_spec(self) -> methods.Method:
         """The record of this run's training method (finetune.methods)."""
         return methods.get(self.method)

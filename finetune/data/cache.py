@@ -558,7 +558,7 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
     """The tokenized split as (memory-mapped Dataset, DataStats): from the cache when it is there,
     else built by the designated process while the others wait for it."""
     spec = CacheSpec(path=str(data_path), max_length=cfg.max_length, loss_on=cfg.data.loss_on,
-                     too_long=cfg.data.too_long, packing=cfg.packing, key_mode=cfg.data.cache_key,
+                     too_long=cfg.data.too_long, packing=cfg.packed, key_mode=cfg.data.cache_key,
                      kind=cfg.method_spec.data)
     key, inputs = cache_key(spec, tokenizer)
     ds = data_files(data_path)

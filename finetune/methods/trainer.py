@@ -40,7 +40,7 @@ def chat_collator(cfg: TrainConfig, tokenizer):
     does: with a cache, transformers' sdpa path lets the second sequence attend to the first
     (logits off by 0.77, measured on CPU).
     """
-    if cfg.packing is not True:  # the recipe has decided `auto` by now (finetune.training.launch.packing_settings)
+    if not cfg.packed:  # the recipe has decided `auto` by now (finetune.training.launch.packing_settings)
         return pad_collate(tokenizer.pad_token_id)
     from transformers import DataCollatorWithFlattening
 

@@ -72,7 +72,7 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     if t.tokens_per_batch:
         from finetune.data.sampler import TokenBudgetBatchSampler
 
-        sampler = TokenBudgetBatchSampler(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packing,
+        sampler = TokenBudgetBatchSampler(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packed,
                                           num_replicas=world_size, heavy_at=t.grad_accum * world_size)
         n_batches = len(sampler)
     else:
@@ -83,11 +83,11 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     else:
         micro, epochs = None, math.ceil(t.epochs)
     if t.tokens_per_batch:
-        batch = longest_budget_batch(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packing,
+        batch = longest_budget_batch(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packed,
                                      num_replicas=world_size, epochs=epochs, micro_batches=micro, sampler=sampler)
     else:
         batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
-                              seed=cfg.seed, packing=cfg.packing, epochs=epochs, micro_batches=micro,
+                              seed=cfg.seed, packing=cfg.packed, epochs=epochs, micro_batches=micro,
                               num_replicas=world_size, heavy_at=t.grad_accum * world_size)
     if trained_of is not None and mean_trained is not None:
         batch = with_trained_tokens(batch, trained_of, mean_trained)
@@ -119,7 +119,7 @@ def resolve_batch_size(cfg, *, world_size: int = 1, gpus_per_node: int | None = 
     (`longest`, truncated to max_length; a padded batch is never longer than its longest row), or of
     max_length without data or with packing. grad_accum then makes a step hold
     `training.examples_per_step` over all ranks."""
-    seq = cfg.max_length if (longest is None or cfg.packing) else max(1, min(int(longest), cfg.max_length))
+    seq = cfg.max_length if (longest is None or cfg.packed) else max(1, min(int(longest), cfg.max_length))
     return _largest_fitting(cfg, "batch_size", "examples_per_step", cfg.training.examples_per_step, 1,
                             lambda rows: (rows, seq), world_size=world_size, gpus_per_node=gpus_per_node,
                             device=device, device_memory=device_memory, memory_note=memory_note,

@@ -556,7 +556,7 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     callbacks.extend(extra_callbacks)
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                   callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window,
-                  tokens_per_batch=t.tokens_per_batch, packing=cfg.packing)
+                  tokens_per_batch=t.tokens_per_batch, packing=cfg.packed)
     common["data_collator"] = make_collator(cfg, tokenizer)
     return cfg.method_spec.hook("trainer")(cfg, **common)
 

@@ -117,7 +117,11 @@ def test_the_kd_loss_equals_a_hand_computation(tiny_model, tiny_student, diverge
     assert float(out.kd_sum) == pytest.approx(float(kd), rel=1e-5) and out.tokens == n
     want.backward()
     for name, p in student.named_parameters():
-        assert torch.allclose(kit_grads[name], p.grad.float(), rtol=1e-4, atol=1e-7), name
+        # fp32, summed in another order (the kernel's tiles vs one log-softmax): an element's error is
+        # relative to the tensor's scale, not to that element (measured: 1.8e-6 on an embedding gradient
+        # whose largest element is 5.2, i.e. 3e-7 of the scale, where a 1e-3 element fails a 1e-4 rtol).
+        scale = float(p.grad.abs().max())
+        assert torch.allclose(kit_grads[name], p.grad.float(), rtol=1e-4, atol=1e-6 * scale), name
 
     # Gradient accumulation: the Trainer passes the trained tokens of the whole accumulated batch.
     out2 = student(input_ids=ids, attention_mask=mask, labels=labels, teacher_hidden=h_t, num_items_in_batch=4 * n)
