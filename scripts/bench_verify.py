@@ -55,7 +55,7 @@ def read_only(root: Path, names: list[str]) -> None:
     """Read every byte, as many files at once as verification reads (kitcore.integrity's threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from kitcore.integrity import _THREADS
+    from kitcore.integrity import HASH_THREADS
 
     def one(n: str) -> None:
         buf = bytearray(CHUNK)
@@ -63,7 +63,7 @@ def read_only(root: Path, names: list[str]) -> None:
             while fh.readinto(buf):
                 pass
 
-    with ThreadPoolExecutor(min(_THREADS, len(names))) as pool:
+    with ThreadPoolExecutor(min(HASH_THREADS, len(names))) as pool:
         list(pool.map(one, names))
 
 

@@ -10,11 +10,13 @@ def heavy_batches_at(weights: list, count: int, position: int) -> list[int]:
     """An order of the batches 0..n-1: the `count` heaviest (by `weights`, the first on ties) moved,
     in their own order, to `position` (clamped so that they fit), the others in theirs.
 
-    The samplers put them at the start of the second optimizer step (position = grad_accum x ranks,
-    `count` = ranks: one per rank, as a rank takes every ranks-th batch): the first step creates the
-    optimizer's states (AdamW's m and v, twice the trainable weights), so the second is the first that
-    holds all the step's peak holds. A micro-batch that does not fit then fails in the run's first
-    two steps, not late in an epoch, and `auto` can retry it smaller."""
+    The samplers make the heaviest micro-batches the second optimizer step (count = position = the
+    micro-batches of one step, grad_accum x ranks, so every rank gets its heaviest there): the first
+    step creates the optimizer's states (AdamW's m and v, twice the trainable weights), so the second
+    is the first that holds all the step's peak holds. A micro-batch that does not fit then fails in
+    the run's first two steps, not late in an epoch, and `auto` can retry it smaller. The order
+    depends on grad_accum x ranks only, so a run resumed with fewer ranks and more accumulation (the
+    same step) replays the same batches."""
     n = len(weights)
     count = min(max(0, count), n)
     if count == 0:
@@ -31,7 +33,7 @@ class LengthGroupedShuffledSampler:
 
     Per epoch: shuffle all examples; cut them into windows of `window` batches; sort each window
     by length and cut it into batches; then shuffle the batches of the whole epoch together, and
-    move the heaviest (one per rank) to the start of the second optimizer step (heavy_batches_at).
+    make the heaviest the second optimizer step (heavy_batches_at).
 
     transformers' `LengthGroupedSampler` stops at the per-window sort, so every window runs from
     its longest batch to its shortest and an epoch ends on short examples only. The batch-level
@@ -43,8 +45,7 @@ class LengthGroupedShuffledSampler:
     DataLoader's fixed-size batching stays aligned with ours.
     """
 
-    def __init__(self, lengths, batch_size: int, *, window: int = 64, seed: int = 0, num_replicas: int = 1,
-                 heavy_at: int = 0):
+    def __init__(self, lengths, batch_size: int, *, window: int = 64, seed: int = 0, step_batches: int = 1):
         import numpy as np
 
         if batch_size < 1 or window < 1:
@@ -53,8 +54,7 @@ class LengthGroupedShuffledSampler:
         self.batch_size = batch_size
         self.window = window
         self.seed = seed
-        self.replicas = max(1, int(num_replicas))
-        self.heavy_at = max(0, int(heavy_at))
+        self.step_batches = max(1, int(step_batches))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -86,11 +86,11 @@ class LengthGroupedShuffledSampler:
         perm = torch.randperm(len(full_arr), generator=g).numpy()
         full_arr = full_arr[perm]
         if len(full_arr) > 1:
-            # The heaviest batches (the longest example, then the most tokens), one per rank, at heavy_at
-            # (heavy_batches_at says why).
+            # The heaviest batches (the longest example, then the most tokens) as the second optimizer
+            # step (heavy_batches_at says why).
             sizes = self.lengths[full_arr]
             weights = list(zip(sizes.max(axis=1).tolist(), sizes.sum(axis=1).tolist()))
-            full_arr = full_arr[heavy_batches_at(weights, self.replicas, self.heavy_at)]
+            full_arr = full_arr[heavy_batches_at(weights, self.step_batches, self.step_batches)]
         return full_arr, partial
 
     def batches(self) -> list[list[int]]:
@@ -123,7 +123,7 @@ class TokenBudgetBatchSampler:
     """
 
     def __init__(self, lengths, budget: int, *, seed: int = 0, packing: bool = False, num_replicas: int = 1,
-                 max_rows: int | None = None, heavy_at: int = 0):
+                 max_rows: int | None = None, step_batches: int = 1):
         import numpy as np
 
         if budget < 1:
@@ -134,7 +134,7 @@ class TokenBudgetBatchSampler:
         self.epoch = 0
         self.sampler = self  # accelerate reaches a batch sampler's epoch through `.sampler.set_epoch`
         self.replicas = max(1, int(num_replicas))
-        self.heavy_at = max(0, int(heavy_at))
+        self.step_batches = max(1, int(step_batches))
         self._batches = self._make_batches(self.replicas)
 
     def _make_batches(self, replicas: int) -> list:
@@ -175,15 +175,15 @@ class TokenBudgetBatchSampler:
 
     def epoch_batches(self) -> list:
         """This epoch's batches (arrays of example indices), in this epoch's order: shuffled, then the
-        heaviest (most tokens, then the longest example), one per rank, moved to `heavy_at`
-        (heavy_batches_at says why)."""
+        heaviest (most tokens, then the longest example) made the second optimizer step, whose
+        `step_batches` micro-batches (grad_accum x ranks) they fill (heavy_batches_at says why)."""
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(len(self._batches), generator=g).tolist()
         batches = [self._batches[i] for i in perm]
         weights = [(self.batch_tokens(b), int(self.lengths[b].max())) for b in batches]
-        return [batches[i] for i in heavy_batches_at(weights, self.replicas, self.heavy_at)]
+        return [batches[i] for i in heavy_batches_at(weights, self.step_batches, self.step_batches)]
 
     def __iter__(self):
         for batch in self.epoch_batches():
@@ -206,15 +206,15 @@ class LengthGroupedSampling:
         self.packing = packing
         super().__init__(*args, **kwargs)
 
-    def heavy_at(self) -> int:
-        """Where the heaviest batches go: the start of the second optimizer step (heavy_batches_at)."""
+    def step_batches(self) -> int:
+        """Micro-batches per optimizer step over all ranks: the heaviest that many are the second step."""
         return self.args.gradient_accumulation_steps * self.args.world_size
 
     def token_budget_sampler(self, train_dataset=None) -> TokenBudgetBatchSampler:
         ds = train_dataset if train_dataset is not None else self.train_dataset
         return TokenBudgetBatchSampler(ds.data.column("length").to_numpy(), self.tokens_per_batch,
                                        seed=self.args.seed, packing=self.packing, num_replicas=self.args.world_size,
-                                       heavy_at=self.heavy_at())
+                                       step_batches=self.step_batches())
 
     def get_train_dataloader(self):
         if not self.tokens_per_batch:
@@ -233,6 +233,5 @@ class LengthGroupedSampling:
             # The length column straight from Arrow as one numpy array (no Python list per example).
             lengths = ds.data.column("length").to_numpy()
             return LengthGroupedShuffledSampler(lengths, self._train_batch_size, window=self.group_window,
-                                                seed=self.args.seed, num_replicas=self.args.world_size,
-                                                heavy_at=self.heavy_at())
+                                                seed=self.args.seed, step_batches=self.step_batches())
         return super()._get_train_sampler(train_dataset)

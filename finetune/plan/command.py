@@ -73,7 +73,7 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
         from finetune.data.sampler import TokenBudgetBatchSampler
 
         sampler = TokenBudgetBatchSampler(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packed,
-                                          num_replicas=world_size, heavy_at=t.grad_accum * world_size)
+                                          num_replicas=world_size, step_batches=t.grad_accum * world_size)
         n_batches = len(sampler)
     else:
         n_batches = max(1, math.ceil(len(lengths) / t.batch_size))
@@ -88,7 +88,7 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     else:
         batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
                               seed=cfg.seed, packing=cfg.packed, epochs=epochs, micro_batches=micro,
-                              num_replicas=world_size, heavy_at=t.grad_accum * world_size)
+                              step_batches=t.grad_accum * world_size)
     if trained_of is not None and mean_trained is not None:
         batch = with_trained_tokens(batch, trained_of, mean_trained)
     return batch

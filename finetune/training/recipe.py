@@ -102,7 +102,9 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
 
             gc.collect()
             runtime.release_accelerator_memory()
-            plan = _check_plan(cfg, rt, train_ds, data_stats["train"])
+            # Planned again for the smaller micro-batch, for the memory check; not refused: the plan was
+            # already wrong once, and the failed attempt's memory may not all be back yet.
+            plan = _check_plan(cfg, rt, train_ds, data_stats["train"], refuse=False)
             stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
                               plan, info)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
@@ -385,7 +387,7 @@ def _resolve_auto_batch(cfg: TrainConfig, rt, run_dir: Path, resume_from, key: s
     return said
 
 
-def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats) -> dict | None:
+def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats, *, refuse: bool = True) -> dict | None:
     """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true;
     return what the run's MemoryCheck compares its measured peak with.
 
@@ -417,7 +419,7 @@ def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats) -> dict | None:
         logger.warning("no memory plan for %s: %s", cfg.model, exc)
         return None
     rank0_print(render_plan(plan))
-    if not plan.fits and not cfg.force:
+    if refuse and not plan.fits and not cfg.force:
         raise ConfigError("memory plan", [("force", "predicted not to fit (see the table above); apply one of "
                                           "the listed changes, or pass --force / force=true to try anyway")])
     return {"device": device, "bytes": plan.device_total, "worst_case_bytes": plan.worst_case_total,

@@ -216,7 +216,7 @@ class ThroughputAccounting:
         if not t or t["seconds"] <= 0 or self._peak is None:
             return None
         per_device = t["flops"] / t["seconds"] / t["world"]
-        return {"tokens": int(t["tokens"]), "trained_tokens": int(t["trained"]), "seconds": round(t["seconds"], 3),
+        return {"tokens": int(t["tokens"]), "trained_tokens": int(t["trained"]), "seconds": t["seconds"],
                 "tokens_per_s": round(t["tokens"] / t["seconds"], 1),
                 "trained_tokens_per_s": round(t["trained"] / t["seconds"], 1),
                 "tflops_per_device": _sig(per_device / 1e12), "mfu": _sig(per_device / self._peak[0]),

@@ -325,7 +325,7 @@ def test_shard_errors_name_the_shard_and_its_line(tiny_model, tmp_path):
 def test_sampler_order_is_unchanged_by_the_array_implementation():
     """The numpy sampler gives exactly the batches of the list-based one it replaced (so resumed
     runs and earlier results replay), here written out as the reference, with the heaviest batch
-    (longest example, then most tokens; the first such in the shuffled order) moved to the front."""
+    (longest example, then most tokens; the first such in the shuffled order) moved to second place."""
     import torch
 
     from finetune.data.sampler import LengthGroupedShuffledSampler
@@ -344,10 +344,11 @@ def test_sampler_order_is_unchanged_by_the_array_implementation():
                     partial = batch
         perm = torch.randperm(len(full), generator=g).tolist()
         full = [full[i] for i in perm]
-        if len(full) > 1:
+        if len(full) > 1:  # one rank, no accumulation: the heaviest batch is the second step
             heavy = min(range(len(full)), key=lambda i: (-max(lengths[j] for j in full[i]),
                                                          -sum(lengths[j] for j in full[i]), i))
-            full = [full[heavy]] + full[:heavy] + full[heavy + 1:]
+            rest = full[:heavy] + full[heavy + 1:]
+            full = rest[:1] + [full[heavy]] + rest[1:]
         return full + ([partial] if partial else [])
 
     rng = np.random.default_rng(0)

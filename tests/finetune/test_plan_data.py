@@ -50,7 +50,7 @@ def test_the_simulated_longest_batch_is_the_trainers_longest_batch(tiny_model, c
     assert len(set(lengths.tolist())) > 5, "the data must vary in length for this test to mean anything"
     real = max(b["input_ids"].numel() for b in batches)  # rows x padded length; packed: the one row
     sim = longest_batch(lengths, cfg.training.batch_size, group_by_length=grouped, window=cfg.training.group_window,
-                        seed=cfg.seed, packing=packing, heavy_at=cfg.training.grad_accum)
+                        seed=cfg.seed, packing=packing, step_batches=cfg.training.grad_accum)
     if grouped:  # replayed: the very batch, and where it is
         assert sim.exact and sim.tokens == real
         i = sim.index
@@ -74,17 +74,17 @@ def test_the_longest_batchs_trained_tokens_are_the_ones_the_loss_scores(tiny_mod
     ds, stats, _ = prepared_split(cfg, load_tokenizer(cfg.model), cfg.data.train)
     count = trained_counter(ds)
     assert count(list(range(len(ds)))) == stats.trained_tokens
-    sim = longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed, heavy_at=cfg.training.grad_accum)
+    sim = longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed, step_batches=cfg.training.grad_accum)
     sim = with_trained_tokens(sim, count, stats.trained_tokens / stats.kept)
     real = batches[sim.index]["labels"]
     assert sim.trained_tokens == int((real[:, 1:] != -100).sum()) < sim.tokens
 
 
-def test_the_heaviest_batches_open_the_second_step_so_a_short_run_plans_for_them():
-    """Each epoch puts its heaviest batches (one per rank) at the start of the second optimizer step,
-    the first that holds the optimizer's states too: memory runs out in the first two steps, not late
-    in an epoch, and a run of a few steps is planned for that batch; the plan's simulation replays the
-    sampler, early stop included."""
+def test_the_heaviest_batches_are_the_second_step_so_a_short_run_plans_for_them():
+    """Each epoch makes its heaviest micro-batches the second optimizer step (grad_accum x ranks of them,
+    the first step that holds the optimizer's states too): memory runs out in the first two steps, not
+    late in an epoch, and a run of a few steps is planned for them; the plan's simulation replays the
+    sampler, early stop included. The order depends on grad_accum x ranks only."""
     from finetune.data.sampler import LengthGroupedShuffledSampler, heavy_batches_at
 
     assert heavy_batches_at([1, 5, 2, 5, 3], 2, 2) == [0, 2, 1, 3, 4]  # the two 5s, in order, at 2
@@ -93,17 +93,18 @@ def test_the_heaviest_batches_open_the_second_step_so_a_short_run_plans_for_them
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 400, size=1000)
     lengths[500] = 2000  # one long outlier
-    everything = longest_batch(lengths, 8, seed=3, heavy_at=3)
-    first = longest_batch(lengths, 8, seed=3, micro_batches=4, heavy_at=3)
-    full, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, heavy_at=3).epoch_arrays()
-    assert 500 in full[3] and everything.tokens == 8 * 2000 == first.tokens and first.index == 3
-    assert longest_batch(lengths, 8, seed=3, micro_batches=3, heavy_at=3).tokens < everything.tokens
-    # with 4 ranks and grad_accum 2, micro-batches 8-11 (each rank's first of its second step) are the 4 heaviest;
-    # the batches themselves are unchanged
-    four, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, num_replicas=4, heavy_at=8).epoch_arrays()
-    heaviest = sorted((int(lengths[b].max()) for b in four), reverse=True)[:4]
-    assert sorted((int(lengths[b].max()) for b in four[8:12]), reverse=True) == heaviest
-    assert sorted(map(tuple, four.tolist())) == sorted(map(tuple, full.tolist()))
+    everything = longest_batch(lengths, 8, seed=3, step_batches=3)
+    first = longest_batch(lengths, 8, seed=3, micro_batches=6, step_batches=3)
+    full, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, step_batches=3).epoch_arrays()
+    assert any(500 in b for b in full[3:6]) and everything.tokens == 8 * 2000 == first.tokens and 3 <= first.index < 6
+    assert longest_batch(lengths, 8, seed=3, micro_batches=3, step_batches=3).tokens < everything.tokens
+    heaviest = sorted((int(lengths[b].max()) for b in full), reverse=True)[:3]
+    assert sorted((int(lengths[b].max()) for b in full[3:6]), reverse=True) == heaviest
+    # 4 ranks x grad_accum 2 = 1 rank x grad_accum 8: the same order (a run resumed on fewer ranks replays it)
+    eight, _ = LengthGroupedShuffledSampler(lengths, 8, seed=3, step_batches=8).epoch_arrays()
+    heaviest = sorted((int(lengths[b].max()) for b in eight), reverse=True)[:8]
+    assert sorted((int(lengths[b].max()) for b in eight[8:16]), reverse=True) == heaviest
+    assert sorted(map(tuple, eight.tolist())) == sorted(map(tuple, full.tolist()))  # the same batches
     # several epochs: the longest of all of them, each replayed with its own order
     two = longest_batch(lengths, 8, seed=3, epochs=2)
     s = LengthGroupedShuffledSampler(lengths, 8, seed=3)
@@ -202,9 +203,9 @@ def test_token_budget_batches_hold_every_example_once_within_the_budget(packing,
         n = int(rng.integers(1, 400))
         lengths = rng.integers(1, 300, size=n)
         budget = int(rng.integers(300, 3000))
-        heavy_at = int(rng.integers(0, 6))
+        step = replicas * int(rng.integers(1, 4))  # grad_accum x ranks
         s = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas,
-                                    heavy_at=heavy_at)
+                                    step_batches=step)
         counts = []
         for epoch in range(3):
             s.set_epoch(epoch)
@@ -214,13 +215,14 @@ def test_token_budget_batches_hold_every_example_once_within_the_budget(packing,
             assert flat == list(range(n)), "every example exactly once per epoch"
             sizes = [int(lengths[b].sum()) if packing else len(b) * int(lengths[b].max()) for b in batches]
             assert all(size <= budget or len(b) == 1 for size, b in zip(sizes, batches))
-            # the heaviest, one per rank, at heavy_at (clamped so that they fit)
-            at, k = min(heavy_at, max(0, len(sizes) - replicas)), min(replicas, len(sizes))
+            # the heaviest are the second step (clamped so that they fit)
+            k = min(step, len(sizes))
+            at = min(step, len(sizes) - k)
             assert sorted(sizes[at:at + k], reverse=True) == sorted(sizes, reverse=True)[:k]
         assert len(set(counts)) == 1 == len(set([len(s)] + counts)), "the same number of batches every epoch"
         assert len(s) % replicas == 0 or len(s) < replicas
         again = TokenBudgetBatchSampler(lengths, budget, seed=trial, packing=packing, num_replicas=replicas,
-                                        heavy_at=heavy_at)
+                                        step_batches=step)
         again.set_epoch(2)
         assert [list(b) for b in again] == batches, "a function of the seed and the epoch"
         if len(s) >= 8:  # another epoch, another order (two orders of 8+ batches coincide 1 time in 40,320)
@@ -249,7 +251,7 @@ def test_the_trainer_runs_the_budget_batches_and_the_plan_finds_the_longest(tiny
     assert all(b["input_ids"].numel() <= 600 for b in batches)
     assert sum(b["input_ids"].shape[0] for b in batches) == len(lengths)
     assert len({b["input_ids"].shape[0] for b in batches}) > 1, "rows vary with the examples' lengths"
-    sim = longest_budget_batch(lengths, 600, seed=cfg.seed, heavy_at=cfg.training.grad_accum)
+    sim = longest_budget_batch(lengths, 600, seed=cfg.seed, step_batches=cfg.training.grad_accum)
     assert sim.tokens == max(b["input_ids"].numel() for b in batches)
     assert batches[sim.index]["input_ids"].numel() == sim.tokens
 
