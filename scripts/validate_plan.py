@@ -369,8 +369,7 @@ def main_varied(args) -> int:
     small = SMALL_SHAPE
     summary = (f"Data: 256 chats (128 preference pairs for DPO, SimPO and KTO, which reads each pair as a desirable and an undesirable example) with log-normal reply lengths (median ~120 words, "
                f"tail truncated at max_length), the first 3 micro-batches of the length-grouped sampler as "
-               f"training runs them (the data's heaviest opens the second optimizer step, so it is among them: "
-               f"planned from the data or not, these rows plan for it). Models: the 124.7M Llama above and a smaller one (hidden {small['hidden']}, "
+               f"training runs them. Models: the 124.7M Llama above and a smaller one (hidden {small['hidden']}, "
                f"{small['layers']} layers, {small['heads']}/{small['kv_heads']} heads, vocab 32000); distill: the "
                f"245.9M teacher. Worst error planned from the data {100 * worst:.1f}%. Training runs "
                f"{run_s:.0f} s in all.")

@@ -53,7 +53,7 @@ class LongestBatch:
 
 def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, window: int = 64, seed: int = 0,
                   packing: bool = False, epochs: int = 1, micro_batches: int | None = None,
-                  step_batches: int = 1) -> LongestBatch:
+                  step_batches: int = 0) -> LongestBatch:
     """The micro-batch with the most tokens (padding included) that training will run, from the
     examples' token lengths (the data cache's `length` column, in dataset order). `micro_batches`:
     how many the run consumes in all, over all ranks (max_steps x grad_accum x world size), when it
@@ -107,7 +107,7 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
 
 def longest_budget_batch(lengths, budget: int, *, seed: int = 0, packing: bool = False, num_replicas: int = 1,
                          epochs: int = 1, micro_batches: int | None = None, sampler=None,
-                         step_batches: int = 1) -> LongestBatch:
+                         step_batches: int = 0) -> LongestBatch:
     """The longest micro-batch of `training.tokens_per_batch` (finetune.data.sampler.TokenBudgetBatchSampler,
     replayed with the run's seed): the same batches every epoch, so the order matters only when the
     run stops early (`micro_batches`). `sampler`: that sampler, when the caller has already made it."""

@@ -59,7 +59,8 @@ def plan_for_training(cfg, *, world_size: int = 1, gpus_per_node: int | None = N
     return make_plan(shape, s) if batch is None else plan_from_batch(shape, s, batch)
 
 
-def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mean_trained: float | None = None):
+def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mean_trained: float | None = None,
+                      heavy_early: bool = False):
     """The longest micro-batch of this run (finetune.plan.batches), with its sampler's settings and as
     many micro-batches as it will consume; with `trained_of` (example ids -> their trained tokens,
     trained_counter) and the data's mean trained tokens per example, its trained tokens too."""
@@ -73,7 +74,7 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
         from finetune.data.sampler import TokenBudgetBatchSampler
 
         sampler = TokenBudgetBatchSampler(lengths, t.tokens_per_batch, seed=cfg.seed, packing=cfg.packed,
-                                          num_replicas=world_size, step_batches=t.grad_accum * world_size)
+                                          num_replicas=world_size, step_batches=t.grad_accum * world_size if heavy_early else 0)
         n_batches = len(sampler)
     else:
         n_batches = max(1, math.ceil(len(lengths) / t.batch_size))
@@ -88,7 +89,7 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     else:
         batch = longest_batch(lengths, t.batch_size, group_by_length=t.group_by_length, window=t.group_window,
                               seed=cfg.seed, packing=cfg.packed, epochs=epochs, micro_batches=micro,
-                              step_batches=t.grad_accum * world_size)
+                              step_batches=t.grad_accum * world_size if heavy_early else 0)
     if trained_of is not None and mean_trained is not None:
         batch = with_trained_tokens(batch, trained_of, mean_trained)
     return batch
@@ -241,6 +242,7 @@ def plan_command(args: argparse.Namespace) -> int:
         raw, src = resolve_model_config(cfg.model)
         shape = ModelShape.from_config(raw, src)
         lengths = trained_of = mean = None
+        heavy_early = "auto" in (cfg.training.tokens_per_batch, cfg.training.batch_size)
         if getattr(args, "data", False):
             lengths, trained_of, mean = data_batch_inputs(cfg)
         auto = {"tokens_per_batch": resolve_token_budget, "batch_size": resolve_batch_size}
@@ -259,7 +261,7 @@ def plan_command(args: argparse.Namespace) -> int:
         batch = None
         if lengths is not None:
             batch = run_longest_batch(cfg, lengths, world_size=args.nodes * args.gpus_per_node, trained_of=trained_of,
-                                      mean_trained=mean)
+                                      mean_trained=mean, heavy_early=heavy_early)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -87,7 +87,10 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
     for key, record in AUTO_RECORD.items():
         if getattr(cfg.training, key) == "auto":
             info[record] = _resolve_auto_batch(cfg, rt, run_dir, resume_from, key, train_ds)
-    plan = _check_plan(cfg, rt, train_ds, data_stats["train"])
+    # A micro-batch `auto` decided can be retried smaller: its heaviest micro-batches run early (the sampler's
+    # heavy_early); a fixed one keeps the shuffled order.
+    heavy_early = any(info.get(record) for record in AUTO_RECORD.values())
+    plan = _check_plan(cfg, rt, train_ds, data_stats["train"], heavy_early=heavy_early)
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
     with scoped_module_globals(patched):
@@ -104,7 +107,7 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
             runtime.release_accelerator_memory()
             # Planned again for the smaller micro-batch, for the memory check; not refused: the plan was
             # already wrong once, and the failed attempt's memory may not all be back yet.
-            plan = _check_plan(cfg, rt, train_ds, data_stats["train"], refuse=False)
+            plan = _check_plan(cfg, rt, train_ds, data_stats["train"], refuse=False, heavy_early=True)
             stopped_at = _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_from, callbacks,
                               plan, info)
     # The trainer, model and optimizer were freed when _fit returned (accelerator memory too).
@@ -133,7 +136,8 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
     baseline = process_rss() if plan and plan["device"] == "cpu" else None
     model = _setup_model(cfg, tokenizer, launch)
     trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks,
-                             memory_plan=plan, memory_baseline=baseline)
+                             memory_plan=plan, memory_baseline=baseline,
+                             heavy_early=any((info or {}).get(record) for record in AUTO_RECORD.values()))
     _print_summary(cfg, launch, trainer, model, data_stats)
     write_run_info(cfg, run_dir, trainer, data_stats, launch, extra=info)
 
@@ -143,8 +147,8 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
     try:
         _train_with_checkpoint_errors(trainer, resume_from)
     except (RuntimeError, MemoryError) as exc:
-        # The heaviest micro-batches open the second optimizer step (finetune.data.sampler.heavy_batches_at):
-        # one that does not fit fails in the first two.
+        # In an `auto` run the heaviest micro-batches are the second optimizer step
+        # (finetune.data.sampler.heavy_batches_at): one that does not fit fails in the first two.
         if not (_out_of_memory(exc) and trainer.state.global_step <= 1):
             raise
         failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -387,7 +391,8 @@ def _resolve_auto_batch(cfg: TrainConfig, rt, run_dir: Path, resume_from, key: s
     return said
 
 
-def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats, *, refuse: bool = True) -> dict | None:
+def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats, *, refuse: bool = True,
+                heavy_early: bool = False) -> dict | None:
     """Print the memory plan (rank 0) and refuse a run predicted not to fit unless force=true;
     return what the run's MemoryCheck compares its measured peak with.
 
@@ -408,7 +413,8 @@ def _check_plan(cfg: TrainConfig, rt, train_ds, train_stats, *, refuse: bool = T
     if rt.is_main:
         batch = [run_longest_batch(cfg, train_ds.data.column("length").to_numpy(), world_size=rt.world_size,
                                    trained_of=trained_counter(train_ds),
-                                   mean_trained=train_stats.trained_tokens / max(1, train_stats.kept))]
+                                   mean_trained=train_stats.trained_tokens / max(1, train_stats.kept),
+                                   heavy_early=heavy_early)]
     dist = process_group()
     if dist is not None:
         dist.broadcast_object_list(batch, src=0)
@@ -544,7 +550,7 @@ def _build_model(cfg: TrainConfig, tokenizer, launch: Launch):
 
 
 def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extra_callbacks=(), *,
-                   memory_plan: dict | None = None, memory_baseline: int | None = None):
+                   memory_plan: dict | None = None, memory_baseline: int | None = None, heavy_early: bool = False):
     from transformers import EarlyStoppingCallback
 
     t = cfg.training
@@ -558,7 +564,7 @@ def _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, extr
     callbacks.extend(extra_callbacks)
     common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                   callbacks=callbacks, group_by_length=t.group_by_length, group_window=t.group_window,
-                  tokens_per_batch=t.tokens_per_batch, packing=cfg.packed)
+                  tokens_per_batch=t.tokens_per_batch, packing=cfg.packed, heavy_early=heavy_early)
     common["data_collator"] = make_collator(cfg, tokenizer)
     return cfg.method_spec.hook("trainer")(cfg, **common)
 

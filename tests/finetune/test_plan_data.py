@@ -19,7 +19,7 @@ from finetune.plan.batches import longest_batch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _trainer_batches(tiny_model, chat_data, tmp_path, *over: str):
+def _trainer_batches(tiny_model, chat_data, tmp_path, *over: str, heavy_early: bool = False):
     """The micro-batches the real Trainer's DataLoader yields for one epoch, and the run's config and lengths."""
     from transformers import AutoModelForCausalLM
 
@@ -37,7 +37,7 @@ def _trainer_batches(tiny_model, chat_data, tmp_path, *over: str):
     train_ds, _, _ = _setup_data(cfg, tok)
     args = training_arguments(cfg, Path(cfg.output_dir), False, resolve_launch(cfg, current()))
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
-    trainer = _setup_trainer(cfg, args, Path(cfg.output_dir), model, tok, train_ds, None)
+    trainer = _setup_trainer(cfg, args, Path(cfg.output_dir), model, tok, train_ds, None, heavy_early=heavy_early)
     batches = list(trainer.get_train_dataloader())
     return cfg, train_ds.data.column("length").to_numpy(), batches
 
@@ -50,7 +50,7 @@ def test_the_simulated_longest_batch_is_the_trainers_longest_batch(tiny_model, c
     assert len(set(lengths.tolist())) > 5, "the data must vary in length for this test to mean anything"
     real = max(b["input_ids"].numel() for b in batches)  # rows x padded length; packed: the one row
     sim = longest_batch(lengths, cfg.training.batch_size, group_by_length=grouped, window=cfg.training.group_window,
-                        seed=cfg.seed, packing=packing, step_batches=cfg.training.grad_accum)
+                        seed=cfg.seed, packing=packing)
     if grouped:  # replayed: the very batch, and where it is
         assert sim.exact and sim.tokens == real
         i = sim.index
@@ -74,7 +74,7 @@ def test_the_longest_batchs_trained_tokens_are_the_ones_the_loss_scores(tiny_mod
     ds, stats, _ = prepared_split(cfg, load_tokenizer(cfg.model), cfg.data.train)
     count = trained_counter(ds)
     assert count(list(range(len(ds)))) == stats.trained_tokens
-    sim = longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed, step_batches=cfg.training.grad_accum)
+    sim = longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed)
     sim = with_trained_tokens(sim, count, stats.trained_tokens / stats.kept)
     real = batches[sim.index]["labels"]
     assert sim.trained_tokens == int((real[:, 1:] != -100).sum()) < sim.tokens
@@ -251,9 +251,28 @@ def test_the_trainer_runs_the_budget_batches_and_the_plan_finds_the_longest(tiny
     assert all(b["input_ids"].numel() <= 600 for b in batches)
     assert sum(b["input_ids"].shape[0] for b in batches) == len(lengths)
     assert len({b["input_ids"].shape[0] for b in batches}) > 1, "rows vary with the examples' lengths"
-    sim = longest_budget_batch(lengths, 600, seed=cfg.seed, step_batches=cfg.training.grad_accum)
+    sim = longest_budget_batch(lengths, 600, seed=cfg.seed)
     assert sim.tokens == max(b["input_ids"].numel() for b in batches)
     assert batches[sim.index]["input_ids"].numel() == sim.tokens
+
+
+@pytest.mark.parametrize("budget", [None, 600])
+def test_an_auto_runs_trainer_makes_its_heaviest_batch_the_second_step_as_the_plan_simulates(tiny_model, chat_data,
+                                                                                             tmp_path, budget):
+    """heavy_early (a run whose micro-batch `auto` decided): the Trainer's second micro-batch (grad_accum 1,
+    one rank) is the heaviest of the epoch, and the plan's simulation says so; without it, the order
+    is the shuffled one."""
+    from finetune.plan.batches import longest_budget_batch
+
+    over = [f"training.tokens_per_batch={budget}"] if budget else []
+    cfg, lengths, batches = _trainer_batches(tiny_model, chat_data, tmp_path, *over, heavy_early=True)
+    sizes = [b["input_ids"].numel() for b in batches]
+    assert sizes[1] == max(sizes), sizes[:4]
+    sim = (longest_budget_batch(lengths, budget, seed=cfg.seed, step_batches=1) if budget else
+           longest_batch(lengths, 4, window=cfg.training.group_window, seed=cfg.seed, step_batches=1))
+    assert sim.index == 1 and sim.tokens == sizes[1]
+    _, _, plain = _trainer_batches(tiny_model, chat_data, tmp_path / "plain", *over)
+    assert [b["input_ids"].numel() for b in plain] != sizes  # a fixed micro-batch keeps the shuffled order
 
 
 def test_a_resumed_epoch_continues_with_the_same_budget_batches(tiny_model, chat_data, tmp_path):
