@@ -190,17 +190,18 @@ def held_out_nll(spec: dict, adapter: str, out: Path) -> float:
 
 
 def useful_flops_per_token(model_dir: str, lengths: list[int]) -> tuple[float, float, dict]:
-    """(FLOPs per token, attention FLOPs per token, the counts): 4 N_frozen + 6 N_lora per token, and
-    12 L d s^2 per sequence spread over its tokens as the data's mean s^2 / s (the arms see the same data)."""
-    from finetune.plan.memory import ModelShape, lora_trainable_params, param_counts, resolve_model_config
+    """(FLOPs per token, attention FLOPs per token, the counts): 4 N + 6 N_lora per token (bench_train's
+    counts), and 12 L d s^2 per sequence spread over its tokens as the data's mean s^2 / s (the arms see
+    the same data), d the attention's width (heads x head_dim)."""
+    from bench_train import model_counts
 
+    from finetune.plan.memory import ModelShape, resolve_model_config
+
+    c = model_counts(model_dir, 16)
     shape = ModelShape.from_config(*resolve_model_config(model_dir))
-    p = param_counts(shape)
-    n = p["linear_weights"] + shape.vocab_size * shape.hidden_size  # the head is a matmul even when tied
-    n_lora = lora_trainable_params(shape, 16, "all-linear")
     width = shape.num_attention_heads * shape.head_dim
     attn = 12 * shape.num_hidden_layers * width * sum(s * s for s in lengths) / max(1, sum(lengths))
-    return 4 * n + 6 * n_lora, attn, {"N": n, "N_lora": n_lora}
+    return 4 * c["N"] + 6 * c["N_lora"], attn, {"N": c["N"], "N_lora": c["N_lora"]}
 
 
 def main() -> int:

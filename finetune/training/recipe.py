@@ -89,7 +89,7 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
             info[record] = _resolve_auto_batch(cfg, rt, run_dir, resume_from, key, train_ds)
     # A micro-batch `auto` decided can be retried smaller: its heaviest micro-batches run early (the sampler's
     # heavy_early); a fixed one keeps the shuffled order.
-    heavy_early = any(info.get(record) for record in AUTO_RECORD.values())
+    heavy_early = _auto_decided(info)
     plan = _check_plan(cfg, rt, train_ds, data_stats["train"], heavy_early=heavy_early)
     # Liger patches its model family's transformers module for the whole process; undone on return.
     patched = _modeling_module(cfg) if cfg.training.kernels == "liger" else None
@@ -137,7 +137,7 @@ def _fit(cfg, launch, run_dir, tokenizer, train_ds, eval_ds, data_stats, resume_
     model = _setup_model(cfg, tokenizer, launch)
     trainer = _setup_trainer(cfg, args, run_dir, model, tokenizer, train_ds, eval_ds, callbacks,
                              memory_plan=plan, memory_baseline=baseline,
-                             heavy_early=any((info or {}).get(record) for record in AUTO_RECORD.values()))
+                             heavy_early=_auto_decided(info))
     _print_summary(cfg, launch, trainer, model, data_stats)
     write_run_info(cfg, run_dir, trainer, data_stats, launch, extra=info)
 
@@ -348,6 +348,11 @@ def _device_memory(rt) -> tuple[str, int, str]:
 # run.json's record of an `auto` micro-batch decision, per config key.
 AUTO_RECORD = {"tokens_per_batch": "token_budget", "batch_size": "batch_size_auto"}
 _STEP_KEY = {"tokens_per_batch": "tokens_per_step", "batch_size": "examples_per_step"}
+
+
+def _auto_decided(info: dict | None) -> bool:
+    """Whether `auto` decided this run's micro-batch (run.json's AUTO_RECORD entries are set)."""
+    return any((info or {}).get(record) for record in AUTO_RECORD.values())
 
 
 def _resolve_auto_batch(cfg: TrainConfig, rt, run_dir: Path, resume_from, key: str, train_ds) -> str:

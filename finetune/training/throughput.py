@@ -234,13 +234,9 @@ def _sig(x: float) -> float:
 def _peak_memory(device) -> int:
     import torch
 
+    from finetune.training.callbacks import process_rss
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return process_rss("VmHWM") or 0
