@@ -85,7 +85,7 @@ class LengthGroupedShuffledSampler:
         full_arr = np.concatenate(full) if full else np.zeros((0, self.batch_size), dtype=np.int64)
         perm = torch.randperm(len(full_arr), generator=g).numpy()
         full_arr = full_arr[perm]
-        if len(full_arr) > 1:
+        if self.step_batches and len(full_arr) > 1:
             # The heaviest batches (the longest example, then the most tokens) as the second optimizer
             # step (heavy_batches_at says why).
             sizes = self.lengths[full_arr]
@@ -182,6 +182,8 @@ class TokenBudgetBatchSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(len(self._batches), generator=g).tolist()
         batches = [self._batches[i] for i in perm]
+        if not self.step_batches:
+            return batches
         weights = [(self.batch_tokens(b), int(self.lengths[b].max())) for b in batches]
         return [batches[i] for i in heavy_batches_at(weights, self.step_batches, self.step_batches)]
 
