@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 from finetune.methods import registry as methods
 from finetune.methods.distill import DistillSection
 from finetune.methods.dpo import DPOSection
+from finetune.methods.grpo import GRPOSection
 from finetune.methods.kto import KTOSection
 from finetune.methods.reference_free import ORPOSection, SimPOSection
 from finetune.section import Section, model_present
@@ -257,6 +258,7 @@ class TrainConfig(Section):
     simpo: SimPOSection = Field(default_factory=SimPOSection)
     kto: KTOSection = Field(default_factory=KTOSection)
     distill: DistillSection = Field(default_factory=DistillSection, validate_default=True)
+    grpo: GRPOSection = Field(default_factory=GRPOSection, validate_default=True)
     init_adapter: str | None = Field(
         None, description="A LoRA adapter directory to continue training (e.g. an SFT run's adapter/ before "
         "DPO, which then also serves as the reference).")
@@ -338,6 +340,19 @@ class TrainConfig(Section):
         if v is True and method in methods.names() and not methods.get(method).packing:
             raise ValueError(f"not supported with method {method!r} (pairs are scored per sequence)")
         return v
+
+    @model_validator(mode="after")
+    def _completion_fits(self) -> TrainConfig:
+        room = self.method_spec.completion_room(self)
+        if room and room >= self.max_length:
+            raise PydanticCustomError(
+                "value_error", f"{room} leaves no room for a prompt under max_length ({self.max_length}): a row is "
+                "prompt + completion", {"key": f"{self.method}.max_completion_length"})
+        if self.method_spec.data == "prompts" and self.training.batch_size == "auto":
+            raise PydanticCustomError(
+                "value_error", f"method {self.method} generates its completions while training: its batch is "
+                "completions, set it (a multiple of num_generations per optimizer step)", {"key": "training.batch_size"})
+        return self
 
     @model_validator(mode="after")
     def _auto_batch_size(self) -> TrainConfig:

@@ -199,6 +199,8 @@ def cache_key(spec: CacheSpec, tokenizer: Any) -> tuple[str, dict[str, Any]]:
     cache_id = kind(spec.kind).cache_id
     if cache_id is not None:
         inputs["kind"] = cache_id
+    if spec.completion_room:
+        inputs["completion_room"] = spec.completion_room
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
 
 
@@ -233,6 +235,12 @@ def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int,
                  out_file: str) -> ShardResult:
     """Read one byte range of the data file `source` (the dataset itself, or one of its shards),
     check and encode its lines, write them as one Arrow stream."""
+    if kind(spec.kind).prompts:
+        from dataclasses import replace
+
+        from finetune.data.prompts import build_prompt_shard
+
+        return build_prompt_shard(tokenizer, replace(spec, path=source), shard, out_file)
     if not kind(spec.kind).chat:
         from dataclasses import replace
 
@@ -559,7 +567,7 @@ def prepared_split(cfg, tokenizer, data_path: str, rt=None, *, num_proc: int | N
     else built by the designated process while the others wait for it."""
     spec = CacheSpec(path=str(data_path), max_length=cfg.max_length, loss_on=cfg.data.loss_on,
                      too_long=cfg.data.too_long, packing=cfg.packed, key_mode=cfg.data.cache_key,
-                     kind=cfg.method_spec.data)
+                     kind=cfg.method_spec.data, completion_room=cfg.method_spec.completion_room(cfg))
     key, inputs = cache_key(spec, tokenizer)
     ds = data_files(data_path)
     final = _cache_root(cfg, ds) / f"{ds.name}-{key[:16]}"

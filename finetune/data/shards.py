@@ -24,7 +24,9 @@ class CacheSpec:
     too_long: str = "truncate"
     packing: bool = False
     key_mode: str = "content"  # content | stat
-    kind: str = "chat"  # chat | pairs | unpaired: finetune.data.kinds
+    kind: str = "chat"  # chat | pairs | unpaired | prompts: finetune.data.kinds
+    # prompts: the tokens each prompt leaves for its generated completion (a longer prompt is dropped)
+    completion_room: int = 0
 
 
 @dataclass

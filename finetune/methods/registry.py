@@ -35,6 +35,10 @@ def _no_teacher(cfg: Any) -> dict[str, Any] | None:
     return None
 
 
+def _no_room(cfg: Any) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -63,6 +67,9 @@ class Method:
     # The frozen teacher a run of this method loads, from its config ({"model", "adapter", "load_in_4bit"}), or None.
     teacher: Callable[[Any], dict[str, Any] | None] = _no_teacher
     teacher_4bit_key: str | None = None  # the config key that loads that teacher in 4-bit
+    # Methods that generate their completions while training (data kind `prompts`): the tokens a prompt
+    # must leave under max_length for its completion, from the config (the data cache drops longer prompts).
+    completion_room: Callable[[Any], int] = _no_room
 
     def implementation(self) -> ModuleType:
         return importlib.import_module(self.impl)
@@ -81,7 +88,7 @@ class Method:
 DEFAULT = "sft"  # a config that names no method
 
 # The methods that ship with the kit: finetune.methods.<module>.METHODS.
-BUILTIN = ("sft", "dpo", "kto", "reference_free", "distill")
+BUILTIN = ("sft", "dpo", "kto", "reference_free", "distill", "grpo")
 _REGISTRY: dict[str, Method] = {}
 _BUILTINS_LOADED = False
 _LOADING_BUILTINS = False

@@ -45,7 +45,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool, launch: 
     report_to = [r for r in t.report_to if r != "none"] or "none"
     if report_to != "none" and "tensorboard" in report_to:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-    args = args_class(
+    kwargs = dict(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
@@ -69,8 +69,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool, launch: 
         greater_is_better=False if has_eval else None,
         bf16=launch.bf16,
         fp16=launch.fp16,
-        train_sampling_strategy=method_args.pop("train_sampling_strategy", "random"),  # group_by_length: the
-        # kit's sampler (LengthGroupedSampling._get_train_sampler)
+        train_sampling_strategy="random",  # group_by_length: the kit's sampler (LengthGroupedSampling._get_train_sampler)
         remove_unused_columns=False,
         prediction_loss_only=True,  # eval during training needs eval_loss only (the chunked loss has no logits)
         dataloader_num_workers=t.num_workers,
@@ -84,9 +83,11 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool, launch: 
         liger_kernel_config=kernels.liger,
         save_only_model=False,
         **dist_kwargs,
-        **method_args,
         **checkpointing_off(args_class),  # enabled on the model by the recipe (PEFT needs it there)
     )
+    # The method's fields, and the recipe's fields it sets otherwise (e.g. its own best-model metric).
+    kwargs.update(method_args)
+    args = args_class(**kwargs)
     if args.n_gpu > 1:
         # One process that sees several GPUs: the Trainer would wrap the model in nn.DataParallel
         # and multiply the batch by the GPU count (`finetune train` pins itself to GPU 0; this is

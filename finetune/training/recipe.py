@@ -177,10 +177,12 @@ def _record_throughput(trainer, run_dir: Path) -> None:
 
     from finetune.console import atomic_write_text
 
-    rank0_print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s ({summary['trained_tokens_per_s']:,.0f} trained), "
-                f"{summary['tflops_per_device']:.3g} TFLOP/s per device, MFU {100 * summary['mfu']:.1f}% "
-                f"(6N convention {100 * summary['mfu_6n']:.1f}%) of {summary['mfu_peak']}; peak memory "
-                f"{summary['peak_mem_gib']:.2f} GiB")
+    line = summary.pop("line", None)  # a method's own account (grpo: rollouts and training)
+    rank0_print(line or (
+        f"throughput: {summary['tokens_per_s']:,.0f} tokens/s ({summary['trained_tokens_per_s']:,.0f} trained), "
+        f"{summary['tflops_per_device']:.3g} TFLOP/s per device, MFU {100 * summary['mfu']:.1f}% "
+        f"(6N convention {100 * summary['mfu_6n']:.1f}%) of {summary['mfu_peak']}; peak memory "
+        f"{summary['peak_mem_gib']:.2f} GiB"))
     path = run_dir / "run.json"
     if path.is_file():
         info = json.loads(path.read_text())

@@ -1,0 +1,216 @@
+"""`method: grpo` on TRL's GRPOTrainer, fed by the kit's data cache (the method's record, settings and
+docs: finetune.methods.grpo; its reward functions: finetune.methods.rewards).
+
+What the kit adds around TRL's trainer, and nothing else:
+  - prompts are rendered by the run's chat template and tokenized once, into the data cache
+    (finetune.data.prompts); the trainer generates from the cached ids (`_tokenize_prompts`) instead
+    of rendering every prompt again at every step, and the records' columns reach the reward functions;
+  - generation stops at the template's end-of-turn token too (ChatML's <|im_end|> is not every
+    tokenizer's eos);
+  - the reward functions are the config's (weights, names, failures counted instead of fatal);
+  - each training log line adds where the time went: `rollout/tokens_per_s` (completion tokens
+    generated per second of generation, all ranks), `rollout/share` (the fraction of the interval
+    spent generating and scoring), `train/tokens_per_s` (prompt + completion tokens trained on per
+    second outside generation), `rewards/<name>/errors`, and `peak_mem_gib`;
+  - the run directory, checkpoints, pre-emption, metrics and export are the SFT recipe's.
+
+The reference model (beta > 0) is TRL's: under LoRA the starting adapter's frozen copy (the base
+model for a fresh adapter: TRL scores it with the adapter disabled, no second copy of the weights);
+under full fine-tuning a second model loaded from the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from finetune.config import ConfigError, TrainConfig
+from finetune.data.kinds import PROMPTS
+from finetune.data.prompts import decode_row
+from finetune.methods.rewards import build_rewards
+
+__all__ = ["arguments", "collator", "records", "trainer", "before_model", "KitGRPOTrainer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def arguments(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
+    """GRPOConfig and the fields the kit sets on it beyond the SFT recipe's TrainingArguments."""
+    g, t = cfg.grpo, cfg.training
+    world = _world_size()
+    per_step = t.batch_size * world * t.grad_accum
+    if per_step % g.num_generations:
+        raise ConfigError("grpo config", [("training.batch_size", (
+            f"an optimizer step holds batch_size {t.batch_size} x {world} rank(s) x grad_accum {t.grad_accum} = "
+            f"{per_step} completions, not a multiple of grpo.num_generations ({g.num_generations}): every prompt's "
+            "group of completions must be in one step"))])
+    if cfg.data.eval:
+        per_eval = (t.eval_batch_size or t.batch_size) * world
+        if per_eval % g.num_generations:
+            raise ConfigError("grpo config", [("training.eval_batch_size", (
+                f"{per_eval} completions per evaluation batch ({world} rank(s)) is not a multiple of "
+                f"grpo.num_generations ({g.num_generations})"))])
+    return GRPOConfig, {
+        "beta": g.beta,
+        "loss_type": g.loss_type,
+        "num_generations": g.num_generations,
+        "max_completion_length": g.max_completion_length,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "top_k": g.top_k,
+        "epsilon": g.epsilon,
+        "epsilon_high": g.epsilon_high,
+        "scale_rewards": g.scale_rewards,
+        "num_iterations": g.num_iterations,
+        "mask_truncated_completions": g.mask_truncated_completions,
+        "reward_weights": [r.weight for r in g.rewards],
+        # Dropout follows lora.dropout, as for every method (TRL turns it off by default).
+        "disable_dropout": False,
+        # The batch is a list of records, not input_ids: TRL counts the tokens it generates itself.
+        "include_num_input_tokens_seen": "no",
+        # The sampler is TRL's (each prompt repeated num_generations times, over the ranks).
+        "train_sampling_strategy": "random",
+        "metric_for_best_model": "eval_reward" if cfg.data.eval else None,
+        "greater_is_better": True if cfg.data.eval else None,
+        "log_completions": False,
+    }
+
+
+def records(rows: list[dict]) -> list[dict]:
+    """The collator: a batch is the list of its cached rows (TRL's GRPOTrainer decodes them itself)."""
+    return rows
+
+
+def collator(cfg: TrainConfig, tokenizer):
+    return records
+
+
+def before_model(cfg: TrainConfig, tokenizer) -> None:
+    """The reward functions are imported and built before any weights load: a typo in a
+    `module:function` path fails in a second, naming its key."""
+    build_rewards(cfg.grpo.rewards, cfg.grpo.max_completion_length)
+
+
+def trainer(cfg: TrainConfig, **common):
+    for key in ("group_by_length", "group_window", "tokens_per_batch", "packing", "heavy_early"):
+        common.pop(key, None)
+    rewards = build_rewards(cfg.grpo.rewards, cfg.grpo.max_completion_length)
+    return KitGRPOTrainer(reward_funcs=rewards, **common)
+
+
+class KitGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer generating from the kit's cached prompt ids, stopping at the chat template's
+    end of turn, with the kit's throughput and reward-failure lines in every training log."""
+
+    def __init__(self, *args, reward_funcs, data_collator=None, **kwargs):
+        super().__init__(*args, reward_funcs=reward_funcs, **kwargs)
+        if data_collator is not None:  # a list of rows either way (TRL's is the identity too)
+            self.data_collator = data_collator
+        from finetune.data.chat_template import end_of_turn_token
+
+        self.kit_rewards = list(reward_funcs)
+        eot = end_of_turn_token(self._tokenizer)
+        eot_id = self._tokenizer.convert_tokens_to_ids(eot) if eot else None
+        if isinstance(eot_id, int) and eot_id != self._tokenizer.unk_token_id and eot_id not in self.eos_token_ids:
+            self.eos_token_ids = [*self.eos_token_ids, eot_id]
+            if getattr(self, "generation_config", None) is not None:
+                self.generation_config.eos_token_id = self.eos_token_ids
+                self.generation_kwargs["eos_token_id"] = self.eos_token_ids
+        self._cached_prompt_ids: list[list[int]] | None = None
+        self._acct = {"gen_s": 0.0, "gen_tokens": 0.0, "train_tokens": 0.0}
+        self._t_log: float | None = None
+        self.rollout_total = {"seconds": 0.0, "gen_s": 0.0, "gen_tokens": 0.0, "train_tokens": 0.0}
+
+    # ---- the data: cached rows -> TRL's records, prompts already tokenized ----
+    def _generate_and_score_completions(self, inputs):
+        missing = set(PROMPTS.columns) - set(inputs[0]) if inputs else set()
+        if missing:
+            raise ValueError(f"the prompts batch lacks {sorted(missing)}: build it with finetune's data cache")
+        records = [decode_row(row) for row in inputs]
+        self._cached_prompt_ids = [r.pop("prompt_ids") for r in records]
+        try:
+            return super()._generate_and_score_completions(records)
+        finally:
+            self._cached_prompt_ids = None
+
+    def _tokenize_prompts(self, prompts: list):
+        ids = self._cached_prompt_ids
+        if ids is None or len(ids) != len(prompts):  # a path the kit does not feed (e.g. a rollout_func)
+            return super()._tokenize_prompts(prompts)
+        return ids, None, {}
+
+    # ---- where the time goes ----
+    def _generate(self, prompts: list):
+        if self._t_log is None:
+            self._t_log = time.perf_counter()
+        started = time.perf_counter()
+        out = super()._generate(prompts)
+        if self.model.training:
+            self._acct["gen_s"] += time.perf_counter() - started
+            self._acct["gen_tokens"] += float(sum(len(c) for c in out[1]))
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._t_log is None:
+            self._t_log = time.perf_counter()
+        if model.training:
+            self._acct["train_tokens"] += float(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._t_log is not None:
+            logs.update(self._interval())
+        super().log(logs, start_time)
+
+    def _interval(self) -> dict[str, float]:
+        from finetune.training.throughput import _peak_memory
+
+        now = time.perf_counter()
+        dt = max(now - self._t_log, 1e-9)
+        self._t_log = now
+        a = self._acct
+        errors = [float(r.take_errors()) for r in self.kit_rewards]
+        local = torch.tensor([a["gen_tokens"], a["train_tokens"], *errors], dtype=torch.float64,
+                             device=self.accelerator.device)
+        summed = self.accelerator.reduce(local, reduction="sum").tolist()
+        gen_tokens, train_tokens, errors = summed[0], summed[1], summed[2:]
+        gen_s = a["gen_s"]  # the ranks generate in lockstep: this rank's time is the step's
+        total = self.rollout_total
+        for k, v in (("seconds", dt), ("gen_s", gen_s), ("gen_tokens", gen_tokens), ("train_tokens", train_tokens)):
+            total[k] += v
+        self._acct = {"gen_s": 0.0, "gen_tokens": 0.0, "train_tokens": 0.0}
+        out = {"rollout/tokens_per_s": round(gen_tokens / max(gen_s, 1e-9), 1),
+               "rollout/share": round(min(1.0, gen_s / dt), 4),
+               "train/tokens_per_s": round(train_tokens / max(dt - gen_s, 1e-9), 1),
+               "peak_mem_gib": round(_peak_memory(self.args.device) / 2**30, 3)}
+        for reward, n in zip(self.kit_rewards, errors):
+            out[f"rewards/{reward.__name__}/errors"] = n
+        return out
+
+    def throughput_summary(self) -> dict[str, Any] | None:
+        """The run's rollout and training throughput over its logged intervals, and the reward
+        functions' failures (this process's, by reason): what run.json records."""
+        from finetune.training.throughput import _peak_memory
+
+        t = self.rollout_total
+        if t["seconds"] <= 0:
+            return None
+        gen_tps = t["gen_tokens"] / max(t["gen_s"], 1e-9)
+        train_tps = t["train_tokens"] / max(t["seconds"] - t["gen_s"], 1e-9)
+        share = t["gen_s"] / t["seconds"]
+        return {"line": f"rollouts: {t['gen_tokens']:,.0f} completion tokens at {gen_tps:,.0f} tokens/s, "
+                        f"{100 * share:.0f}% of the time; training {train_tps:,.0f} tokens/s",
+                "seconds": t["seconds"], "rollout_seconds": t["gen_s"], "rollout_share": round(share, 4),
+                "rollout_tokens": int(t["gen_tokens"]), "rollout_tokens_per_s": round(gen_tps, 1),
+                "train_tokens": int(t["train_tokens"]), "train_tokens_per_s": round(train_tps, 1),
+                "peak_mem_gib": round(_peak_memory(self.args.device) / 2**30, 3),
+                "reward_errors": {r.__name__: dict(r.total_errors) for r in self.kit_rewards if r.total_errors}}
