@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "id; it must share the tokenizer): auto = a distillation run's own teacher (default), none = no KL")
     p.add_argument("--teacher-adapter", help="a LoRA adapter applied to --teacher")
     p.add_argument("--teacher-4bit", action="store_true", help="load --teacher in 4-bit NF4")
+    p.add_argument("--rewards", default="auto", help="score one greedy reply per prompt record of --data with reward "
+                   "functions: auto = a grpo run's own (default), none = the text metrics, or a JSON list of specs "
+                   "as in grpo.rewards")
 
     p = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"])
     add_generate_arguments(p)

@@ -330,6 +330,7 @@ def evaluate(
     teacher: str | None = "auto",
     teacher_adapter: str | Path | None = None,
     teacher_4bit: bool = False,
+    rewards: list[dict] | str | None = "auto",
 ) -> dict[str, Any]:
     """Score the base model and (when given) base + adapter on `data`; write the report.
 
@@ -344,6 +345,9 @@ def evaluate(
     intrinsic `kl_to_teacher`, with `teacher_adapter` applied and in 4-bit with `teacher_4bit`;
     "auto" (default) is the teacher of a distillation run (the adapter's or tuned model's
     finetune.json), None or "none" no teacher.
+    `rewards`: reward functions (grpo.rewards specs) that score one greedy reply per prompt record of
+    `data` instead of the text metrics (finetune.eval.rewards); "auto" (default) the ones a grpo run
+    recorded in its finetune.json, None or "none" none.
     """
     if quantize == "none":
         quantize = None
@@ -361,10 +365,17 @@ def evaluate(
                          max_examples=max_examples, quantize=quantize, run_dir=run_dir,
                          lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
                          max_length=max_length, tuned_model=tuned_model,
-                         teacher=resolve_teacher(teacher, teacher_adapter, teacher_4bit, adapter, tuned_model))
+                         teacher=resolve_teacher(teacher, teacher_adapter, teacher_4bit, adapter, tuned_model),
+                         reward_spec=_resolve_rewards(rewards, adapter, tuned_model))
     finally:
         if owns_group:
             _end_distributed()
+
+
+def _resolve_rewards(rewards, adapter, tuned_model) -> dict[str, Any] | None:
+    from finetune.eval.rewards import resolve_rewards
+
+    return resolve_rewards(rewards, adapter, tuned_model)
 
 
 def resolve_teacher(teacher, adapter, four_bit, student_adapter, tuned_model) -> dict[str, Any] | None:
@@ -407,18 +418,25 @@ def load_eval_teacher(spec: dict[str, Any], tokenizer, student: str):
 
 def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_tokens, batch_size,
               max_examples, quantize, run_dir, lm_eval_tasks, lm_eval_include, max_length,
-              tuned_model=None, teacher=None) -> dict[str, Any]:
+              tuned_model=None, teacher=None, reward_spec=None) -> dict[str, Any]:
     from finetune.eval.preference import is_preference_file, read_preference_records
     from finetune.models.loading import load_base_model, load_tokenizer
 
     dist = process_group()
-    preference = is_preference_file(data)
-    records, data_info = read_preference_records(data) if preference else read_eval_records(data)
+    preference = reward_spec is None and is_preference_file(data)
+    if reward_spec is not None:
+        from finetune.eval.rewards import read_prompt_records
+
+        records, data_info = read_prompt_records(data)
+        teacher = None
+    else:
+        records, data_info = read_preference_records(data) if preference else read_eval_records(data)
     if max_examples:
         records = records[:max_examples]
     if not records:
-        raise ValueError(f"{data} holds no {'preference pair' if preference else 'example with an assistant turn'} "
-                         "to evaluate")
+        what = ("prompt record" if reward_spec is not None else "preference pair" if preference
+                else "example with an assistant turn")
+        raise ValueError(f"{data} holds no {what} to evaluate")
     report: dict[str, Any] = {"models": {}, "meta": {
         "data": data_info, "metrics": metrics, "loss_on": loss_on, "quantize": quantize, "max_length": max_length,
         "world_size": dist.get_world_size() if dist else 1}}
@@ -427,6 +445,13 @@ def _evaluate(*, data, output: Path, model, adapter, metrics, loss_on, max_new_t
     kw = dict(metrics=metrics, loss_on=loss_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
               max_length=max_length)
     _score_model = _score_preference_model if preference else _score_text_model
+    if reward_spec is not None:
+        import functools
+
+        from finetune.eval.rewards import score_reward_model
+
+        _score_model = functools.partial(score_reward_model, reward_spec=reward_spec)
+        report["meta"]["rewards"] = reward_spec
     if adapter is not None:
         from finetune.inference.load import load_for_inference, read_adapter_info
 
@@ -611,5 +636,19 @@ def eval_command(args) -> int:
         teacher=args.teacher,
         teacher_adapter=args.teacher_adapter,
         teacher_4bit=args.teacher_4bit,
+        rewards=_cli_rewards(args.rewards),
     )
     return 0
+
+
+def _cli_rewards(value: str | None):
+    """--rewards: auto, none, or a JSON list of reward specs (grpo.rewards' form)."""
+    if value in (None, "auto", "none"):
+        return value or "auto"
+    try:
+        specs = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--rewards: not auto, none or a JSON list of reward specs ({exc.msg})") from None
+    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+        raise ValueError("--rewards: expected a JSON list of reward specs, e.g. '[{\"type\": \"exact_match\"}]'")
+    return specs

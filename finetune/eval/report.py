@@ -20,9 +20,10 @@ __all__ = ["compare", "format_table", "higher_is_better", "write_report"]
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("intrinsic", "extrinsic", "preference", "lm_eval")
-_SECTION_TITLES = {"intrinsic": "Intrinsic", "extrinsic": "Extrinsic", "preference": "Preference", "lm_eval": "lm-eval"}
-_COUNT_KEYS = {"n", "tokens", "bytes", "nll_sum", "kl_to_teacher_sum"}
+SECTIONS = ("intrinsic", "extrinsic", "preference", "rewards", "lm_eval")
+_SECTION_TITLES = {"intrinsic": "Intrinsic", "extrinsic": "Extrinsic", "preference": "Preference", "rewards": "Rewards",
+                   "lm_eval": "lm-eval"}
+_COUNT_KEYS = {"n", "tokens", "bytes", "nll_sum", "kl_to_teacher_sum", "errors"}
 _LOWER_IS_BETTER = {"nll", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "kl_to_teacher"}
 # Relative tolerance below which a change is float noise, not a regression.
 _REL_TOL = 1e-6

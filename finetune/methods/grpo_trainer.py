@@ -34,7 +34,7 @@ from finetune.data.kinds import PROMPTS
 from finetune.data.prompts import decode_row
 from finetune.methods.rewards import build_rewards
 
-__all__ = ["arguments", "collator", "records", "trainer", "before_model", "KitGRPOTrainer"]
+__all__ = ["arguments", "collator", "records", "trainer", "before_model", "run_info", "KitGRPOTrainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,3 +214,12 @@ class KitGRPOTrainer(GRPOTrainer):
                 "train_tokens": int(t["train_tokens"]), "train_tokens_per_s": round(train_tps, 1),
                 "peak_mem_gib": round(_peak_memory(self.args.device) / 2**30, 3),
                 "reward_errors": {r.__name__: dict(r.total_errors) for r in self.kit_rewards if r.total_errors}}
+
+
+def run_info(cfg: TrainConfig) -> dict[str, Any]:
+    """finetune.json's record of the reward functions (finetune.eval.rewards.RECORD_KEY): what
+    `finetune eval --adapter RUN/adapter` scores held-out prompts with by default."""
+    from finetune.eval.rewards import RECORD_KEY
+
+    return {RECORD_KEY: {"rewards": [r.model_dump(by_alias=True, exclude_none=True) for r in cfg.grpo.rewards],
+                         "max_completion_length": cfg.grpo.max_completion_length}}

@@ -415,3 +415,63 @@ def test_grpo_under_zero3_on_two_processes(tiny_model, tmp_path):
     assert "ZeRO stage 3" in res.stdout
     _two_ranks_trained(run, res, MAX_STEPS)
     _check_adapter(run, tiny_model)  # gathered from the shards, plain-PEFT loadable
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation by the run's reward functions
+# ----------------------------------------------------------------------------------------------
+def test_finetune_eval_scores_held_out_prompts_with_the_runs_rewards(tiny_model, tmp_path):
+    """A grpo run's adapter records its reward functions; `finetune eval` scores one greedy reply per
+    held-out prompt with them, base and tuned, and the means equal a recomputation from the saved
+    predictions with plain transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.config import load_config
+    from finetune.eval.evaluation import evaluate
+    from finetune.methods.grpo import RewardSpec
+    from finetune.methods.rewards import build_rewards
+    from finetune.training.recipe import train
+
+    train_file = write_jsonl(tmp_path / "prompts.jsonl", price_prompts(16, 0))
+    held = price_prompts(6, 7)
+    held[2] = {"prompt": held[2]["messages"][:-1], "answer": held[2]["messages"][-1]["content"]}  # TRL's format
+    held_file = write_jsonl(tmp_path / "held.jsonl", [*held, {"messages": [S]}])  # the last line is skipped
+    run = train(load_config(None, [
+        f"model={tiny_model}", f"data.train={train_file}", f"output_dir={tmp_path / 'run'}", "method=grpo",
+        "grpo.rewards=[{type: exact_match}, {type: 'tests.finetune.test_grpo:even_tokens', weight: 0.5}]",
+        "grpo.num_generations=4", "grpo.max_completion_length=8", "training.batch_size=4", "training.max_steps=2",
+        "training.learning_rate=5e-2", "training.report_to=[none]", "max_length=128", "seed=0"]))
+    meta = json.loads((run / "adapter" / "finetune.json").read_text())
+    assert [r["type"] for r in meta["grpo"]["rewards"]] == ["exact_match", "tests.finetune.test_grpo:even_tokens"]
+    report = evaluate(data=held_file, output=tmp_path / "eval", adapter=run / "adapter", max_new_tokens=8,
+                      batch_size=4, distributed=False)
+    assert report["meta"]["data"]["skipped"][0]["line"] == 7
+    preds = [json.loads(ln) for ln in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    rewards = build_rewards([RewardSpec(type="exact_match"),
+                             RewardSpec(type="tests.finetune.test_grpo:even_tokens", weight=0.5)], 8)
+    for label in ("base", "tuned"):
+        scores = report["models"][label]["rewards"]
+        rows = [p for p in preds if p["model"] == label]
+        assert scores["n"] == len(rows) == 6 and scores["errors"] == 0
+        replies = [r["prediction"] for r in rows]
+        # independent: the rewards over the saved replies
+        ids = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+        em = rewards[0](prompts=[None] * 6, completions=[_chat(r) for r in replies], completion_ids=ids,
+                        answer=[normalize_prompt(h).columns["answer"] for h in held])
+        ev = rewards[1](prompts=[None] * 6, completions=[_chat(r) for r in replies], completion_ids=ids)
+        assert scores["exact_match"] == pytest.approx(sum(em) / 6)
+        assert scores["even_tokens"] == pytest.approx(sum(ev) / 6)
+        assert scores["reward"] == pytest.approx(sum(a + 0.5 * b for a, b in zip(em, ev)) / 6)
+    # the tuned replies are the adapter's: regenerate one with plain transformers + peft, greedy
+    from finetune.data.chat_template import render_prompt
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter").eval()
+    first = normalize_prompt(held[0]).messages
+    enc = tok(render_prompt(tok, first), return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False,
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    tuned_first = next(p for p in preds if p["model"] == "tuned")["prediction"]
+    assert text.strip() == tuned_first.strip()
