@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.console import is_main_process, rank0_print
+from finetune.methods.rewards import RECORD_KEY  # finetune.json's record of the reward functions
 from kitcore.runtime import process_group
 
 __all__ = ["RECORD_KEY", "read_prompt_records", "resolve_rewards", "reward_scores", "score_reward_model"]
-
-RECORD_KEY = "grpo"  # finetune.json's record of a grpo run's reward functions
 
 
 def resolve_rewards(rewards, adapter, tuned_model) -> dict[str, Any] | None:

@@ -172,7 +172,7 @@ class KitGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
     def _interval(self) -> dict[str, float]:
-        from finetune.training.throughput import _peak_memory
+        from finetune.training.throughput import peak_memory
 
         now = time.perf_counter()
         dt = max(now - self._t_log, 1e-9)
@@ -191,7 +191,7 @@ class KitGRPOTrainer(GRPOTrainer):
         out = {"rollout/tokens_per_s": round(gen_tokens / max(gen_s, 1e-9), 1),
                "rollout/share": round(min(1.0, gen_s / dt), 4),
                "train/tokens_per_s": round(train_tokens / max(dt - gen_s, 1e-9), 1),
-               "peak_mem_gib": round(_peak_memory(self.args.device) / 2**30, 3)}
+               "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3)}
         for reward, n in zip(self.kit_rewards, errors):
             out[f"rewards/{reward.__name__}/errors"] = n
         return out
@@ -199,7 +199,7 @@ class KitGRPOTrainer(GRPOTrainer):
     def throughput_summary(self) -> dict[str, Any] | None:
         """The run's rollout and training throughput over its logged intervals, and the reward
         functions' failures (this process's, by reason): what run.json records."""
-        from finetune.training.throughput import _peak_memory
+        from finetune.training.throughput import peak_memory
 
         t = self.rollout_total
         if t["seconds"] <= 0:
@@ -212,14 +212,14 @@ class KitGRPOTrainer(GRPOTrainer):
                 "seconds": t["seconds"], "rollout_seconds": t["gen_s"], "rollout_share": round(share, 4),
                 "rollout_tokens": int(t["gen_tokens"]), "rollout_tokens_per_s": round(gen_tps, 1),
                 "train_tokens": int(t["train_tokens"]), "train_tokens_per_s": round(train_tps, 1),
-                "peak_mem_gib": round(_peak_memory(self.args.device) / 2**30, 3),
+                "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3),
                 "reward_errors": {r.__name__: dict(r.total_errors) for r in self.kit_rewards if r.total_errors}}
 
 
 def run_info(cfg: TrainConfig) -> dict[str, Any]:
-    """finetune.json's record of the reward functions (finetune.eval.rewards.RECORD_KEY): what
+    """finetune.json's record of the reward functions (finetune.methods.rewards.RECORD_KEY): what
     `finetune eval --adapter RUN/adapter` scores held-out prompts with by default."""
-    from finetune.eval.rewards import RECORD_KEY
+    from finetune.methods.rewards import RECORD_KEY
 
     return {RECORD_KEY: {"rewards": [r.model_dump(by_alias=True, exclude_none=True) for r in cfg.grpo.rewards],
                          "max_completion_length": cfg.grpo.max_completion_length}}

@@ -43,9 +43,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Reward", "build_rewards", "completion_text", "completion_tool_calls", "normalize_answer", "same_answer"]
+__all__ = ["RECORD_KEY", "Reward", "build_rewards", "completion_text", "completion_tool_calls", "normalize_answer", "same_answer"]
 
 logger = logging.getLogger(__name__)
+
+# The key of the reward functions in an exported model's finetune.json: what `finetune eval` scores with.
+RECORD_KEY = "rewards"
 
 # The keys TRL passes to every reward function beside the records' columns.
 _TRL_EXTRA = ("trainer_state", "log_extra", "log_metric", "environments")

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ModelFlops", "model_flops", "device_peak", "batch_counts", "ThroughputAccounting", "GPU_PEAK_TFLOPS"]
+__all__ = ["ModelFlops", "model_flops", "device_peak", "batch_counts", "peak_memory", "ThroughputAccounting",
+           "GPU_PEAK_TFLOPS"]
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; matched as a
 # substring of torch.cuda.get_device_name(), the first match in this order (PCIe/NVL before SXM).
@@ -208,7 +209,7 @@ class ThroughputAccounting:
         self.throughput_total = total
         return {"tokens_per_s": round(tokens / dt, 1), "trained_tokens_per_s": round(trained / dt, 1),
                 "tflops": _sig(per_device / 1e12), "mfu": _sig(per_device / self._peak[0]),
-                "mfu_6n": _sig(six / dt / world / self._peak[0]), "peak_mem_gib": round(_peak_memory(self.args.device) / 2**30, 3)}
+                "mfu_6n": _sig(six / dt / world / self._peak[0]), "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3)}
 
     def throughput_summary(self) -> dict[str, Any] | None:
         """Totals over the whole run (the logged intervals): what run.json records and the recipe prints."""
@@ -221,7 +222,7 @@ class ThroughputAccounting:
                 "trained_tokens_per_s": round(t["trained"] / t["seconds"], 1),
                 "tflops_per_device": _sig(per_device / 1e12), "mfu": _sig(per_device / self._peak[0]),
                 "mfu_6n": _sig(t["flops_6n"] / t["seconds"] / t["world"] / self._peak[0]),
-                "mfu_peak": self._peak[1], "peak_mem_gib": round(_peak_memory(self.args.device) / 2**30, 3),
+                "mfu_peak": self._peak[1], "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3),
                 "flops_per_token": {"kit": self._flops.per_token(), "6n": self._flops.per_token("6n")},
                 "matmul_weights": {"frozen": self._flops.frozen, "trainable": self._flops.trainable}}
 
@@ -231,7 +232,7 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def _peak_memory(device) -> int:
+def peak_memory(device) -> int:
     import torch
 
     from finetune.training.callbacks import process_rss

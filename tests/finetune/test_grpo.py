@@ -443,7 +443,7 @@ def test_finetune_eval_scores_held_out_prompts_with_the_runs_rewards(tiny_model,
         "grpo.num_generations=4", "grpo.max_completion_length=8", "training.batch_size=4", "training.max_steps=2",
         "training.learning_rate=5e-2", "training.report_to=[none]", "max_length=128", "seed=0"]))
     meta = json.loads((run / "adapter" / "finetune.json").read_text())
-    assert [r["type"] for r in meta["grpo"]["rewards"]] == ["exact_match", "tests.finetune.test_grpo:even_tokens"]
+    assert [r["type"] for r in meta["rewards"]["rewards"]] == ["exact_match", "tests.finetune.test_grpo:even_tokens"]
     report = evaluate(data=held_file, output=tmp_path / "eval", adapter=run / "adapter", max_new_tokens=8,
                       batch_size=4, distributed=False)
     assert report["meta"]["data"]["skipped"][0]["line"] == 7
