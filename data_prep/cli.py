@@ -86,6 +86,9 @@ def _add_validate(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="local tokenizer dir (default: count words)")
     p.add_argument("--max-tokens", type=int, default=16385, help="warn above this length (default 16385)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--task", choices=["auto", "prompts"], default="auto",
+                   help="auto: chat or preference records (the first record decides); prompts: prompt records for "
+                   "`method: grpo` (a chat ending on the user's turn, or with its reference answer last)")
 
 
 def _add_stats(sub) -> None:
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from data_prep.validate import validate_file
 
-            res = validate_file(args.file, args.tokenizer, args.max_tokens)
+            res = validate_file(args.file, args.tokenizer, args.max_tokens, prompts=args.task == "prompts")
             _print_validation(res, args.json)
             return 0 if res.ok else 1
         if args.command == "stats":

@@ -13,6 +13,7 @@ from typing import Any
 from data_prep.record import message_text
 from data_prep.tokens import Lengths, distribution
 from kitcore.preference import is_preference_record, normalize_preference, preference_problem
+from kitcore.prompts import PromptError, normalize_prompt
 from kitcore.schema import MESSAGE_KEYS, ROLES, normalize_record, record_problems
 
 # One list with training's reader; the names stay for code that imports them.
@@ -59,7 +60,10 @@ def check_example(ex: Any) -> list[tuple[str, str]]:
     return [(p.kind, f"{p.detail}; {p.fix}" if p.fix else p.detail) for p in record_problems(ex, cookbook=True)]
 
 
-def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 16385) -> ValidationResult:
+def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 16385, *,
+                  prompts: bool = False) -> ValidationResult:
+    """`prompts`: the lines are prompt records (kitcore.prompts, what `method: grpo` trains from), each
+    checked as training reads it; the lengths are the prompts'."""
     lengths = Lengths(tokenizer)
     res = ValidationResult()
     totals: list[int] = []
@@ -77,8 +81,15 @@ def validate_file(path: str, tokenizer: str | None = None, max_tokens: int = 163
                 res.errors.append(Issue(lineno, "malformed_json", str(err)))
                 continue
             if preference is None:  # the first record decides what the file holds, as training's method does
-                preference = is_preference_record(ex)
-            if preference:
+                preference = not prompts and is_preference_record(ex)
+            if prompts:
+                try:
+                    rec = normalize_prompt(ex)
+                except PromptError as exc:
+                    res.errors.append(Issue(lineno, exc.kind, str(exc)))
+                    continue
+                msgs = rec.messages
+            elif preference:
                 # The schema training reads (kitcore.preference); a pair is counted as prompt + chosen.
                 problem = preference_problem(ex, unpaired=True)
                 if problem:

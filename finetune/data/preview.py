@@ -29,6 +29,8 @@ def preview_examples(cfg: TrainConfig, n: int = 3, split: str = "train") -> list
     from finetune.data.kinds import kind
 
     data = kind(cfg.method_spec.data)
+    if data.prompts:
+        return _prompt_examples(tok, path, n)
     if not data.chat:
         return _preference_examples(tok, path, n, unpaired=data.unpaired)
     out = []
@@ -72,6 +74,31 @@ def _preference_examples(tok, path: str, n: int, unpaired: bool = False) -> list
     return out
 
 
+def _prompt_examples(tok, path: str, n: int) -> list[dict]:
+    """Per prompt record: the prompt as the model sees it before it generates (the data cache's
+    prompt_ids: chat_template.render_prompt with the record's tools), nothing trained (the
+    completions are generated while training), and the columns the reward functions get."""
+    from finetune.data.chat_template import render_prompt
+    from finetune.data.files import data_files
+    from kitcore.prompts import normalize_prompt
+
+    out = []
+    for file in data_files(path).files:
+        with open(file, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if len(out) >= n:
+                    return out
+                if not line.strip():
+                    continue
+                rec = normalize_prompt(json.loads(line))
+                ids = tok(render_prompt(tok, rec.messages, rec.tools), add_special_tokens=False)["input_ids"]
+                tokens = [{"token": tok.convert_ids_to_tokens(i), "text": tok.decode([i]), "trained": False}
+                          for i in ids]
+                out.append({"line": lineno, "file": str(file), "side": "prompt", "n_tokens": len(ids), "n_trained": 0,
+                            "truncated": False, "tokens": tokens, "columns": rec.columns})
+    return out
+
+
 def preview(cfg: TrainConfig, n: int = 3, as_json: bool = False, split: str = "train") -> None:
     examples = preview_examples(cfg, n, split)
     if as_json:
@@ -91,5 +118,7 @@ def preview(cfg: TrainConfig, n: int = 3, as_json: bool = False, split: str = "t
             else:
                 parts.append(f"[{t['text']}]" if t["trained"] else t["text"])
         print("".join(parts))
+        if "columns" in ex:
+            print(f"reward columns: {json.dumps(ex['columns'], ensure_ascii=False)[:500]}")
     if not color:
         print("(trained tokens are shown in [brackets])")

@@ -126,6 +126,10 @@ class Setup:
     teacher: ModelShape | None = None  # the frozen teacher's shape, for a method that trains against one
     teacher_4bit: bool = False  # the teacher loads in 4-bit
     teacher_dtype: str = "bfloat16"  # dtype the teacher's weights load in (the compute dtype)
+    # A method that generates its completions while training (Method.completion_room): the longest
+    # completion, and the rows one generation holds per device (micro-batch x the steps it serves).
+    completion_len: int = 0
+    rollout_rows: int = 0
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     device: str = "gpu"  # gpu | cpu (cpu: the validation target, fp32, process RSS)
     device_memory: int = 80 * GiB
@@ -205,6 +209,9 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         kernels=_planned_kernels(cfg) if device == "gpu" else "none",  # Triton kernels: CUDA only
         method=cfg.method,
         precompute_ref=_precomputed_reference(cfg),
+        completion_len=cfg.method_spec.completion_room(cfg),
+        rollout_rows=(t.batch_size * t.grad_accum if cfg.method_spec.completion_room(cfg)
+                      and isinstance(t.batch_size, int) else 0),
         **_teacher_setup(cfg, device),
         device=device, device_memory=device_memory, host_memory=host_memory,
     )
@@ -357,6 +364,12 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     V = shape.vocab_size
     if s.method_spec.fused_lm_head:
         head_total = trl_fused_head_bytes(shape, s, b, t)
+    elif s.completion_len:
+        # A generating method (TRL's GRPOTrainer) keeps logits for the completion positions only
+        # (logits_to_keep), in the compute dtype, divides them by the temperature (a copy) and takes
+        # fp32 log-softmax and entropy over them: (2A + 12) V per completion position.
+        c = b * min(s.completion_len, t)
+        head_total = ((4 * shape.hidden_size + 4) + V * (12 + 2 * A)) * c
     elif s.liger_fused_loss:
         # Liger's fused linear cross-entropy: the gradient of the hidden states is computed in the
         # forward and kept ([tokens, H] in the compute dtype) instead of the hidden states; the loss
@@ -733,6 +746,26 @@ def _teacher_activation_lines(shape: ModelShape, s: Setup, lines: list[Line]) ->
     return out
 
 
+def _rollout_lines(shape: ModelShape, s: Setup, lines: list[Line]) -> list[Line]:
+    """A generating method's rollouts (transformers' generate, no gradients): the KV cache of the
+    generation batch at its longest (every row prompt + completion: 2 x layers x kv heads x head_dim x
+    A bytes per token), the current position's logits (fp32, with the sampling's softmax and its copy:
+    12 V per row) and one layer's no-grad intermediates. Rollouts and the training step do not run
+    at the same time, so the line is what the rollouts need beyond the step's activations (0 when
+    the step needs more). Not yet validated against a measured run."""
+    if not s.completion_len or not s.rollout_rows:
+        return []
+    A = _act_bytes(s)
+    rows, t = s.rollout_rows, s.seq_len
+    kv = 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * A * rows * t
+    step = rows * (12 * shape.vocab_size + A * (2 * shape.hidden_size + 3 * shape.intermediate_size))
+    acts = sum(x.device for x in lines if x.name.startswith(("activations", "overlap")))
+    beyond = max(0.0, kv + step - acts)
+    return [Line("rollouts: KV cache beyond the step", beyond, 0.0,
+                 f"generation of {rows} rows x {t} tokens: KV cache {kv / GiB:.2f} GiB + logits/sampling "
+                 f"{step / GiB:.2f} GiB, not alive with the step's activations")]
+
+
 ALLOWANCE_GPU_FIXED = 1.0 * GiB
 ALLOWANCE_FRACTION = 0.05
 
@@ -751,6 +784,8 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     if s.method_spec.fused_lm_head:
         head_note = (f"TRL's fused LM head: tiles of {TRL_HEAD_TOKEN_TILE} positions x {TRL_HEAD_VOCAB_TILE} "
                      + ("entries, trained positions only" if s.device == "gpu" else "entries, every position"))
+    elif s.completion_len:
+        head_note = f"the completions' logits ({min(s.completion_len, s.seq_len)} positions per row), log-softmax, entropy"
     elif s.liger_fused_loss:
         head_note = "Liger fused linear cross-entropy: one chunk of logits, gradient computed in forward"
     elif s.loss == "chunked":
@@ -762,6 +797,7 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
         lines.append(Line("overlap: recompute after the loss is freed", act["recompute_overlap"], 0.0,
                           "checkpointing: the recomputed layer and the logits are not alive together"))
     lines += _teacher_activation_lines(shape, s, lines)
+    lines += _rollout_lines(shape, s, lines)
     lines += _overlap_and_buckets(shape, s, lines)
     lines += _load_peak(shape, s, trainable, lines)
     dynamic = sum(x.device for x in lines)
@@ -800,6 +836,7 @@ def _quick(shape: ModelShape, s: Setup) -> Plan:
     lines += [Line("activations", act["layers"]), Line("activations: head", act["head"]),
               Line("overlap: recompute", act["recompute_overlap"])]
     lines += _teacher_activation_lines(shape, s, lines)
+    lines += _rollout_lines(shape, s, lines)
     lines += _overlap_and_buckets(shape, s, lines)
     lines += _load_peak(shape, s, trainable, lines)
     dyn = sum(x.device for x in lines)

@@ -617,7 +617,15 @@ def _print_summary(cfg: TrainConfig, launch: Launch, trainer, model, data_stats:
     mean_tokens = st.tokens / max(st.kept, 1)
     budget = cfg.training.tokens_per_batch
     accum = args.gradient_accumulation_steps
+    generates = kind(cfg.method_spec.data).prompts
+    group = getattr(cfg.method_spec.settings(cfg), "num_generations", 1) if generates else 1
+    room = cfg.method_spec.completion_room(cfg)
     batch_lines = [
+        f"effective batch  {eff_batch} completions = {args.per_device_train_batch_size} per device x {accum} accum x "
+        f"{world} ranks: {eff_batch // group} prompts x {group} generations",
+        f"tokens per step  up to ~{eff_batch * (mean_tokens + room):.0f} (mean prompt {mean_tokens:.0f} tokens + up to "
+        f"{room} generated)",
+    ] if generates else [
         f"effective batch  {eff_batch} = {args.per_device_train_batch_size} per device x "
         f"{accum} accum x {world} ranks",
         f"tokens per step  ~{eff_batch * mean_tokens:.0f} (mean {mean_tokens:.0f} tokens/example)",
@@ -633,8 +641,10 @@ def _print_summary(cfg: TrainConfig, launch: Launch, trainer, model, data_stats:
             f"({100 * trainable / max(total, 1):.2f}%)",
             f"world size       {world}   ZeRO stage {zero}   device {args.device}",
             *batch_lines,
-            f"train data       {st.kept} examples, {st.trained_tokens} trained tokens, "
-            f"{st.truncated} truncated, dropped {dict(st.dropped) or 0}",
+            (f"train data       {st.kept} prompts, completions generated while training, dropped "
+             f"{dict(st.dropped) or 0}" if generates else
+             f"train data       {st.kept} examples, {st.trained_tokens} trained tokens, "
+             f"{st.truncated} truncated, dropped {dict(st.dropped) or 0}"),
             f"attention        {launch.attn_implementation or 'the model default (sdpa)'}; {launch.packing_note}",
             f"kernels          {'liger' if launch.kernels.liger else 'none'}"
             + "".join(f"; {n}" for n in launch.kernels.notes),

@@ -475,3 +475,68 @@ def test_finetune_eval_scores_held_out_prompts_with_the_runs_rewards(tiny_model,
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     tuned_first = next(p for p in preds if p["model"] == "tuned")["prediction"]
     assert text.strip() == tuned_first.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# preview, validate, plan
+# ----------------------------------------------------------------------------------------------
+def test_preview_shows_the_prompt_the_model_generates_after_and_the_reward_columns(tiny_model, tmp_path):
+    from finetune.data.chat_template import render_prompt
+    from finetune.data.preview import preview_examples
+    from finetune.models.loading import load_tokenizer
+
+    rows = price_prompts(3, 0)
+    train = write_jsonl(tmp_path / "p.jsonl", rows)
+    shown = preview_examples(_cfg(tiny_model, train, tmp_path), n=2)
+    tok = load_tokenizer(str(tiny_model))
+    assert len(shown) == 2 and all(ex["n_trained"] == 0 for ex in shown)
+    want = normalize_prompt(rows[0])
+    assert "".join(t["text"] for t in shown[0]["tokens"]) == tok.decode(
+        tok(render_prompt(tok, want.messages), add_special_tokens=False)["input_ids"])
+    assert shown[0]["columns"] == want.columns and "answer" in shown[0]["columns"]
+
+
+def test_data_prep_validate_reads_prompt_records(tmp_path):
+    from data_prep.validate import validate_file
+
+    good = [{"messages": [U]}, {"prompt": "What is 2+2?", "answer": "4"},
+            {"messages": [S, U, {"role": "assistant", "content": "$12"}]}]
+    bad = [{"messages": [S]}, {"prompt": ""}]
+    path = write_jsonl(tmp_path / "p.jsonl", [*good, *bad])
+    res = validate_file(str(path), prompts=True)
+    assert res.examples == 5 and [(e.line, e.kind) for e in res.errors] == [
+        (4, "prompt_not_ending_with_user"), (5, "empty_prompt")]
+    assert not validate_file(str(write_jsonl(tmp_path / "g.jsonl", good)), prompts=True).errors
+
+
+def test_the_plan_counts_the_completion_logits_and_the_rollouts_kv_cache(tiny_model, tmp_path):
+    from finetune.plan.memory import GiB, make_plan, setup_from_config
+    from finetune.plan.shapes import ModelShape
+
+    train = write_jsonl(tmp_path / "p.jsonl", price_prompts(4, 0))
+    shape = ModelShape.from_config({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+                                    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                    "vocab_size": 128256, "max_position_embeddings": 4096}, "1b")
+    cfg = _cfg(tiny_model, train, tmp_path, "max_length=2048", "grpo.max_completion_length=512",
+               "training.batch_size=8", "training.grad_accum=8")
+    s = setup_from_config(cfg, device="gpu", device_memory=80 * GiB)
+    assert (s.completion_len, s.rollout_rows) == (512, 64)
+    plan = make_plan(shape, s, alternatives=False)
+    lines = {x.name: x for x in plan.lines}
+    # logits over the completion only: 8 rows x 512 positions x (2*2 + 12) B x vocab, and the hidden states
+    head = lines["activations: logits + loss"].device
+    assert head == pytest.approx(8 * 512 * ((4 * 2048 + 4) + 128256 * 16))
+    # rollouts: 64 rows x 2048 tokens of KV cache (2 x 16 layers x 8 heads x 64 dims x 2 B) = 4 GiB,
+    # more than the step's activations beyond it
+    kv = 2 * 16 * 8 * 64 * 2 * 64 * 2048
+    assert kv == 4 * GiB
+    rollout = lines["rollouts: KV cache beyond the step"]
+    assert "KV cache 4.00 GiB" in rollout.note
+    acts = sum(x.device for x in plan.lines if x.name.startswith(("activations", "overlap")))
+    step = 64 * (12 * 128256 + 2 * (2 * 2048 + 3 * 8192))
+    assert rollout.device == pytest.approx(max(0.0, kv + step - acts))
+    # one micro-batch per generation: the step needs more than the rollouts
+    small = make_plan(shape, setup_from_config(_cfg(tiny_model, train, tmp_path, "max_length=2048",
+                                                    "grpo.max_completion_length=512", "training.batch_size=8"),
+                                               device="gpu", device_memory=80 * GiB), alternatives=False)
+    assert {x.name: x for x in small.lines}["rollouts: KV cache beyond the step"].device == 0.0
