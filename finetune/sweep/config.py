@@ -76,7 +76,9 @@ class SweepConfig(Section):
         "intrinsic.kl_to_teacher (method: distill; KL(teacher || student) per scored token), "
         "extrinsic.<metric> (e.g. extrinsic.exact_match), or on preference pairs in eval.data "
         "preference.{preference_accuracy,preference_accuracy_per_token,logp_margin,logp_margin_per_token} "
-        "(pairs) or preference.unpaired_logp_margin_per_token (unpaired KTO records).",
+        "(pairs) or preference.unpaired_logp_margin_per_token (unpaired KTO records), or, for a method that "
+        "trains from rewards (grpo), rewards.reward (the weighted total) or rewards.<reward name> on the prompt "
+        "records in eval.data (one greedy reply each).",
     )
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="Default: minimize for losses/perplexity, maximize for task metrics."
@@ -199,6 +201,9 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
     if obj == "eval_loss":
         if not base.data.eval:
             problems.append(("objective", "eval_loss needs data.eval in the base config (or overrides)"))
+    elif obj.startswith(("intrinsic.", "extrinsic.", "preference.")) and base.method_spec.completion_room(base):
+        problems.append(("objective", f"method {base.method} trains from rewards on prompt records: use "
+                         "rewards.reward (the weighted total) or rewards.<reward name>"))
     elif obj.startswith(("intrinsic.", "extrinsic.", "preference.")):
         kind, _, name = obj.partition(".")
         if not base.eval.data:
@@ -229,9 +234,21 @@ def _check_against_base(sweep: SweepConfig) -> list[tuple[str, str]]:
                              f"method ({base.method}) trains against no teacher"))
         if kind == "extrinsic" and name not in base.eval.metrics:
             problems.append(("objective", f"{name!r} is not in eval.metrics {base.eval.metrics}"))
+    elif obj.startswith("rewards."):
+        name = obj.partition(".")[2]
+        specs = getattr(base.method_spec.settings(base), "rewards", None)
+        if not specs:
+            problems.append(("objective", f"{obj} scores with the run's reward functions: the base config's method "
+                             f"({base.method}) trains from none"))
+        elif name not in ("reward", *(r.label for r in specs)):
+            problems.append(("objective", f"unknown reward {name!r} (reward, the weighted total, or one of "
+                             f"{[r.label for r in specs]})"))
+        if not base.eval.data:
+            problems.append(("objective", f"{obj} is scored on the prompt records of eval.data; set it in the base "
+                             "config"))
     else:
         problems.append(("objective", f"unknown objective {obj!r}: eval_loss, intrinsic.<score>, "
-                         "extrinsic.<metric> or preference.<score>"))
+                         "extrinsic.<metric>, preference.<score> or rewards.<reward>"))
     if sweep.pruner != "none" and not base.data.eval:
         problems.append(("pruner", "pruning needs intermediate eval losses: set data.eval, or pruner: none"))
     if sweep.sampler == "grid":

@@ -147,6 +147,16 @@ def _score_adapter(cfg: TrainConfig, run_dir: Path, objective: str) -> tuple[flo
         scores = {"preference": metrics}
         atomic_write_text(run_dir / "sweep_scores.json", json.dumps(scores, indent=2, default=str))
         return float(metrics[name]), scores
+    if kind == "rewards":  # a run that trained from rewards: its own reward functions (its finetune.json)
+        from finetune.eval.rewards import read_prompt_records, resolve_rewards, score_reward_model
+
+        out = run_dir / ("model" if cfg.adapter == "full" else "adapter")
+        prompts, _ = read_prompt_records(cfg.eval.data)
+        scores, _ = score_reward_model(model, tok, prompts[: cfg.eval.max_examples or None], label="tuned",
+                                       reward_spec=resolve_rewards("auto", out, None),
+                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        atomic_write_text(run_dir / "sweep_scores.json", json.dumps(scores, indent=2, default=str))
+        return float(scores["rewards"][name]), scores
     records, _ = read_eval_records(cfg.eval.data)
     if cfg.eval.max_examples:
         records = records[: cfg.eval.max_examples]

@@ -540,3 +540,40 @@ def test_the_plan_counts_the_completion_logits_and_the_rollouts_kv_cache(tiny_mo
                                                     "grpo.max_completion_length=512", "training.batch_size=8"),
                                                device="gpu", device_memory=80 * GiB), alternatives=False)
     assert {x.name: x for x in small.lines}["rollouts: KV cache beyond the step"].device == 0.0
+
+
+@pytest.mark.slow
+def test_a_grpo_sweep_maximises_the_held_out_reward(tmp_path, tiny_model, chat_data):
+    """objective: rewards.<name> scores each trial's adapter on the prompt records of eval.data with the
+    run's reward functions; the trial's value equals a recomputation from its adapter."""
+    import optuna
+    import yaml
+
+    from finetune.eval.rewards import read_prompt_records, resolve_rewards, score_reward_model
+    from finetune.inference.load import load_for_inference
+    from finetune.sweep import load_sweep_config, make_storage, run_sweep
+    from tests.finetune.test_sweep import _write_base, _write_sweep
+
+    base = _write_base(tmp_path, tiny_model, chat_data, eval_steps=None, logging_steps=2, max_steps=2,
+                       batch_size=4)
+    raw = yaml.safe_load(base.read_text())
+    raw.update(method="grpo", data={"train": str(write_jsonl(tmp_path / "p.jsonl", price_prompts(16, 0)))},
+               eval={"data": str(write_jsonl(tmp_path / "held.jsonl", price_prompts(6, 3))), "max_new_tokens": 8},
+               grpo={"rewards": [{"type": "exact_match"}, {"type": "tests.finetune.test_grpo:even_tokens"}],
+                     "num_generations": 4, "max_completion_length": 8})
+    base.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="trains from rewards on prompt records"):
+        load_sweep_config(_write_sweep(tmp_path, base, objective="extrinsic.exact_match"))
+    with pytest.raises(ConfigError, match="unknown reward 'exact'"):
+        load_sweep_config(_write_sweep(tmp_path, base, objective="rewards.exact"))
+    sweep = load_sweep_config(_write_sweep(tmp_path, base, n_trials=2, objective="rewards.even_tokens"))
+    assert sweep.resolved_direction == "maximize"
+    assert run_sweep(sweep)["states"] == {"complete": 2}
+    study = optuna.load_study(study_name="t", storage=make_storage(f"sqlite:///{tmp_path / 'out' / 'study.db'}"))
+    records, _ = read_prompt_records(tmp_path / "held.jsonl")
+    for t in study.trials:
+        adapter = Path(t.user_attrs["run_dir"]) / "adapter"
+        model, tok = load_for_inference(adapter)
+        scores, _ = score_reward_model(model, tok, records, label="check", reward_spec=resolve_rewards(
+            "auto", adapter, None), max_new_tokens=8, batch_size=4)
+        assert t.value == pytest.approx(scores["rewards"]["even_tokens"])
