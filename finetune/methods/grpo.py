@@ -132,6 +132,10 @@ def _needs_rewards(value: Any, before: dict[str, Any]):
     return None
 
 
+def _reference(cfg: Any) -> bool:
+    return cfg.grpo.beta > 0
+
+
 def _completion_room(cfg: Any) -> int:
     return cfg.grpo.max_completion_length
 
@@ -143,6 +147,8 @@ GRPO = Method(
     impl="finetune.methods.grpo_trainer",
     data="prompts",
     section=GRPOSection,
+    reference_when=_reference,
+    export_drops=("ref",),  # with beta > 0 under LoRA, PEFT saves TRL's frozen copy of the starting adapter
     checks={"grpo": _needs_rewards},
     completion_room=_completion_room,
 )

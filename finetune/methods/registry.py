@@ -49,6 +49,8 @@ class Method:
     # Trained against a frozen reference model (the starting model): TRL's copy of the starting adapter
     # under LoRA, a second model under full fine-tuning.
     reference: bool = False
+    # A reference that depends on the settings (grpo: only with beta > 0), from the config; else `reference`.
+    reference_when: Callable[[Any], bool] | None = None
     # The config key that removes the reference model from memory under full fine-tuning, if any.
     reference_off_key: str | None = None
     packing: bool = False  # may train on packed (padding-free) rows
@@ -79,6 +81,10 @@ class Method:
         if fn is None:
             raise TypeError(f"training method {self.name!r}: {self.impl} defines no {name}()")
         return fn
+
+    def has_reference(self, cfg: Any) -> bool:
+        """Whether a run of `cfg` trains against a reference model (or adapter)."""
+        return self.reference_when(cfg) if self.reference_when is not None else self.reference
 
     def settings(self, cfg: Any) -> Any:
         """The method's section of `cfg` (None for a method without one)."""

@@ -123,6 +123,8 @@ class Setup:
     kernels: str = "none"  # none | liger (training.kernels; GPU only)
     method: str = methods.DEFAULT  # the training method (finetune.methods): what it adds is asked of its record
     precompute_ref: bool = False  # the reference's log-probs are computed before training (its reference_off_key)
+    # The run trains against a reference (Method.has_reference of its config); None: the method's record says.
+    reference: bool | None = None
     teacher: ModelShape | None = None  # the frozen teacher's shape, for a method that trains against one
     teacher_4bit: bool = False  # the teacher loads in 4-bit
     teacher_dtype: str = "bfloat16"  # dtype the teacher's weights load in (the compute dtype)
@@ -146,6 +148,10 @@ class Setup:
     @property
     def method_spec(self) -> methods.Method:
         return methods.get(self.method)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.method_spec.reference if self.reference is None else self.reference
 
     @property
     def sequences_per_example(self) -> int:
@@ -209,6 +215,7 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         kernels=_planned_kernels(cfg) if device == "gpu" else "none",  # Triton kernels: CUDA only
         method=cfg.method,
         precompute_ref=_precomputed_reference(cfg),
+        reference=cfg.method_spec.has_reference(cfg),
         completion_len=cfg.method_spec.completion_room(cfg),
         rollout_rows=(t.batch_size * t.grad_accum if cfg.method_spec.completion_room(cfg)
                       and isinstance(t.batch_size, int) else 0),
@@ -498,7 +505,7 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
         trainable = P["total"]
         place("weights (trainable)", trainable * w16 / p_div, p_host,
               f"{fmt_count(P['total'])} params x {w16} B" + (f" / {N} (ZeRO-3)" if st == 3 else ""))
-        if s.method_spec.reference and not s.precompute_ref:
+        if s.has_reference and not s.precompute_ref:
             # TRL loads the reference from the same path in the compute dtype, prepared by DeepSpeed
             # in evaluation mode (ZeRO-3: partitioned like the policy). With LoRA the reference is a
             # frozen copy of the adapter: no second copy of the weights.
@@ -542,7 +549,7 @@ def model_state_lines(shape: ModelShape, s: Setup) -> tuple[list[Line], int]:
         place("trainable params (adapters)", trainable * lora_b / p_div, p_host,
               f"{fmt_count(trainable)} x {lora_b} B" + (f" (incl. {fmt_count(copies)} modules_to_save copies)"
                                                          if copies else ""))
-        if s.method_spec.reference:
+        if s.has_reference:
             # TRL's reference for a PEFT model: a frozen copy of the starting adapter ("ref").
             place(f"reference adapter ({s.method.upper()}, frozen)", trainable * lora_b / p_div, p_host,
                   f"{fmt_count(trainable)} x {lora_b} B, a copy of the starting adapter")
@@ -864,7 +871,7 @@ def _candidates(s: Setup) -> list[tuple[str, str, Setup]]:
     if not s.gradient_checkpointing:
         out.append(("gradient checkpointing on", "checkpointing", R(s, gradient_checkpointing=True)))
     off_key = s.method_spec.reference_off_key
-    if off_key and s.method_spec.reference and s.adapter == "full" and not s.precompute_ref:
+    if off_key and s.has_reference and s.adapter == "full" and not s.precompute_ref:
         out.append((f"{off_key}=true (no reference model in memory)", "precompute_ref", R(s, precompute_ref=True)))
     four_bit_key = s.method_spec.teacher_4bit_key
     if four_bit_key and s.teacher is not None and not s.teacher_4bit:

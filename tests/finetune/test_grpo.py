@@ -577,3 +577,48 @@ def test_a_grpo_sweep_maximises_the_held_out_reward(tmp_path, tiny_model, chat_d
         scores, _ = score_reward_model(model, tok, records, label="check", reward_spec=resolve_rewards(
             "auto", adapter, None), max_new_tokens=8, batch_size=4)
         assert t.value == pytest.approx(scores["rewards"]["even_tokens"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["qlora", "full"])
+def test_grpo_with_qlora_and_full_fine_tuning_against_a_reference(tiny_model, tmp_path, adapter):
+    """QLoRA (4-bit base) and full fine-tuning with beta > 0: the reference is the starting adapter's
+    frozen copy (QLoRA) or a second model (full); the KL is logged and the run exports what it trained."""
+    pytest.importorskip("bitsandbytes")
+    from finetune.config import load_config
+    from finetune.training.recipe import train
+
+    train_file = write_jsonl(tmp_path / "prompts.jsonl", price_prompts(16, 0))
+    run = train(load_config(None, [
+        f"model={tiny_model}", f"data.train={train_file}", f"output_dir={tmp_path / 'run'}", "method=grpo",
+        f"adapter={adapter}", "grpo.rewards=[{type: 'tests.finetune.test_grpo:even_tokens'}]", "grpo.beta=0.1",
+        "grpo.num_generations=4", "grpo.max_completion_length=8", "training.batch_size=4", "training.max_steps=3",
+        "training.logging_steps=1", "training.learning_rate=5e-3", "training.report_to=[none]", "max_length=128",
+        "seed=0"]))
+    logged = [m for m in _metrics(run) if "loss" in m]
+    assert len(logged) == 3 and all(math.isfinite(m["loss"]) and "kl" in m for m in logged), logged
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
+    assert any(m["kl"] > 0 for m in logged[1:]), logged  # then it moves away from it
+    if adapter == "full":
+        assert (run / "model" / "config.json").is_file()
+    else:
+        info = json.loads((run / "adapter" / "finetune.json").read_text())
+        assert info["adapter"] == "qlora" and not (run / "adapter" / "ref").exists()
+
+
+def test_the_plan_counts_a_reference_only_with_beta(tiny_model, tmp_path):
+    from finetune.plan.memory import GiB, make_plan, setup_from_config
+    from finetune.plan.shapes import ModelShape
+
+    train = write_jsonl(tmp_path / "p.jsonl", price_prompts(4, 0))
+    shape = ModelShape.from_config({"model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
+                                    "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+                                    "vocab_size": 32000, "max_position_embeddings": 2048}, "small")
+
+    def names(*over):
+        s = setup_from_config(_cfg(tiny_model, train, tmp_path, *over), device="gpu", device_memory=80 * GiB)
+        return {x.name for x in make_plan(shape, s, alternatives=False).lines}
+
+    assert not any("reference" in n for n in names() | names("adapter=full"))
+    assert "reference adapter (GRPO, frozen)" in names("grpo.beta=0.04")
+    assert "reference model (GRPO, frozen)" in names("grpo.beta=0.04", "adapter=full")
