@@ -622,3 +622,72 @@ def test_the_plan_counts_a_reference_only_with_beta(tiny_model, tmp_path):
     assert not any("reference" in n for n in names() | names("adapter=full"))
     assert "reference adapter (GRPO, frozen)" in names("grpo.beta=0.04")
     assert "reference model (GRPO, frozen)" in names("grpo.beta=0.04", "adapter=full")
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_run_resumes_from_its_checkpoint(tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    out = tmp_path / "run"
+    cfg = {"model": str(tiny_model), "output_dir": str(out), "seed": 0, "max_length": 128, "method": "grpo",
+           "data": {"train": str(write_jsonl(tmp_path / "p.jsonl", price_prompts(64, 0)))},
+           "grpo": {"rewards": [{"type": "tests.finetune.test_grpo:even_tokens"}], "num_generations": 4,
+                    "max_completion_length": 8},
+           "training": {"max_steps": 40, "batch_size": 4, "learning_rate": 1e-3, "save_steps": 10,
+                        "save_total_limit": 2, "logging_steps": 1, "report_to": ["none"]},
+           "lora": {"r": 4}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "finetune", "train", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the reward's module
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
+    ckpt = out / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (ckpt / "checkpoint-10" / "COMPLETE").exists():
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = max(json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if ln)
+    assert killed_at < 40 and not (out / "adapter").exists()
+    done = subprocess.run([*cmd, "resume=true"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resuming from" in done.stdout
+    logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+    steps = [m["step"] for m in logs if "loss" in m]
+    assert steps == list(range(1, 41)), steps
+    assert all("reward" in m and "rollout/tokens_per_s" in m for m in logs if "loss" in m)
+    assert json.loads((ckpt / "checkpoint-40" / "trainer_state.json").read_text())["global_step"] == 40
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_evaluation_during_a_grpo_run_scores_rewards_and_keeps_the_best(tiny_model, tmp_path):
+    from finetune.config import load_config
+    from finetune.training.recipe import train
+
+    run = train(load_config(None, [
+        f"model={tiny_model}", f"data.train={write_jsonl(tmp_path / 'p.jsonl', price_prompts(16, 0))}",
+        f"data.eval={write_jsonl(tmp_path / 'e.jsonl', price_prompts(4, 5))}", f"output_dir={tmp_path / 'run'}",
+        "method=grpo", "grpo.rewards=[{type: 'tests.finetune.test_grpo:even_tokens'}]", "grpo.num_generations=4",
+        "grpo.max_completion_length=8", "training.batch_size=4", "training.max_steps=4", "training.eval_steps=2",
+        "training.logging_steps=1", "training.learning_rate=5e-3", "training.report_to=[none]", "max_length=128",
+        "seed=0"]))
+    evals = [m for m in _metrics(run) if "eval_reward" in m]
+    assert [m["step"] for m in evals] == [2, 4], evals
+    state = json.loads(next((run / "checkpoints").glob("checkpoint-4")).joinpath("trainer_state.json").read_text())
+    best = max(evals, key=lambda m: m["eval_reward"])
+    assert state["best_metric"] == pytest.approx(best["eval_reward"])  # the higher reward is the best
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
