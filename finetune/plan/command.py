@@ -69,6 +69,15 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     from finetune.plan.batches import longest_batch, longest_budget_batch, with_trained_tokens
 
     t = cfg.training
+    if cfg.method_spec.completion_room(cfg):
+        # A generating method batches with TRL's sampler (prompts in random order, each repeated for its
+        # group): any micro-batch may hold the longest prompt, every row padded to it and to the longest
+        # completion. `lengths` are prompt + completion room already (finetune.data.prompts).
+        from finetune.plan.batches import LongestBatch
+
+        longest = int(max(lengths)) if len(lengths) else cfg.max_length
+        return LongestBatch(rows=t.batch_size, row_tokens=longest, examples=t.batch_size, longest_example=longest,
+                            epoch=-1, index=-1, exact=False, packed=False, n_examples=len(lengths))
     sampler = None
     if t.tokens_per_batch:
         from finetune.data.sampler import TokenBudgetBatchSampler

@@ -691,3 +691,26 @@ def test_evaluation_during_a_grpo_run_scores_rewards_and_keeps_the_best(tiny_mod
     best = max(evals, key=lambda m: m["eval_reward"])
     assert state["best_metric"] == pytest.approx(best["eval_reward"])  # the higher reward is the best
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
+
+
+def test_the_plans_batch_is_the_longest_prompt_in_every_row(tiny_model, tmp_path):
+    """TRL's sampler draws prompts in random order: any micro-batch may hold the longest one."""
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
+    from finetune.plan.command import run_longest_batch
+
+    rows = price_prompts(12, 0)
+    rows[5]["messages"][-2]["content"] += " and more words" * 10
+    train = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = _cfg(tiny_model, train, tmp_path, "training.batch_size=8")
+    ds, _, _ = prepared_split(cfg, load_tokenizer(str(tiny_model)), str(train))
+    lengths = ds.data.column("length").to_numpy()
+    batch = run_longest_batch(cfg, lengths)
+    assert (batch.rows, batch.row_tokens) == (8, int(lengths.max())) and not batch.exact
+    assert int(lengths.max()) == len(decode_row_of(ds, 5)) + 16
+
+
+def decode_row_of(ds, i):
+    from finetune.data.prompts import decode_row
+
+    return decode_row(ds[i])["prompt_ids"]
