@@ -700,14 +700,16 @@ def test_the_plans_batch_is_the_longest_prompt_in_every_row(tiny_model, tmp_path
     from finetune.plan.command import run_longest_batch
 
     rows = price_prompts(12, 0)
-    rows[5]["messages"][-2]["content"] += " and more words" * 10
+    rows[5]["messages"][-2]["content"] += " and more words" * 4
     train = write_jsonl(tmp_path / "p.jsonl", rows)
     cfg = _cfg(tiny_model, train, tmp_path, "training.batch_size=8")
-    ds, _, _ = prepared_split(cfg, load_tokenizer(str(tiny_model)), str(train))
+    ds, stats, _ = prepared_split(cfg, load_tokenizer(str(tiny_model)), str(train))
+    assert stats.kept == 12
     lengths = ds.data.column("length").to_numpy()
     batch = run_longest_batch(cfg, lengths)
     assert (batch.rows, batch.row_tokens) == (8, int(lengths.max())) and not batch.exact
-    assert int(lengths.max()) == len(decode_row_of(ds, 5)) + 16
+    longest = int(lengths.argmax())
+    assert ds[longest]["line"] == 6 and int(lengths.max()) == len(decode_row_of(ds, longest)) + 16
 
 
 def decode_row_of(ds, i):
