@@ -311,9 +311,7 @@ def _build_shard(tokenizer: Any, spec: CacheSpec, source: str, shard: tuple[int,
                 problem = f"{path}:{lineno}: {p}" if p else None
             res.examples += 1
             if problem:
-                res.bad_lines += 1
-                if len(res.problems) < MAX_SHOWN_PROBLEMS:
-                    res.problems.append(problem)
+                res.bad_line(problem)
                 continue
             pending.append((lineno, training_example(obj)))
             if len(pending) >= ENCODE_BATCH:

@@ -22,7 +22,7 @@ from typing import Any
 
 from finetune.data.chat_template import ChatFormatError, encode_completion
 from finetune.data.kinds import PAIRS, UNPAIRED, kind
-from finetune.data.shards import ENCODE_BATCH, MAX_SHOWN_PROBLEMS, CacheSpec, ShardResult, iter_lines
+from finetune.data.shards import ENCODE_BATCH, CacheSpec, ShardResult, iter_lines, write_columns
 
 __all__ = ["build_preference_shard", "PAIR_COLUMNS", "UNPAIRED_COLUMNS"]
 
@@ -93,18 +93,10 @@ def build_preference_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, in
         res.trained_tokens += sum(len(c) for c in completions)
         res.max_tokens = max(res.max_tokens, n)
 
-    def flush(writer) -> None:
-        if cols["length"]:
-            writer.write_batch(pa.record_batch([pa.array(cols[n], schema.field(n).type) for n in schema.names],
-                                               schema=schema))
-            res.rows += len(cols["length"])
-            for v in cols.values():
-                v.clear()
-
     with open(out_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for lineno, line in iter_lines(path, shard):
             if len(cols["length"]) >= ENCODE_BATCH:
-                flush(writer)
+                write_columns(writer, schema, cols, res)
             res.examples += 1
             try:
                 rec = normalize_preference(json.loads(line), unpaired=unpaired)
@@ -115,9 +107,7 @@ def build_preference_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, in
             else:
                 problem = None
             if problem:
-                res.bad_lines += 1
-                if len(res.problems) < MAX_SHOWN_PROBLEMS:
-                    res.problems.append(f"{path}:{lineno}: {problem}")
+                res.bad_line(f"{path}:{lineno}: {problem}")
                 continue
             try:
                 first = encode_completion(tokenizer, rec.prompt, rec.chosen, rec.tools)
@@ -141,5 +131,5 @@ def build_preference_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, in
                 add(prompt, [rejected], lineno, False)
             else:
                 add(prompt, [chosen, rejected], lineno)
-        flush(writer)
+        write_columns(writer, schema, cols, res)
     return res

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.chat_template import ChatFormatError, render_prompt
-from finetune.data.shards import ENCODE_BATCH, MAX_SHOWN_PROBLEMS, CacheSpec, ShardResult, iter_lines
+from finetune.data.shards import ENCODE_BATCH, CacheSpec, ShardResult, iter_lines, write_columns
 
 __all__ = ["build_prompt_shard", "decode_row"]
 
@@ -55,18 +55,10 @@ def build_prompt_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, int, i
     cols: dict[str, list] = {name: [] for name in schema.names}
     room = spec.completion_room
 
-    def flush(writer) -> None:
-        if cols["length"]:
-            writer.write_batch(pa.record_batch([pa.array(cols[n], schema.field(n).type) for n in schema.names],
-                                               schema=schema))
-            res.rows += len(cols["length"])
-            for v in cols.values():
-                v.clear()
-
     with open(out_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for lineno, line in iter_lines(path, shard):
             if len(cols["length"]) >= ENCODE_BATCH:
-                flush(writer)
+                write_columns(writer, schema, cols, res)
             res.examples += 1
             problem = None
             try:
@@ -76,9 +68,7 @@ def build_prompt_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, int, i
             except PromptError as exc:
                 problem = str(exc)
             if problem:
-                res.bad_lines += 1
-                if len(res.problems) < MAX_SHOWN_PROBLEMS:
-                    res.problems.append(f"{path}:{lineno}: {problem}")
+                res.bad_line(f"{path}:{lineno}: {problem}")
                 continue
             try:
                 text = render_prompt(tokenizer, rec.messages, rec.tools)
@@ -101,5 +91,5 @@ def build_prompt_shard(tokenizer: Any, spec: CacheSpec, shard: tuple[int, int, i
             res.tokens += len(ids)
             res.trained_tokens += room  # at most: the completions are generated while training
             res.max_tokens = max(res.max_tokens, len(ids) + room)
-        flush(writer)
+        write_columns(writer, schema, cols, res)
     return res

@@ -1,5 +1,6 @@
 """What one data-cache build worker is given and returns, shared by the builders of every kind of
-data (finetune.data.cache for chat JSONL, finetune.data.preference for pairs and unpaired examples)."""
+data (finetune.data.cache for chat JSONL, finetune.data.preference for pairs and unpaired examples,
+finetune.data.prompts for prompts)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from finetune.data.files import DataStats
 
-__all__ = ["ENCODE_BATCH", "MAX_SHOWN_PROBLEMS", "CacheSpec", "ShardResult", "iter_lines"]
+__all__ = ["ENCODE_BATCH", "MAX_SHOWN_PROBLEMS", "CacheSpec", "ShardResult", "iter_lines", "write_columns"]
 
 ENCODE_BATCH = 256  # conversations per tokenizer call: fast-tokenizer batching without much memory
 MAX_SHOWN_PROBLEMS = 20
@@ -41,6 +42,26 @@ class ShardResult(DataStats):
     rows: int = 0
     file: str | None = None
     source: str = ""  # the data file (or shard) this byte range is from
+
+    def bad_line(self, problem: str) -> None:
+        """Count a line training refuses; keep its problem ("file:line: why") among the first shown."""
+        self.bad_lines += 1
+        if len(self.problems) < MAX_SHOWN_PROBLEMS:
+            self.problems.append(problem)
+
+
+def write_columns(writer, schema, cols: dict[str, list], res: ShardResult) -> None:
+    """Write the buffered columns (one list per schema field) as one record batch, count its rows in
+    `res`, and empty the buffers. Nothing buffered: nothing written."""
+    import pyarrow as pa
+
+    n = len(cols[schema.names[0]])
+    if n:
+        writer.write_batch(pa.record_batch([pa.array(cols[name], schema.field(name).type) for name in schema.names],
+                                           schema=schema))
+        res.rows += n
+        for v in cols.values():
+            v.clear()
 
 
 def iter_lines(path: Path, shard: tuple[int, int, int]):
