@@ -162,8 +162,9 @@ class KitGRPOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._t_log is None:
             self._t_log = time.perf_counter()
-        if model.training:
-            self._acct["train_tokens"] += float(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        if model.training:  # a device tensor: read at log time, no host synchronisation per micro-batch
+            self._acct["train_tokens"] = self._acct["train_tokens"] + (
+                inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -179,7 +180,7 @@ class KitGRPOTrainer(GRPOTrainer):
         self._t_log = now
         a = self._acct
         errors = [float(r.take_errors()) for r in self.kit_rewards]
-        local = torch.tensor([a["gen_tokens"], a["train_tokens"], *errors], dtype=torch.float64,
+        local = torch.tensor([a["gen_tokens"], float(a["train_tokens"]), *errors], dtype=torch.float64,
                              device=self.accelerator.device)
         summed = self.accelerator.reduce(local, reduction="sum").tolist()
         gen_tokens, train_tokens, errors = summed[0], summed[1], summed[2:]
