@@ -627,12 +627,12 @@ def test_the_plan_counts_a_reference_only_with_beta(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_a_killed_grpo_run_resumes_from_its_checkpoint(tiny_model, tmp_path):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import yaml
+
+    from tests.finetune.test_resume import kill_when_saved
 
     out = tmp_path / "run"
     cfg = {"model": str(tiny_model), "output_dir": str(out), "seed": 0, "max_length": 128, "method": "grpo",
@@ -646,20 +646,8 @@ def test_a_killed_grpo_run_resumes_from_its_checkpoint(tiny_model, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "finetune", "train", str(path)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the reward's module
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
     ckpt = out / "checkpoints"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (ckpt / "checkpoint-10" / "COMPLETE").exists():
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_when_saved(cmd, ckpt / "checkpoint-10", env=env, poll_s=0.02)
     killed_at = max(json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if ln)
     assert killed_at < 40 and not (out / "adapter").exists()
     done = subprocess.run([*cmd, "resume=true"], capture_output=True, text=True, timeout=300, env=env)

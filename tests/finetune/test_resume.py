@@ -13,6 +13,23 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
+def kill_when_saved(cmd: list[str], checkpoint, env: dict | None = None, poll_s: float = 0.05) -> None:
+    """Start `cmd` (a `finetune train`) and kill -9 its process group once `checkpoint` is COMPLETE."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (checkpoint / "COMPLETE").exists():
+                break
+            time.sleep(poll_s)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_kill_9_then_resume_reaches_the_final_step(tiny_model, chat_data, tmp_path):
     out = tmp_path / "run"
     cfg = {
@@ -25,20 +42,8 @@ def test_kill_9_then_resume_reaches_the_final_step(tiny_model, chat_data, tmp_pa
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "finetune", "train", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     ckpt = out / "checkpoints"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (ckpt / "checkpoint-20" / "COMPLETE").exists():
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_when_saved(cmd, ckpt / "checkpoint-20")
     killed_at = max(json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if ln)
     assert killed_at < 60, "killed too late to test anything"
     assert not (out / "adapter").exists()
