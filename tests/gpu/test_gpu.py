@@ -532,3 +532,25 @@ def test_generate_with_vllm_gives_the_transformers_answers(tmp_path):
     assert [r["messages"][:-1] for r in rows["vllm"]] == [r["messages"][:-1] for r in rows["transformers"]]
     same = sum(a["messages"][-1] == b["messages"][-1] for a, b in zip(rows["vllm"], rows["transformers"]))
     assert same >= 4, rows
+
+
+def test_grpo_generates_and_trains_on_the_gpu_against_a_reference(tiny_model, chat_data, tmp_path):
+    """method grpo on CUDA (bf16 rollouts through transformers' generate, TRL's loss, the LoRA reference
+    adapter with beta > 0): every step logs rewards, KL and its rollout throughput, the plan's memory
+    check is recorded, and `finetune eval` scores the held-out chats with the run's reward functions."""
+    out = tmp_path / "run"
+    _run([sys.executable, "-m", "finetune", "train", *_overrides(
+        tiny_model, chat_data, out, "method=grpo", "grpo.rewards=[{type: exact_match}, {type: length_penalty}]",
+        "grpo.num_generations=4", "grpo.max_completion_length=16", "grpo.beta=0.04", "training.logging_steps=1",
+        "training.max_steps=3")])
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    logged = [r for r in rows if "loss" in r]
+    assert len(logged) == 3 and all("kl" in r and "rewards/exact_match/mean" in r for r in logged), logged
+    assert all(r["rollout/tokens_per_s"] > 0 and 0 < r["rollout/share"] < 1 for r in logged), logged
+    assert any("memory_plan_bytes" in r for r in rows), rows
+    info = json.loads((out / "run.json").read_text())
+    assert info["throughput"]["rollout_tokens"] > 0
+    _run([sys.executable, "-m", "finetune", "eval", "--adapter", str(out / "adapter"), "--data",
+          str(chat_data["eval"]), "--output", str(tmp_path / "eval"), "--max-new-tokens", "16"])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["models"]["tuned"]["rewards"]["n"] > 0 and "cuda" in report["meta"]["device"]
