@@ -75,8 +75,8 @@ VARIED_CASES = [
     ("lora kto", "lora", 0, 1, 512, False, "model", 4),
     ("lora distill", "lora", 0, 1, 512, False, "model", 4),
     # method grpo: the chats read as prompts (their reply is the reference), 4 completions of up to 256
-    # tokens per prompt (the random model never stops early), 2 prompts per micro-batch. Not within 10% yet
-    # (docs/plan.md, "Online RL from rewards").
+    # tokens per prompt (the random model never stops early), 2 prompts per micro-batch (docs/plan.md,
+    # "Online RL from rewards").
     ("lora grpo", "lora", 0, 1, 512, False, "model", 8),
 ]
 GRPO_SETTINGS = {"rewards": [{"type": "exact_match"}], "num_generations": 4, "max_completion_length": 256}

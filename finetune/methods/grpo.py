@@ -140,6 +140,10 @@ def _completion_room(cfg: Any) -> int:
     return cfg.grpo.max_completion_length
 
 
+def _rollout_groups(cfg: Any) -> tuple[int, int]:
+    return cfg.grpo.num_generations, cfg.grpo.num_iterations
+
+
 GRPO = Method(
     name="grpo",
     description="prompts (chat records ending on the user's turn, or with a reference answer as the last assistant "
@@ -151,5 +155,8 @@ GRPO = Method(
     export_drops=("ref",),  # with beta > 0 under LoRA, PEFT saves TRL's frozen copy of the starting adapter
     checks={"grpo": _needs_rewards},
     completion_room=_completion_room,
+    rollout_groups=_rollout_groups,
+    # TRL's GRPOTrainer scores the completions through its fused LM head (add_fused_lm_head).
+    fused_lm_head=True,
 )
 METHODS = (GRPO,)

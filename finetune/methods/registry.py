@@ -39,6 +39,10 @@ def _no_room(cfg: Any) -> int:
     return 0
 
 
+def _one_group(cfg: Any) -> tuple[int, int]:
+    return 1, 1
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -72,6 +76,9 @@ class Method:
     # Methods that generate their completions while training (data kind `prompts`): the tokens a prompt
     # must leave under max_length for its completion, from the config (the data cache drops longer prompts).
     completion_room: Callable[[Any], int] = _no_room
+    # ... and how it draws its prompts (TRL's RepeatSampler), from the config: (completions per prompt,
+    # optimisation passes over each generation). The plan replays that order (finetune.plan.batches).
+    rollout_groups: Callable[[Any], tuple[int, int]] = _one_group
 
     def implementation(self) -> ModuleType:
         return importlib.import_module(self.impl)

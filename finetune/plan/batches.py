@@ -13,14 +13,17 @@ overshot by half. Here:
       falls in a partial last batch; then it is an upper bound);
   packed rows (`packing: true`): one row per micro-batch, as long as its examples together;
       length-grouped: replayed as above; random order: the `batch_size` longest examples together,
-      an upper bound.
+      an upper bound;
+  generated completions (GRPO): TRL's RepeatSampler is replayed (rollout_generations), and the
+      generation with the longest prompt sets the width of every micro-batch cut from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LongestBatch", "longest_batch", "longest_budget_batch", "with_trained_tokens"]
+__all__ = ["LongestBatch", "longest_batch", "longest_budget_batch", "longest_rollout_batch", "rollout_generations",
+           "with_trained_tokens"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,73 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
             best = cand
     tokens, rows, per_row, epoch, index, ids = best
     return LongestBatch(1 if packing else rows, per_row, rows, longest, epoch, index, True, packing, n, ids=ids)
+
+
+def rollout_generations(n_prompts: int, *, batch_size: int, grad_accum: int = 1, world_size: int = 1,
+                        group: int = 1, iterations: int = 1, seed: int = 0, epochs: int = 1,
+                        micro_batches: int | None = None):
+    """The generation batches of a method that generates its completions while training (GRPO), in the
+    order TRL's RepeatSampler draws them for the run's seed (TRL's own sampler, replayed): yields
+    (epoch, first micro-batch index in the epoch, prompt ids [world_size, batch_size x grad_accum]).
+
+    One generation serves grad_accum x `iterations` micro-batches on every rank (TRL's
+    steps_per_generation is grad_accum): batch_size x grad_accum x world_size rows, `group` completions
+    of each of its prompts; rank r generates the r-th slice (the dataloader deals the sampler's batches
+    to the ranks in turn). `micro_batches`: how many each rank runs in all (max_steps x grad_accum), or
+    None: every generation of `epochs` epochs."""
+    import itertools
+
+    import numpy as np
+    from trl.trainer.utils import RepeatSampler
+
+    per_rank = batch_size * grad_accum
+    per_gen = per_rank * world_size
+    if per_gen % group:
+        raise ValueError(f"{per_gen} rows per generation is not a multiple of {group} completions per prompt")
+    passes = grad_accum * iterations
+    sampler = RepeatSampler(range(n_prompts), mini_repeat_count=group, batch_size=per_gen // group,
+                            repeat_count=passes, shuffle=True, seed=seed)
+    left = micro_batches
+    for epoch in itertools.count():
+        if (left is not None and left <= 0) or (left is None and epoch >= max(1, int(epochs))):
+            return
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        if not len(order):
+            raise ValueError(f"{n_prompts} prompts: fewer than one generation draws ({per_gen // group})")
+        for k, rows in enumerate(order.reshape(-1, passes, world_size, per_rank)[:, 0]):
+            if left is not None:
+                if left <= 0:
+                    return
+                left -= passes
+            yield epoch, k * passes, rows
+
+
+def longest_rollout_batch(lengths, room: int, *, batch_size: int, grad_accum: int = 1, world_size: int = 1,
+                          group: int = 1, iterations: int = 1, seed: int = 0, epochs: int = 1,
+                          micro_batches: int | None = None) -> LongestBatch:
+    """The widest training micro-batch of a generating method (rollout_generations): TRL pads a
+    generation's prompts to its longest prompt and its completions to its longest completion (at most
+    `room`), and every micro-batch cut from it keeps that width. `lengths`: each prompt's tokens + `room`
+    (the data cache's `length` column of prompt records). The completions are taken at full length (a
+    model that never stops early), so the widest micro-batch holds the longest prompt any rank's
+    generation draws; batch_size rows of it, their completions the trained positions."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        raise ValueError("no examples: the data holds nothing to train on")
+    best = None
+    for epoch, index, rows in rollout_generations(len(lengths), batch_size=batch_size, grad_accum=grad_accum,
+                                                  world_size=world_size, group=group, iterations=iterations,
+                                                  seed=seed, epochs=epochs, micro_batches=micro_batches):
+        widths = lengths[rows].max(axis=1)
+        r = int(np.argmax(widths))
+        if best is None or widths[r] > best[0]:
+            best = (int(widths[r]), epoch, index, rows[r])
+    width, epoch, index, ids = best
+    return LongestBatch(batch_size, width, batch_size, int(lengths.max()), epoch, index, True, False, len(lengths),
+                        ids=tuple(dict.fromkeys(int(i) for i in ids)),
+                        trained_tokens=batch_size * min(room, width))
 
 
 def longest_budget_batch(lengths, budget: int, *, seed: int = 0, packing: bool = False, num_replicas: int = 1,

@@ -69,15 +69,18 @@ def run_longest_batch(cfg, lengths, *, world_size: int = 1, trained_of=None, mea
     from finetune.plan.batches import longest_batch, longest_budget_batch, with_trained_tokens
 
     t = cfg.training
-    if cfg.method_spec.completion_room(cfg):
-        # A generating method batches with TRL's sampler (prompts in random order, each repeated for its
-        # group): any micro-batch may hold the longest prompt, every row padded to it and to the longest
-        # completion. `lengths` are prompt + completion room already (finetune.data.prompts).
-        from finetune.plan.batches import LongestBatch
+    room = cfg.method_spec.completion_room(cfg)
+    if room:
+        # A generating method draws its prompts with TRL's sampler (finetune.plan.batches.rollout_generations,
+        # replayed); `lengths` are prompt + completion room already (finetune.data.prompts).
+        from finetune.plan.batches import longest_rollout_batch
 
-        longest = int(max(lengths)) if len(lengths) else cfg.max_length
-        return LongestBatch(rows=t.batch_size, row_tokens=longest, examples=t.batch_size, longest_example=longest,
-                            epoch=-1, index=-1, exact=False, packed=False, n_examples=len(lengths))
+        group, iterations = cfg.method_spec.rollout_groups(cfg)
+        return longest_rollout_batch(lengths, room, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                                     world_size=world_size, group=group, iterations=iterations, seed=cfg.seed,
+                                     epochs=math.ceil(t.epochs),
+                                     micro_batches=t.max_steps * t.grad_accum if t.max_steps and t.max_steps > 0
+                                     else None)
     sampler = None
     if t.tokens_per_batch:
         from finetune.data.sampler import TokenBudgetBatchSampler

@@ -217,6 +217,8 @@ def setup_from_config(cfg, *, nodes: int = 1, gpus_per_node: int = 1, device: st
         precompute_ref=_precomputed_reference(cfg),
         reference=cfg.method_spec.has_reference(cfg),
         completion_len=cfg.method_spec.completion_room(cfg),
+        # A generating method trains on its completions only (the prompt's positions are not scored).
+        trained_fraction=min(1.0, cfg.method_spec.completion_room(cfg) / cfg.max_length) or 1.0,
         rollout_rows=(t.batch_size * t.grad_accum if cfg.method_spec.completion_room(cfg)
                       and isinstance(t.batch_size, int) else 0),
         **_teacher_setup(cfg, device),
@@ -371,12 +373,6 @@ def activation_bytes(shape: ModelShape, s: Setup, micro_batch: int | None = None
     V = shape.vocab_size
     if s.method_spec.fused_lm_head:
         head_total = trl_fused_head_bytes(shape, s, b, t)
-    elif s.completion_len:
-        # A generating method (TRL's GRPOTrainer) keeps logits for the completion positions only
-        # (logits_to_keep), in the compute dtype, divides them by the temperature (a copy) and takes
-        # fp32 log-softmax and entropy over them: (2A + 12) V per completion position.
-        c = b * min(s.completion_len, t)
-        head_total = ((4 * shape.hidden_size + 4) + V * (12 + 2 * A)) * c
     elif s.liger_fused_loss:
         # Liger's fused linear cross-entropy: the gradient of the hidden states is computed in the
         # forward and kept ([tokens, H] in the compute dtype) instead of the hidden states; the loss
@@ -791,8 +787,6 @@ def make_plan(shape: ModelShape, s: Setup, *, alternatives: bool = True) -> Plan
     if s.method_spec.fused_lm_head:
         head_note = (f"TRL's fused LM head: tiles of {TRL_HEAD_TOKEN_TILE} positions x {TRL_HEAD_VOCAB_TILE} "
                      + ("entries, trained positions only" if s.device == "gpu" else "entries, every position"))
-    elif s.completion_len:
-        head_note = f"the completions' logits ({min(s.completion_len, s.seq_len)} positions per row), log-softmax, entropy"
     elif s.liger_fused_loss:
         head_note = "Liger fused linear cross-entropy: one chunk of logits, gradient computed in forward"
     elif s.loss == "chunked":

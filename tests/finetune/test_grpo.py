@@ -386,9 +386,34 @@ def _two_ranks_trained(run: Path, res, steps: int) -> None:
     seen0 = {h for b in p0["batches"] for h in b}
     seen1 = {h for b in p1["batches"] for h in b}
     assert seen0 and seen1 and not seen0 & seen1, why
+    # each rank's rows are the ones the plan's replay of TRL's sampler deals it
+    assert [p0["batches"], p1["batches"]] == _replayed_batches(run.parent / "train.yaml", len(p0["batches"])), why
     logged = [m for m in _metrics(run) if "loss" in m]
     assert len(logged) == steps and all(math.isfinite(m["loss"]) and "reward" in m for m in logged), logged
     assert all(m["rollout/tokens_per_s"] > 0 for m in logged), logged
+
+
+def _replayed_batches(config: Path, n: int, world_size: int = 2) -> list[list[list[str]]]:
+    """Per rank, the probe's hashes of the first `n` batches finetune.plan.batches.rollout_generations deals it."""
+    import hashlib
+
+    from finetune.config import load_config
+    from finetune.data.cache import prepared_split
+    from finetune.models.loading import load_tokenizer
+    from finetune.plan.batches import rollout_generations
+    from tests.finetune.rank_probe import RankProbe
+
+    cfg = load_config(config)
+    ds, _, _ = prepared_split(cfg, load_tokenizer(cfg.model), cfg.data.train, progress=False)
+    t = cfg.training
+    gens = rollout_generations(len(ds), batch_size=t.batch_size, grad_accum=t.grad_accum, world_size=world_size,
+                               group=cfg.grpo.num_generations, seed=cfg.seed, micro_batches=n)
+    out: list[list[list[str]]] = [[] for _ in range(world_size)]
+    for _, _, rows in gens:
+        for rank, ids in enumerate(rows):
+            out[rank].append([hashlib.sha1(str(RankProbe._identity(ds[int(i)])).encode()).hexdigest()[:12]
+                              for i in ids])
+    return out
 
 
 @pytest.mark.distributed
@@ -523,9 +548,12 @@ def test_the_plan_counts_the_completion_logits_and_the_rollouts_kv_cache(tiny_mo
     assert (s.completion_len, s.rollout_rows) == (512, 64)
     plan = make_plan(shape, s, alternatives=False)
     lines = {x.name: x for x in plan.lines}
-    # logits over the completion only: 8 rows x 512 positions x (2*2 + 12) B x vocab, and the hidden states
-    head = lines["activations: logits + loss"].device
-    assert head == pytest.approx(8 * 512 * ((4 * 2048 + 4) + 128256 * 16))
+    # TRL's fused LM head over the completions only (8 rows x 512 positions): their hidden states (bf16)
+    # and the fp32 gradient of them, 7 fp32 statistics each, and one bf16 tile of 4,096 positions x 32,768
+    # vocabulary entries; never the [rows, completion, vocabulary] logits.
+    head = lines["activations: logits + loss"]
+    assert head.device == pytest.approx(8 * 512 * ((2 + 4) * 2048 + 7 * 4) + 2 * 4096 * 32768, rel=1e-3)
+    assert "trained positions only" in head.note
     # rollouts: 64 rows x 2048 tokens of KV cache (2 x 16 layers x 8 heads x 64 dims x 2 B) = 4 GiB,
     # more than the step's activations beyond it
     kv = 2 * 16 * 8 * 64 * 2 * 64 * 2048
@@ -682,7 +710,7 @@ def test_evaluation_during_a_grpo_run_scores_rewards_and_keeps_the_best(tiny_mod
 
 
 def test_the_plans_batch_is_the_longest_prompt_in_every_row(tiny_model, tmp_path):
-    """TRL's sampler draws prompts in random order: any micro-batch may hold the longest one."""
+    """A run of whole epochs draws every prompt: its widest micro-batch holds the longest one, in every row."""
     from finetune.data.cache import prepared_split
     from finetune.models.loading import load_tokenizer
     from finetune.plan.command import run_longest_batch
@@ -695,9 +723,56 @@ def test_the_plans_batch_is_the_longest_prompt_in_every_row(tiny_model, tmp_path
     assert stats.kept == 12
     lengths = ds.data.column("length").to_numpy()
     batch = run_longest_batch(cfg, lengths)
-    assert (batch.rows, batch.row_tokens) == (8, int(lengths.max())) and not batch.exact
     longest = int(lengths.argmax())
+    assert (batch.rows, batch.row_tokens) == (8, int(lengths.max())) and batch.exact and longest in batch.ids
     assert ds[longest]["line"] == 6 and int(lengths.max()) == len(decode_row_of(ds, longest)) + 16
+
+
+def test_the_plan_replays_the_prompts_each_generation_draws(tiny_model, tmp_path, monkeypatch):
+    """The plan's replay of TRL's sampler (finetune.plan.batches.rollout_generations) is the order the run
+    generates in: over an epoch boundary, grad_accum 2, the run's seed; and its widest micro-batch is
+    the longest prompt of those generations plus the completion room."""
+    import numpy as np
+
+    from finetune.config import load_config
+    from finetune.data.cache import prepared_split
+    from finetune.methods.grpo_trainer import KitGRPOTrainer
+    from finetune.models.loading import load_tokenizer
+    from finetune.plan.batches import rollout_generations
+    from finetune.plan.command import run_longest_batch
+    from finetune.training.recipe import train
+
+    rows = price_prompts(12, 0)
+    for i, r in enumerate(rows):  # lengths that differ, so the widest generation is one of them
+        r["messages"][-2]["content"] += " please" * (i // 3)
+    train_file = write_jsonl(tmp_path / "p.jsonl", rows)
+    seen: list[list[str]] = []
+    original = KitGRPOTrainer._generate_and_score_completions
+
+    def record(self, inputs):
+        seen.append([r["prompt"] for r in inputs])
+        return original(self, inputs)
+
+    monkeypatch.setattr(KitGRPOTrainer, "_generate_and_score_completions", record)
+    over = [f"model={tiny_model}", f"data.train={train_file}", f"output_dir={tmp_path / 'run'}", "method=grpo",
+            "grpo.rewards=[{type: 'tests.finetune.test_grpo:even_tokens'}]", "grpo.num_generations=4",
+            "grpo.max_completion_length=8", "training.batch_size=4", "training.grad_accum=2", "training.max_steps=8",
+            "training.logging_steps=4", "training.report_to=[none]", "max_length=128", "seed=3"]
+    train(load_config(None, over))
+    cfg = load_config(None, over)
+    ds, stats, _ = prepared_split(cfg, load_tokenizer(str(tiny_model)), str(train_file))
+    assert stats.kept == 12
+    prompts = ds["prompt"]
+    # 12 prompts, 2 per generation (4 rows x 2 micro-batches / 4 completions): 6 generations an epoch;
+    # 8 steps x 2 micro-batches = 8 generations, the last two in the second epoch
+    replay = list(rollout_generations(len(ds), batch_size=4, grad_accum=2, group=4, seed=3, micro_batches=16))
+    assert [(e, i) for e, i, _ in replay] == [(0, 0), (0, 2), (0, 4), (0, 6), (0, 8), (0, 10), (1, 0), (1, 2)]
+    assert seen == [[prompts[i] for i in rows[0]] for _, _, rows in replay]
+    lengths = ds.data.column("length").to_numpy()
+    batch = run_longest_batch(cfg, lengths)
+    widest = max(int(lengths[rows[0]].max()) for _, _, rows in replay)
+    assert (batch.rows, batch.row_tokens, batch.trained_tokens) == (4, widest, 4 * 8) and batch.exact
+    assert widest < int(lengths.max()) or set(batch.ids) & {int(np.argmax(lengths))}
 
 
 def decode_row_of(ds, i):

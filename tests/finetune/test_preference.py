@@ -504,7 +504,7 @@ def test_plan_counts_trls_fused_head_for_the_preference_methods():
 
     assert (TRL_HEAD_TOKEN_TILE, TRL_HEAD_VOCAB_TILE) == (chunked_logprob.TOKEN_CHUNK_SIZE,
                                                           trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
-    assert {m.name for m in methods.methods() if m.fused_lm_head} == {"dpo", "kto", "orpo", "simpo"}
+    assert {m.name for m in methods.methods() if m.fused_lm_head} == {"dpo", "kto", "orpo", "simpo", "grpo"}
     shape = ModelShape(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, head_dim=64, vocab_size=32000)
     cpu = Setup(adapter="lora", micro_batch=2, seq_len=512, precision="fp32", weight_dtype="float32", device="cpu",
