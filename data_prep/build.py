@@ -37,7 +37,8 @@ from data_prep.pipeline import (
     plan_sources,
     split_report,
 )
-from data_prep.preference import PREFERENCE_TASKS, PromptDedupStep
+from data_prep.preference import PromptDedupStep
+from data_prep.prompts import PROMPT_KEYED_TASKS
 from data_prep.readers.html import Page
 from data_prep.recipe import Recipe, validate_recipe
 from data_prep.record import Record, Reject
@@ -132,7 +133,7 @@ class Builder:
         self.group_sizes: Counter[str] = Counter()
         d = recipe.dedup
         self.dedup_step: DedupStep | PromptDedupStep
-        if recipe.task in PREFERENCE_TASKS:
+        if recipe.task in PROMPT_KEYED_TASKS:
             self.dedup_step = PromptDedupStep(
                 d.exact, d.near, d.threshold, d.num_perm, d.shingle_size, on_near_match=self.groups.union
             )
@@ -150,8 +151,8 @@ class Builder:
         out = check_output_dir(self.r.output_dir, self.r.overwrite)
         plan = plan_sources(self.r)
         for f in plan.files:
-            # a preference build joins no pages
-            if f.fmt not in ("html", "text", "transcript") and self.r.task not in PREFERENCE_TASKS:
+            # a preference or prompts build joins no pages
+            if f.fmt not in ("html", "text", "transcript") and self.r.task not in PROMPT_KEYED_TASKS:
                 for key in join_keys_of(f):
                     self.contexts.reference(key)
         self.work = DocWork(self.r, self.contexts)
@@ -207,8 +208,8 @@ class Builder:
         t0 = time.perf_counter()
         # disable=None: a bar on a terminal, silence in CI logs and tests
         bar = tqdm(total=len(pages), desc="pages", unit="page", disable=None, leave=False)
-        # a preference build rejects pages unread: nothing to extract in worker processes
-        if self.r.workers > 1 and len(pages) > 1 and self.r.task not in PREFERENCE_TASKS:
+        # a preference or prompts build rejects pages unread: nothing to extract in worker processes
+        if self.r.workers > 1 and len(pages) > 1 and self.r.task not in PROMPT_KEYED_TASKS:
             _FORKED_WORK = self.work
             try:
                 for f, page in zip(pages, _parallel_map(_parse_many, pages, self.r.workers)):

@@ -25,9 +25,10 @@ def _add_build(sub) -> None:
     p.add_argument(
         "--task",
         default="sft",
-        choices=["sft", "preference", "kto"],
+        choices=["sft", "preference", "kto", "prompts"],
         help="sft: chat examples (default); preference: prompt/chosen/rejected pairs for DPO/ORPO/SimPO, "
-        "split by prompt; kto: pairs and unpaired prompt/completion/label examples",
+        "split by prompt; kto: pairs and unpaired prompt/completion/label examples; prompts: prompt records for "
+        "method grpo (reference answer optional, other columns kept for the reward functions), split by prompt",
     )
     p.add_argument("--system", default=None, help="system prompt added first to every example")
     p.add_argument(
@@ -107,7 +108,9 @@ def _print_summary(report: dict[str, Any], out_dir: str) -> None:
         print(f"  outputs: shard directories {', '.join(report['outputs'].values())} (each with manifest.json)")
     if report["task"] != "sft":
         g = report["split"]["groups"]
-        print(f"  task {report['task']}: TRL conversational preference lines, split by prompt "
+        what = ("prompt records (the reference answer, when given, as the last assistant turn)"
+                if report["task"] == "prompts" else "TRL conversational preference lines")
+        print(f"  task {report['task']}: {what}, split by prompt "
               f"(prompts: train {g['train']}, val {g['val']}, test {g['test']})")
     print(f"  context pages: {report['inputs']['context_pages']}, files: {report['inputs']['files']}")
     for name, s in report["steps"].items():

@@ -93,7 +93,7 @@ class Converted:
     parallel_tool_calls: bool | None = None
 
 
-def _text(value: Any, what: str, strict: bool) -> str:
+def text_value(value: Any, what: str, strict: bool) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
@@ -154,7 +154,7 @@ def _calls(value: Any, what: str, first_id: int) -> list[dict]:
     return calls
 
 
-def _checked(record: dict[str, Any]) -> dict[str, Any]:
+def checked_record(record: dict[str, Any]) -> dict[str, Any]:
     """The record as training reads it (kitcore.schema.training_example), or RowError with the
     schema's reason for its tool calling (roles and content are checked by the callers)."""
     problems = record_problems(record, require_assistant=False)
@@ -181,10 +181,10 @@ def _openai(row: dict[str, Any]) -> dict[str, Any]:
             raise RowError(f"invalid_messages: message {i} has role {role!r}{fix}")
         if not isinstance(content, str) and not (role == "assistant" and content is None and m.get("tool_calls")):
             raise RowError(f"wrong_type: message {i} content is {type(content).__name__}")
-    return _checked(row)
+    return checked_record(row)
 
 
-def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+def sharegpt_record(row: dict[str, Any]) -> dict[str, Any]:
     conv = row["conversations"]
     if not isinstance(conv, list) or not conv:
         raise RowError("invalid_conversations: `conversations` must be a non-empty list")
@@ -226,26 +226,26 @@ def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
     tools = _tools(row.get("tools"), "`tools`")
     if tools:
         record["tools"] = tools
-    return _checked(record)
+    return checked_record(record)
 
 
 def convert_row(row: dict[str, Any], mapping: ColumnMapping, strict_types: bool) -> Converted:
     """Messages of a row; raises RowError with the reject reason. `strict_types` for JSON sources."""
     kind = detect_kind(row) if mapping.user is None and mapping.assistant is None else "columns"
     if kind in ("openai", "sharegpt"):
-        rec = _openai(row) if kind == "openai" else _sharegpt(row)
+        rec = _openai(row) if kind == "openai" else sharegpt_record(row)
         return Converted(rec["messages"], kind=kind, tools=rec.get("tools"),
                          parallel_tool_calls=rec.get("parallel_tool_calls"))
     if kind == "alpaca":
-        instruction = _text(row.get("instruction"), "instruction", strict_types)
-        extra = _text(row.get("input"), "input", strict_types)
-        output = _text(row.get("output"), "output", strict_types)
+        instruction = text_value(row.get("instruction"), "instruction", strict_types)
+        extra = text_value(row.get("input"), "input", strict_types)
+        output = text_value(row.get("output"), "output", strict_types)
         question = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        system = _text(row.get("system"), "system", strict_types)
+        system = text_value(row.get("system"), "system", strict_types)
         conv = Converted([], question=question, answer=output, system=system, kind=kind)
-        return _with_tool_columns(conv, *_tool_values(row, mapping))
+        return _with_tool_columns(conv, *tool_values(row, mapping))
     cols = {part: mapping.column(part, row) for part in ("user", "assistant", "context", "join", "system")}
-    tools, calls = _tool_values(row, mapping)
+    tools, calls = tool_values(row, mapping)
     # A row whose answer is a tool call needs no answer column.
     if cols["user"] is None or (cols["assistant"] is None and not calls):
         present = ", ".join(sorted(map(str, row))) or "none"
@@ -253,7 +253,7 @@ def convert_row(row: dict[str, Any], mapping: ColumnMapping, strict_types: bool)
     for part in ("user", "assistant"):
         if cols[part] is not None and cols[part] not in row:
             raise RowError(f"missing_column: {cols[part]!r}")
-    values = {p: _text(row.get(c), c, strict_types) if c else "" for p, c in cols.items()}
+    values = {p: text_value(row.get(c), c, strict_types) if c else "" for p, c in cols.items()}
     conv = Converted(
         [],
         question=values["user"],
@@ -265,7 +265,7 @@ def convert_row(row: dict[str, Any], mapping: ColumnMapping, strict_types: bool)
     return _with_tool_columns(conv, tools, calls)
 
 
-def _tool_values(row: dict[str, Any], mapping: ColumnMapping) -> tuple[list | None, list[dict]]:
+def tool_values(row: dict[str, Any], mapping: ColumnMapping) -> tuple[list | None, list[dict]]:
     """The row's declared tools and the calls its answer makes, from the `tools` / `tool_calls`
     columns (an empty cell, null or [] is none). A column the recipe names must exist."""
     found = {}
@@ -290,7 +290,7 @@ def _with_tool_columns(conv: Converted, tools: list | None, calls: list[dict]) -
     answer: dict[str, Any] = {"role": "assistant", "content": conv.answer}
     if calls:
         answer = {"role": "assistant", "content": conv.answer or None, "tool_calls": calls}
-    _checked({"messages": [{"role": "user", "content": conv.question}, answer], **({"tools": tools} if tools else {})})
+    checked_record({"messages": [{"role": "user", "content": conv.question}, answer], **({"tools": tools} if tools else {})})
     conv.tools, conv.tool_calls = tools, calls or None
     return conv
 

@@ -37,6 +37,7 @@ from data_prep.preference import (
     PreferenceStep,
     preference_record,
 )
+from data_prep.prompts import PROMPTS_TASK, PromptChatFilterStep, PromptRedactStep, PromptStep, prompt_example
 from data_prep.readers import detect_format, discover
 from data_prep.readers.decode import DecodeError, decode_bytes
 from data_prep.readers.html import ExtractOptions, Page, normalize_url, parse_page
@@ -317,9 +318,18 @@ class DocWork:
         self.opts = ExtractOptions(**recipe.extraction.model_dump(), fix_unicode=recipe.clean.fix_unicode)
         self.redact_types = tuple(recipe.redact.types) if recipe.redact.enabled else ()
         self.preference = recipe.task in PREFERENCE_TASKS
+        self.prompts = recipe.task == PROMPTS_TASK
 
     def steps(self, pii: Counter) -> list[Step]:
         thresholds = ChatThresholds(**self.r.chat_filter.model_dump())
+        if self.prompts:
+            return [
+                CleanStep(self.r.clean.fix_unicode),
+                PromptRedactStep(list(self.redact_types), pii),
+                PromptChatFilterStep(thresholds),
+                AssembleStep(),
+                PromptStep(),
+            ]
         if self.preference:
             # the SFT steps on every message of prompt, chosen and rejected, then the pair's own check
             return [
@@ -346,6 +356,8 @@ class DocWork:
         steps = self.steps(tally.pii)
         if self.preference:
             items = self._read_preference(f)
+        elif self.prompts:
+            items = self._read_prompts(f)
         elif f.fmt == "html":
             items = self._page_records(f, page if page is not None else self.parse(f), out)
         elif f.fmt in ("text", "transcript"):
@@ -473,6 +485,16 @@ class DocWork:
         system = f.spec.system or self.r.system
         return self._rows(f, lambda loc, row: preference_record(f.path, loc, row, cols, strict=strict,
                                                                 unpaired=unpaired, system=system))
+
+    def _read_prompts(self, f: SourceFile) -> Iterator[Record | Reject]:
+        """A prompts build reads annotated rows only (data_prep.prompts)."""
+        if f.fmt not in TABLE_FORMATS:
+            return iter([Reject(f.path, "file", "read", f"not_a_prompt_source: a {f.fmt} file; a prompts build "
+                                "reads rows of CSV, TSV, XLSX, JSON or JSONL files")])
+        mapping, strict = _mapping(f.spec), f.fmt in ("json", "jsonl")
+        system = f.spec.system or self.r.system
+        return self._rows(f, lambda loc, row: prompt_example(f.path, loc, row, mapping, strict=strict, system=system,
+                                                            provenance=self.r.provenance))
 
     def _rows(self, f: SourceFile, record_of) -> Iterator[Record | Reject]:
         """`record_of(locator, row)` for each row of an annotated file; a row it refuses (RowError)

@@ -148,7 +148,7 @@ def _hh_prompt(text: str) -> list[Message] | None:
 
 
 # ---- one row -> a preference record -------------------------------------------------------------
-def _words(text: str) -> str:
+def prompt_words(text: str) -> str:
     """A message as the keys compare it: its words, as exact dedup normalizes them; a message with
     no word at all ("🙂") by its text, or every such prompt would be one prompt."""
     return normalize_for_hash(text) or text.strip()
@@ -180,14 +180,14 @@ class PreferenceRecord(Record):
         return {"prompt": prompt, "completion": first, "label": self.label}
 
     def _prompt_words(self) -> list[list[str]]:
-        return [[m["role"], _words(m["content"])] for m in self.split_parts()[0] if m["role"] != "system"]
+        return [[m["role"], prompt_words(m["content"])] for m in self.split_parts()[0] if m["role"] != "system"]
 
     def prompt_group(self) -> str:
         digest = hashlib.blake2b(json.dumps(self._prompt_words()).encode(), digest_size=12).hexdigest()
         return f"prompt:{digest}"
 
     def exact_key(self) -> bytes:
-        parts = [[[m["role"], _words(m["content"])] for m in part] for part in self.split_parts()]
+        parts = [[[m["role"], prompt_words(m["content"])] for m in part] for part in self.split_parts()]
         return hashlib.blake2b(json.dumps([parts, self.label]).encode(), digest_size=16).digest()
 
     def near_text(self) -> str:

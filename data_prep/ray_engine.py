@@ -55,7 +55,7 @@ from data_prep.pipeline import (
     plan_sources,
     split_report,
 )
-from data_prep.preference import PREFERENCE_TASKS
+from data_prep.prompts import PROMPT_KEYED_TASKS
 from data_prep.recipe import Recipe
 from data_prep.record import Record, Reject
 from data_prep.split import SplitCuts, UnionFind, split_cuts, split_key
@@ -481,8 +481,8 @@ class _Run:
         plan = plan_sources(r)
         contexts = ContextStore()
         tables = [f for f in plan.files if f.fmt not in ("html", "text", "transcript")]
-        # a preference build joins no pages
-        for key in self._join_keys(plan.files, tables if r.task not in PREFERENCE_TASKS else []):
+        # a preference or prompts build joins no pages
+        for key in self._join_keys(plan.files, tables if r.task not in PROMPT_KEYED_TASKS else []):
             contexts.reference(key)
         self.stages.done("plan")
         tally = Tally()
@@ -649,7 +649,7 @@ class _Run:
             return NearOutcome(), []
         # A preference build compares prompts across prompt groups only; every record of a group
         # has the group's one signature, so it lands in the group's buckets.
-        by_group = self.r.task in PREFERENCE_TASKS
+        by_group = self.r.task in PROMPT_KEYED_TASKS
         columns = ["order", "ctx", "sig", "digest"] + (["group"] if by_group else [])
         rows = records.select_columns(columns).map_batches(
             _bucket_rows,

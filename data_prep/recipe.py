@@ -42,6 +42,8 @@ class ColumnsConfig(_Strict):
 
     `user`, `assistant` and `join` are read by chat (SFT) builds; `prompt`, `chosen`, `rejected`
     (and for `task: kto` `completion`, `label`) by preference builds; `context` and `system` by both.
+    A prompts build reads the chat columns but `join`; its `assistant` column (the reference answer)
+    may be missing or empty, and every column it does not map is kept for the reward functions.
     """
 
     user: str | None = Field(None, description="column with the question / prompt (user turn)")
@@ -203,10 +205,11 @@ class RayConfig(_Strict):
 class Recipe(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     output_dir: str
-    task: Literal["sft", "preference", "kto"] = Field(
+    task: Literal["sft", "preference", "kto", "prompts"] = Field(
         "sft",
         description="sft: chat examples; preference: prompt/chosen/rejected pairs (DPO, ORPO, SimPO); "
-        "kto: pairs and unpaired prompt/completion/label examples. Preference builds split by prompt",
+        "kto: pairs and unpaired prompt/completion/label examples; prompts: prompt records for GRPO (the answer "
+        "optional, every other column kept for the reward functions). All but sft split by prompt",
     )
     overwrite: bool = False
     provenance: bool = True
@@ -244,7 +247,13 @@ class Recipe(_Strict):
                 if getattr(src.columns, name) is None:
                     continue
                 key = f"sources.{i}.columns.{name}"
-                if sft and name not in SFT_COLUMNS:
+                if self.task == "prompts":
+                    if name == "join":
+                        problems.append(f"{key}: a prompts build reads no pages: put a passage in a context column")
+                    elif name not in SFT_COLUMNS:
+                        problems.append(f"{key}: a preference column; a prompts build reads the chat (SFT) columns "
+                                        "user (the prompt) and assistant (its reference answer, optional)")
+                elif sft and name not in SFT_COLUMNS:
                     problems.append(f"{key}: a preference column; set task: preference (or kto)")
                 elif not sft and name in SFT_COLUMNS:
                     problems.append(f"{key}: a chat (SFT) column; a {self.task} build reads "

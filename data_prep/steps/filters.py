@@ -103,13 +103,14 @@ class ChatThresholds:
     max_message_words: int = 8192
 
 
-def chat_checks(messages: list[Message], t: ChatThresholds) -> str | None:
-    """Per-field checks of one chat example: empty, too short, too long, no assistant turn."""
+def chat_checks(messages: list[Message], t: ChatThresholds, *, require_assistant: bool = True) -> str | None:
+    """Per-field checks of one chat example: empty, too short, too long, no assistant turn (a prompt,
+    `require_assistant=False`, needs none)."""
     if not messages:
         return "empty_messages"
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         return "no_assistant_message"
-    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+    if require_assistant and all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
         return "no_trained_assistant_message: every assistant turn has weight 0"
     if not any(m["role"] == "user" for m in messages):
         return "no_user_message"

@@ -97,13 +97,13 @@ def redact(text: str, types: tuple[str, ...] | list[str] = PII_TYPES, counts: Co
     return text
 
 
-def _redact_strings(value, types, counts):
+def redact_strings(value, types, counts):
     if isinstance(value, str):
         return redact(value, types, counts)
     if isinstance(value, list):
-        return [_redact_strings(v, types, counts) for v in value]
+        return [redact_strings(v, types, counts) for v in value]
     if isinstance(value, dict):
-        return {k: _redact_strings(v, types, counts) for k, v in value.items()}
+        return {k: redact_strings(v, types, counts) for k, v in value.items()}
     return value
 
 
@@ -118,7 +118,7 @@ def redact_arguments(arguments: str, types: tuple[str, ...] | list[str] = PII_TY
     except (TypeError, json.JSONDecodeError):
         return arguments
     found: Counter = Counter()
-    redacted = _redact_strings(parsed, types, found)
+    redacted = redact_strings(parsed, types, found)
     if not found:
         return arguments
     if counts is not None:

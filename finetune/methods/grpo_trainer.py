@@ -137,6 +137,12 @@ class KitGRPOTrainer(GRPOTrainer):
             raise ValueError(f"the prompts batch lacks {sorted(missing)}: build it with finetune's data cache")
         records = [decode_row(row) for row in inputs]
         self._cached_prompt_ids = [r.pop("prompt_ids") for r in records]
+        # TRL hands the reward functions the first record's keys, one value per record: a record without
+        # a column another one has (a prompt with no reference answer) gets None there, "no value".
+        keys = dict.fromkeys(k for r in records for k in r)
+        for r in records:
+            for k in keys:
+                r.setdefault(k, None)
         try:
             return super()._generate_and_score_completions(records)
         finally:
