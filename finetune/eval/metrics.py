@@ -28,6 +28,7 @@ from typing import Any
 __all__ = [
     "BUILTIN_METRICS",
     "DEFAULT_METRICS",
+    "as_number",
     "chrf",
     "exact_match",
     "load_metric",
@@ -79,8 +80,28 @@ class _Tokenizer:
         return tokenize(text)
 
 
+_NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?$")
+
+
+def as_number(text: Any) -> float | None:
+    """The value of an answer that is one number ("1,299.00", "$12", "-0.5", "7%", "12."), else None:
+    a currency sign or a percent sign around it and thousands commas are allowed, nothing else."""
+    s = unicodedata.normalize("NFKC", str(text)).strip().rstrip(".")
+    t = re.sub(r"^[$€£¥]|[$€£¥%]$", "", s.replace(" ", ""))
+    if not t or not _NUMBER.match(t) or t in "+-.":
+        return None
+    try:
+        return float(t.replace(",", ""))
+    except ValueError:
+        return None
+
+
 def exact_match(prediction: str, reference: str) -> float:
-    """1.0 if the normalized strings are equal, else 0.0."""
+    """1.0 if the normalized strings are equal, else 0.0. Two numbers are compared by value
+    ("$1,299.00" = "1299"), not by their digits with the punctuation deleted ("1.5" != "15")."""
+    x, y = as_number(prediction), as_number(reference)
+    if x is not None and y is not None:
+        return float(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9))
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 

@@ -43,6 +43,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from finetune.eval.metrics import as_number
+
 __all__ = ["RECORD_KEY", "Reward", "build_rewards", "completion_text", "completion_tool_calls", "normalize_answer", "same_answer"]
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,6 @@ def completion_tool_calls(completion: Any) -> list[tuple[str, str]] | None:
 
 
 # ---- comparing answers ----
-_NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?$")
 
 
 def normalize_answer(text: Any) -> str:
@@ -109,21 +110,11 @@ def normalize_answer(text: Any) -> str:
     return s.strip(" .!?;:,'\"`")
 
 
-def _number(s: str) -> float | None:
-    t = re.sub(r"^[$€£¥]|[$€£¥%]$", "", s.replace(" ", ""))
-    if not t or not _NUMBER.match(t) or t in "+-.":
-        return None
-    try:
-        return float(t.replace(",", ""))
-    except ValueError:
-        return None
-
-
 def same_answer(got: Any, want: Any) -> bool:
     a, b = normalize_answer(got), normalize_answer(want)
     if a == b:
         return True
-    x, y = _number(a), _number(b)
+    x, y = as_number(a), as_number(b)  # the same numbers as `finetune eval`'s exact match
     return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
 
 

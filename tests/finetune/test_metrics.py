@@ -45,6 +45,10 @@ def test_exact_match():
     assert exact_match("The Cat!", "cat") == 1.0
     assert exact_match("cats", "cat") == 0.0
     assert exact_match("", "") == 1.0
+    # numbers by value: the punctuation deleted, "1.5" would read "15"
+    assert exact_match("1.5", "15") == 0.0 and exact_match("3.14", "314") == 0.0
+    assert exact_match("$1,299.00", "1299") == 1.0 and exact_match("12.", "12") == 1.0
+    assert exact_match("-0.50", "-.5") == 1.0 and exact_match("12 apples", "12") == 0.0
 
 
 def test_token_f1_by_hand():
