@@ -11,7 +11,9 @@ What the kit adds around TRL's trainer, and nothing else:
   - each training log line adds where the time went: `rollout/tokens_per_s` (completion tokens
     generated per second of generation, all ranks), `rollout/share` (the fraction of the interval
     spent generating and scoring), `train/tokens_per_s` (prompt + completion tokens trained on per
-    second outside generation), `rewards/<name>/errors`, and `peak_mem_gib`;
+    second outside generation), achieved `tflops` and `mfu` / `mfu_6n` over the interval with
+    `train/mfu` and `rollout/mfu` for each phase over its own time (grpo_flops: the conventions of
+    finetune.training.throughput), `rewards/<name>/errors`, and `peak_mem_gib`;
   - the run directory, checkpoints, pre-emption, metrics and export are the SFT recipe's.
 
 The reference model (beta > 0) is TRL's: under LoRA the starting adapter's frozen copy (the base
@@ -34,7 +36,7 @@ from finetune.data.kinds import PROMPTS
 from finetune.data.prompts import decode_row
 from finetune.methods.rewards import build_rewards
 
-__all__ = ["arguments", "collator", "records", "trainer", "before_model", "run_info", "KitGRPOTrainer"]
+__all__ = ["arguments", "collator", "records", "trainer", "before_model", "run_info", "KitGRPOTrainer", "grpo_flops"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +128,11 @@ class KitGRPOTrainer(GRPOTrainer):
                 self.generation_config.eos_token_id = self.eos_token_ids
                 self.generation_kwargs["eos_token_id"] = self.eos_token_ids
         self._cached_prompt_ids: list[list[int]] | None = None
-        self._acct = {"gen_s": 0.0, "gen_tokens": 0.0, "train_tokens": 0.0}
+        self._acct = dict.fromkeys(_COUNTS, 0.0)
         self._t_log: float | None = None
-        self.rollout_total = {"seconds": 0.0, "gen_s": 0.0, "gen_tokens": 0.0, "train_tokens": 0.0}
+        self.rollout_total = {"seconds": 0.0, **dict.fromkeys(_COUNTS, 0.0), **dict.fromkeys(_FLOPS, 0.0)}
+        self._flops = None  # finetune.training.throughput.ModelFlops, at the first log
+        self._peak: tuple[float, str] | None = None
 
     # ---- the data: cached rows -> TRL's records, prompts already tokenized ----
     def _generate_and_score_completions(self, inputs):
@@ -163,14 +167,19 @@ class KitGRPOTrainer(GRPOTrainer):
         if self.model.training:
             self._acct["gen_s"] += time.perf_counter() - started
             self._acct["gen_tokens"] += float(sum(len(c) for c in out[1]))
+            whole = [len(p) + len(c) for p, c in zip(out[0], out[1])]  # host lists: no synchronisation
+            self._acct["gen_seq_tokens"] += float(sum(whole))
+            self._acct["gen_sum_sq"] += float(sum(n * n for n in whole))
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._t_log is None:
             self._t_log = time.perf_counter()
-        if model.training:  # a device tensor: read at log time, no host synchronisation per micro-batch
-            self._acct["train_tokens"] = self._acct["train_tokens"] + (
-                inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        if model.training:  # device tensors: read at log time, no host synchronisation per micro-batch
+            rows = inputs["prompt_mask"].sum(dim=1, dtype=torch.float64) + inputs["completion_mask"].sum(
+                dim=1, dtype=torch.float64)
+            self._acct["train_tokens"] = self._acct["train_tokens"] + rows.sum()
+            self._acct["train_sum_sq"] = self._acct["train_sum_sq"] + (rows * rows).sum()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -179,25 +188,35 @@ class KitGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
     def _interval(self) -> dict[str, float]:
-        from finetune.training.throughput import peak_memory
+        from finetune.training.throughput import device_peak, model_flops, peak_memory
 
+        if self._flops is None:  # once; the peak's matmul is not the run's time
+            started = time.perf_counter()
+            self._flops = model_flops(self.accelerator.unwrap_model(self.model))
+            self._peak = device_peak(self.args.device)
+            self._t_log += time.perf_counter() - started
         now = time.perf_counter()
         dt = max(now - self._t_log, 1e-9)
         self._t_log = now
         a = self._acct
         errors = [float(r.take_errors()) for r in self.kit_rewards]
-        local = torch.tensor([a["gen_tokens"], float(a["train_tokens"]), *errors], dtype=torch.float64,
-                             device=self.accelerator.device)
+        local = torch.stack([torch.as_tensor(a[k], dtype=torch.float64).to(self.accelerator.device)
+                             for k in _SUMMED] + [torch.tensor(e, dtype=torch.float64, device=self.accelerator.device)
+                                                  for e in errors])
         summed = self.accelerator.reduce(local, reduction="sum").tolist()
-        gen_tokens, train_tokens, errors = summed[0], summed[1], summed[2:]
-        gen_s = a["gen_s"]  # the ranks generate in lockstep: this rank's time is the step's
+        counts, errors = dict(zip(_SUMMED, summed)), summed[len(_SUMMED):]
+        counts["gen_s"] = gen_s = a["gen_s"]  # the ranks generate in lockstep: this rank's time is the step's
+        flops = grpo_flops(self._flops, counts)
+        world = self.accelerator.num_processes
         total = self.rollout_total
-        for k, v in (("seconds", dt), ("gen_s", gen_s), ("gen_tokens", gen_tokens), ("train_tokens", train_tokens)):
+        total["seconds"] += dt
+        for k, v in (*counts.items(), *flops.items()):
             total[k] += v
-        self._acct = {"gen_s": 0.0, "gen_tokens": 0.0, "train_tokens": 0.0}
-        out = {"rollout/tokens_per_s": round(gen_tokens / max(gen_s, 1e-9), 1),
+        self._acct = dict.fromkeys(_COUNTS, 0.0)
+        out = {"rollout/tokens_per_s": round(counts["gen_tokens"] / max(gen_s, 1e-9), 1),
                "rollout/share": round(min(1.0, gen_s / dt), 4),
-               "train/tokens_per_s": round(train_tokens / max(dt - gen_s, 1e-9), 1),
+               "train/tokens_per_s": round(counts["train_tokens"] / max(dt - gen_s, 1e-9), 1),
+               **_utilisation(flops, dt, gen_s, world, self._peak[0]),
                "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3)}
         for reward, n in zip(self.kit_rewards, errors):
             out[f"rewards/{reward.__name__}/errors"] = n
@@ -209,18 +228,61 @@ class KitGRPOTrainer(GRPOTrainer):
         from finetune.training.throughput import peak_memory
 
         t = self.rollout_total
-        if t["seconds"] <= 0:
+        if t["seconds"] <= 0 or self._peak is None:
             return None
         gen_tps = t["gen_tokens"] / max(t["gen_s"], 1e-9)
         train_tps = t["train_tokens"] / max(t["seconds"] - t["gen_s"], 1e-9)
         share = t["gen_s"] / t["seconds"]
+        use = _utilisation({k: t[k] for k in _FLOPS}, t["seconds"], t["gen_s"], self.accelerator.num_processes,
+                           self._peak[0])
         return {"line": f"rollouts: {t['gen_tokens']:,.0f} completion tokens at {gen_tps:,.0f} tokens/s, "
-                        f"{100 * share:.0f}% of the time; training {train_tps:,.0f} tokens/s",
+                        f"{100 * share:.0f}% of the time; training {train_tps:,.0f} tokens/s; MFU "
+                        f"{100 * use['mfu']:.1f}% (training {100 * use['train/mfu']:.1f}%, rollouts "
+                        f"{100 * use['rollout/mfu']:.1f}%) of {self._peak[1]}",
                 "seconds": t["seconds"], "rollout_seconds": t["gen_s"], "rollout_share": round(share, 4),
                 "rollout_tokens": int(t["gen_tokens"]), "rollout_tokens_per_s": round(gen_tps, 1),
                 "train_tokens": int(t["train_tokens"]), "train_tokens_per_s": round(train_tps, 1),
+                "tflops_per_device": use["tflops"], "mfu": use["mfu"], "mfu_6n": use["mfu_6n"],
+                "train_mfu": use["train/mfu"], "rollout_mfu": use["rollout/mfu"], "mfu_peak": self._peak[1],
+                "flops": {k: t[k] for k in _FLOPS},
+                "flops_per_token": {"kit": self._flops.per_token(), "6n": self._flops.per_token("6n"),
+                                    "generation": 2 * (self._flops.frozen + self._flops.trainable)},
                 "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3),
                 "reward_errors": {r.__name__: dict(r.total_errors) for r in self.kit_rewards if r.total_errors}}
+
+
+# What each interval counts (summed over the ranks at log time; gen_s is this rank's seconds of generation).
+_SUMMED = ("gen_tokens", "gen_seq_tokens", "gen_sum_sq", "train_tokens", "train_sum_sq")
+_COUNTS = ("gen_s", *_SUMMED)
+_FLOPS = ("train_flops", "train_flops_6n", "rollout_flops")
+
+
+def grpo_flops(flops, counts: dict[str, float]) -> dict[str, float]:
+    """Useful FLOPs of a GRPO interval (finetune.training.throughput's conventions): training, the policy's
+    forward and backward over each row's prompt + completion tokens (4N+6N_trainable, and 6N), with
+    attention 12 x layers x width x s^2 per row; rollouts, one forward's work over prompt + completion
+    (what a KV-cached generation computes): 2 FLOPs per matmul weight per token, attention 4 x layers x
+    width x s^2. A reference's forward (beta > 0) and the old policy's (num_iterations > 1) are cost, not
+    counted."""
+    return {"train_flops": counts["train_tokens"] * flops.per_token() + flops.attention(counts["train_sum_sq"]),
+            "train_flops_6n": counts["train_tokens"] * flops.per_token("6n") + flops.attention(counts["train_sum_sq"]),
+            "rollout_flops": counts["gen_seq_tokens"] * 2 * (flops.frozen + flops.trainable)
+            + flops.attention(counts["gen_sum_sq"]) / 3}
+
+
+def _utilisation(f: dict[str, float], seconds: float, gen_s: float, world: int, peak: float) -> dict[str, float]:
+    """Per device: achieved TFLOP/s and MFU over the whole interval (training + rollouts), and of each phase
+    over its own time."""
+    from finetune.training.throughput import significant
+
+    def rate(x: float, s: float) -> float:
+        return x / max(s, 1e-9) / max(1, world)
+
+    whole = rate(f["train_flops"] + f["rollout_flops"], seconds)
+    return {"tflops": significant(whole / 1e12), "mfu": significant(whole / peak),
+            "mfu_6n": significant(rate(f["train_flops_6n"] + f["rollout_flops"], seconds) / peak),
+            "train/mfu": significant(rate(f["train_flops"], seconds - gen_s) / peak),
+            "rollout/mfu": significant(rate(f["rollout_flops"], gen_s) / peak)}
 
 
 def run_info(cfg: TrainConfig) -> dict[str, Any]:

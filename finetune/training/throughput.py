@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ModelFlops", "model_flops", "device_peak", "batch_counts", "peak_memory", "ThroughputAccounting",
-           "GPU_PEAK_TFLOPS"]
+           "GPU_PEAK_TFLOPS", "significant"]
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; matched as a
 # substring of torch.cuda.get_device_name(), the first match in this order (PCIe/NVL before SXM).
@@ -208,8 +208,8 @@ class ThroughputAccounting:
         total["world"] = world
         self.throughput_total = total
         return {"tokens_per_s": round(tokens / dt, 1), "trained_tokens_per_s": round(trained / dt, 1),
-                "tflops": _sig(per_device / 1e12), "mfu": _sig(per_device / self._peak[0]),
-                "mfu_6n": _sig(six / dt / world / self._peak[0]), "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3)}
+                "tflops": significant(per_device / 1e12), "mfu": significant(per_device / self._peak[0]),
+                "mfu_6n": significant(six / dt / world / self._peak[0]), "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3)}
 
     def throughput_summary(self) -> dict[str, Any] | None:
         """Totals over the whole run (the logged intervals): what run.json records and the recipe prints."""
@@ -220,14 +220,14 @@ class ThroughputAccounting:
         return {"tokens": int(t["tokens"]), "trained_tokens": int(t["trained"]), "seconds": t["seconds"],
                 "tokens_per_s": round(t["tokens"] / t["seconds"], 1),
                 "trained_tokens_per_s": round(t["trained"] / t["seconds"], 1),
-                "tflops_per_device": _sig(per_device / 1e12), "mfu": _sig(per_device / self._peak[0]),
-                "mfu_6n": _sig(t["flops_6n"] / t["seconds"] / t["world"] / self._peak[0]),
+                "tflops_per_device": significant(per_device / 1e12), "mfu": significant(per_device / self._peak[0]),
+                "mfu_6n": significant(t["flops_6n"] / t["seconds"] / t["world"] / self._peak[0]),
                 "mfu_peak": self._peak[1], "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3),
                 "flops_per_token": {"kit": self._flops.per_token(), "6n": self._flops.per_token("6n")},
                 "matmul_weights": {"frozen": self._flops.frozen, "trainable": self._flops.trainable}}
 
 
-def _sig(x: float) -> float:
+def significant(x: float) -> float:
     """Four significant figures (a CPU's 0.01 TFLOP/s and a GPU's 400 alike)."""
     return float(f"{x:.4g}")
 

@@ -362,9 +362,29 @@ def test_a_grpo_run_logs_rewards_rollouts_and_counted_failures(tiny_model, tmp_p
     through = info["throughput"]
     assert sum(through["reward_errors"]["flaky_reward"].values()) == errors
     assert through["rollout_tokens"] > 0 and 0 < through["rollout_share"] < 1
+    for m in logged:  # achieved FLOPs and utilisation, as SFT runs log them, for each phase too
+        assert m["tflops"] > 0 and all(0 < m[k] < 1 for k in ("mfu", "mfu_6n", "train/mfu", "rollout/mfu")), m
+    f = through["flops"]
+    assert through["mfu_6n"] / through["mfu"] == pytest.approx(
+        (f["train_flops_6n"] + f["rollout_flops"]) / (f["train_flops"] + f["rollout_flops"]), rel=2e-3)
+    assert "CPU: measured fp32 matmul" in through["mfu_peak"]
     # 3 steps x 2 accum x 4 completions, each at most 8 tokens
     assert through["rollout_tokens"] <= 3 * 2 * 4 * 8
     _check_adapter(run, tiny_model)
+
+
+def test_the_flops_of_an_interval_are_counted_by_hand():
+    from finetune.methods.grpo_trainer import grpo_flops
+    from finetune.training.throughput import ModelFlops
+
+    flops = ModelFlops(frozen=100, trainable=10, attn_layers=2, attn_width=8)
+    # two rows of 10 and 20 tokens trained; the same two sequences generated
+    counts = {"train_tokens": 30, "train_sum_sq": 10**2 + 20**2, "gen_seq_tokens": 30, "gen_sum_sq": 500}
+    assert grpo_flops(flops, counts) == {
+        "train_flops": 30 * (4 * 100 + 6 * 10) + 12 * 2 * 8 * 500,  # forward + backward, frozen base
+        "train_flops_6n": 30 * 6 * 110 + 12 * 2 * 8 * 500,
+        "rollout_flops": 30 * 2 * 110 + 4 * 2 * 8 * 500,  # one forward's work
+    }
 
 
 def _grpo_yaml(tmp_path, tiny_model, **extra):
