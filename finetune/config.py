@@ -272,8 +272,8 @@ class TrainConfig(Section):
     )
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack each micro-batch's examples into one padding-free row (no attention across "
-        "examples, the same loss). auto: on CUDA for chat-data methods, with flex_attention (or the flash-attention "
-        "the config names); off on CPU. true: on any device (CPU: sdpa's block-diagonal mask).")
+        "examples, the same loss). auto: on CUDA for chat-data methods, with the flash-attention the config names, "
+        "else a Hub flash-attention kernel already in the local cache, else flex_attention; off on CPU. true: on any device (CPU: sdpa's block-diagonal mask).")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quantization: QuantConfig = Field(default_factory=QuantConfig)

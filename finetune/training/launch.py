@@ -284,13 +284,45 @@ def kernel_settings(cfg: TrainConfig, rt, model_type: str | None) -> Kernels:
 PACKING_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
 
+# Hub flash-attention kernels (the `kernels` package; transformers loads one named as the attention
+# implementation) that pack without a dense mask, best first, by the CUDA capability they need.
+HUB_FLASH_KERNELS = (((9, 0), "kernels-community/vllm-flash-attn3"), ((9, 0), "kernels-community/flash-attn3"),
+                     ((8, 0), "kernels-community/flash-attn2"))
+
+
+def cached_attention_kernel(device: str) -> str | None:
+    """The best Hub flash-attention kernel whose build for this torch/CUDA is already in the local Hugging
+    Face cache (nothing is downloaded: a cluster node is often offline, and a kernel fetched mid-launch
+    by every rank is a surprise), or None: not CUDA, `kernels` not installed, or nothing cached."""
+    import importlib.util
+
+    import torch
+
+    if not (device.startswith("cuda") and torch.cuda.is_available()) or importlib.util.find_spec("kernels") is None:
+        return None
+    from kernels import install_kernel
+    from transformers.modeling_flash_attention_utils import FLASH_ATTN_KERNEL_VERSIONS
+
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    for needs, repo in HUB_FLASH_KERNELS:
+        if capability < needs:
+            continue
+        try:
+            install_kernel(repo, version=FLASH_ATTN_KERNEL_VERSIONS.get(repo, 1), local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached, or no build for this torch/CUDA/platform
+            continue
+        return repo
+    return None
+
+
 def packing_settings(cfg: TrainConfig, device: str) -> tuple[bool, str | None, str]:
     """(pack the batches?, the attention implementation, what was decided, in words) for `device`
     ("cuda:N", "cpu", ..., or the plan's "gpu"/"cpu").
 
     `packing: auto` (the default) packs on CUDA when the method can (chat data: sft, distill) and
-    the attention keeps examples apart without a dense mask: flex_attention unless the config names
-    flash-attention (a wheel or a Hub kernel); on CPU it does not pack (flex_attention has no
+    the attention keeps examples apart without a dense mask: the config's flash-attention (a wheel or a
+    Hub kernel), else a Hub flash-attention kernel already in the local cache (cached_attention_kernel),
+    else flex_attention; on CPU it does not pack (flex_attention has no
     backward pass there, and padded batches of similar length are as fast). `packing: true` packs
     on any device; on CPU through sdpa's block-diagonal mask (quadratic in the row, correct). Refused:
     flex_attention for training on CPU (torch raises in backward), and packing for a method that
@@ -316,13 +348,16 @@ def packing_settings(cfg: TrainConfig, device: str) -> tuple[bool, str | None, s
         want = True
     if not want:
         return False, attn, "packing off"
+    cached = ""
     if cuda and attn is None:
-        attn = "flex_attention"
+        attn = cached_attention_kernel(device) if device != "gpu" else None  # the plan: flex's memory
+        cached = " (a Hub kernel in the local cache)" if attn else ""
+        attn = attn or "flex_attention"
     how = {"flex_attention": "flex_attention's document mask",
            None: "sdpa's block-diagonal mask from the position ids (quadratic in the row's length)",
            "sdpa": "sdpa's block-diagonal mask from the position ids (quadratic in the row's length)",
            "eager": "eager attention's block-diagonal mask (quadratic in the row's length)"}.get(
-        attn, f"{attn}'s sequence boundaries")
+        attn, f"{attn}'s sequence boundaries{cached}")
     return True, attn, f"packing on: one padding-free row per micro-batch, examples kept apart by {how}"
 
 

@@ -164,3 +164,42 @@ def test_packing_auto_is_decided_per_device_and_method(tiny_model, chat_data, tm
     assert off is False and "scores each sequence on its own" in said
     with pytest.raises(ConfigError, match="flex_attention cannot train on CPU"):
         packing_settings(cfg("attn_implementation=flex_attention"), "cpu")
+
+
+def test_a_hub_flash_kernel_in_the_local_cache_is_preferred_to_flex(tiny_model, chat_data, tmp_path, monkeypatch):
+    """On CUDA, `packing: auto` with no attention named takes the best Hub flash-attention kernel whose
+    build is already cached (looked up with local_files_only: nothing downloads), else flex_attention.
+    A stand-in CUDA device and cache here; the kernel itself runs in the gpu tests."""
+    kernels = pytest.importorskip("kernels")
+    import torch
+
+    from finetune.training.launch import packing_settings
+
+    cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'r'}"])
+    cached: set[str] = set()
+    asked: list[tuple] = []
+
+    def install_kernel(repo, *, version=None, local_files_only=False, **kw):
+        asked.append((repo, version, local_files_only))
+        if repo not in cached:
+            raise FileNotFoundError(repo)
+        return tmp_path / repo
+
+    monkeypatch.setattr(kernels, "install_kernel", install_kernel)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    assert packing_settings(cfg, "cuda:0")[:2] == (True, "flex_attention")  # nothing cached
+    assert asked and all(local for _, _, local in asked)  # only the local cache is read
+    cached |= {"kernels-community/flash-attn2", "kernels-community/flash-attn3"}
+    on, attn, said = packing_settings(cfg, "cuda:0")
+    assert (on, attn) == (True, "kernels-community/flash-attn3") and "a Hub kernel in the local cache" in said
+    assert ("kernels-community/flash-attn3", 2, True) in asked  # the version transformers loads
+    capability[0] = (8, 6)  # Ampere: no FlashAttention-3 build runs there
+    assert packing_settings(cfg, "cuda:0")[1] == "kernels-community/flash-attn2"
+    assert packing_settings(cfg, "gpu")[1] == "flex_attention"  # the plan looks nothing up
+    asked.clear()
+    assert packing_settings(cfg, "cpu")[:2] == (False, None) and not asked
+    assert packing_settings(load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}",
+                                              f"output_dir={tmp_path / 'r'}", "attn_implementation=flash_attention_2"]),
+                            "cuda:0")[1] == "flash_attention_2"  # the config's choice stands

@@ -113,10 +113,19 @@ def test_packing_auto_packs_with_flex_attention_on_the_gpu_and_the_run_measures_
     assert through["mfu_peak"].startswith(torch.cuda.get_device_name(0)), through
 
 
-def test_packed_flex_attention_equals_the_padded_batch_in_bf16(tiny_model, chat_data, tmp_path):
-    """The packed row through flex_attention gives the padded batch's loss and LoRA gradients (sdpa),
-    within bf16 tolerance."""
+@pytest.mark.parametrize("kernel", ["flex_attention", "hub"])
+def test_packed_flex_attention_equals_the_padded_batch_in_bf16(tiny_model, chat_data, tmp_path, kernel):
+    """The packed row through flex_attention (and through the Hub flash-attention kernel that `packing:
+    auto` would take from the local cache, when one is cached) gives the padded batch's loss and LoRA
+    gradients (sdpa), within bf16 tolerance."""
     from peft import LoraConfig, get_peft_model
+
+    from finetune.training.launch import cached_attention_kernel
+
+    if kernel == "hub":
+        kernel = cached_attention_kernel("cuda:0")
+        if kernel is None:
+            pytest.skip("no Hub flash-attention kernel built for this torch/CUDA in the local cache")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.config import load_config
@@ -128,11 +137,11 @@ def test_packed_flex_attention_equals_the_padded_batch_in_bf16(tiny_model, chat_
     rows = [json.loads(x)["messages"] for x in chat_data["train"].read_text().splitlines()[:8]]
     feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_chat(tok, m) for m in rows)]
     cfg = load_config(None, [f"model={tiny_model}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'r'}",
-                             "packing=true", "attn_implementation=flex_attention"])
+                             "packing=true", f"attn_implementation={kernel}"])
     packed = {k: v.cuda() for k, v in make_collator(cfg, tok)(feats).items()}
     padded = {k: v.cuda() for k, v in pad_collate(tok.pad_token_id)(feats).items()}
     losses, grads = [], []
-    for attn, batch in (("flex_attention", packed), ("sdpa", padded)):
+    for attn, batch in ((kernel, packed), ("sdpa", padded)):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16, attn_implementation=attn).cuda()
         model.config.use_cache = False
