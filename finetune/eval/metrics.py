@@ -29,11 +29,13 @@ __all__ = [
     "BUILTIN_METRICS",
     "DEFAULT_METRICS",
     "as_number",
+    "call_key",
     "chrf",
     "exact_match",
     "load_metric",
     "normalize_answer",
     "rouge_l",
+    "same_calls",
     "score_predictions",
     "score_tool_calls",
     "token_f1",
@@ -292,7 +294,7 @@ def score_predictions(
 # ----------------------------------------------------------------------------------------------
 # tool calls
 # ----------------------------------------------------------------------------------------------
-def _call_key(call: Any) -> tuple[str, Any] | None:
+def call_key(call: Any) -> tuple[str, Any] | None:
     """(function name, parsed arguments) of an OpenAI-format call; None when it is malformed."""
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -306,7 +308,7 @@ def _call_key(call: Any) -> tuple[str, Any] | None:
     return fn["name"], args
 
 
-def _same_calls(predicted: list[tuple[str, Any]], reference: list[tuple[str, Any]]) -> bool:
+def same_calls(predicted: list[tuple[str, Any]], reference: list[tuple[str, Any]]) -> bool:
     """The same calls in any order: a multiset match, arguments compared as parsed JSON (so key
     order and spacing do not matter; 5 and 5.0 are equal, as JSON numbers)."""
     left = list(predicted)
@@ -337,16 +339,16 @@ def score_tool_calls(
     names, exact = [], []
     counts = Counter(n_no_tool_call=0, n_invalid_tool_call=0, n_invalid_tool_reference=0)
     for (calls, invalid), reference in zip(predictions, references):
-        ref = [_call_key(c) for c in reference] if isinstance(reference, list) else [None]
+        ref = [call_key(c) for c in reference] if isinstance(reference, list) else [None]
         if not ref or None in ref:
             counts["n_invalid_tool_reference"] += 1
             per_example.append({"error": "the reference's tool_calls do not parse"})
             continue
-        pred = [k for k in (_call_key(c) for c in calls) if k is not None]
+        pred = [k for k in (call_key(c) for c in calls) if k is not None]
         counts["n_no_tool_call"] += not pred
         counts["n_invalid_tool_call"] += bool(invalid)
         row = {"tool_name_accuracy": float(sorted(n for n, _ in pred) == sorted(n for n, _ in ref)),
-               "tool_arguments_exact_match": float(_same_calls(pred, ref))}
+               "tool_arguments_exact_match": float(same_calls(pred, ref))}
         names.append(row["tool_name_accuracy"])
         exact.append(row["tool_arguments_exact_match"])
         per_example.append(row)

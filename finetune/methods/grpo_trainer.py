@@ -224,7 +224,7 @@ class KitGRPOTrainer(GRPOTrainer):
 
     def throughput_summary(self) -> dict[str, Any] | None:
         """The run's rollout and training throughput over its logged intervals, and the reward
-        functions' failures (this process's, by reason): what run.json records."""
+        functions' failures by reason (all ranks): what run.json records."""
         from finetune.training.throughput import peak_memory
 
         t = self.rollout_total
@@ -248,7 +248,22 @@ class KitGRPOTrainer(GRPOTrainer):
                 "flops_per_token": {"kit": self._flops.per_token(), "6n": self._flops.per_token("6n"),
                                     "generation": 2 * (self._flops.frozen + self._flops.trainable)},
                 "peak_mem_gib": round(peak_memory(self.args.device) / 2**30, 3),
-                "reward_errors": {r.__name__: dict(r.total_errors) for r in self.kit_rewards if r.total_errors}}
+                "reward_errors": self._reward_errors()}
+
+    def _reward_errors(self) -> dict[str, dict[str, int]]:
+        """Each reward function's failures by reason, summed over the ranks (every rank calls this)."""
+        from collections import Counter
+
+        mine = {r.__name__: dict(r.total_errors) for r in self.kit_rewards}
+        everyone = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, mine)
+        out: dict[str, Counter] = {}
+        for rank in everyone:
+            for name, reasons in rank.items():
+                out.setdefault(name, Counter()).update(reasons)
+        return {name: dict(c) for name, c in out.items() if c}
 
 
 # What each interval counts (summed over the ranks at log time; gen_s is this rank's seconds of generation).

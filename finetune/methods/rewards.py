@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from finetune.eval.metrics import as_number
+from finetune.eval.metrics import as_number, call_key, same_calls
 
 __all__ = ["RECORD_KEY", "Reward", "build_rewards", "completion_text", "completion_tool_calls", "normalize_answer", "same_answer"]
 
@@ -67,24 +67,21 @@ def completion_text(completion: Any) -> str:
     return "".join(m.get("content") or "" for m in completion if isinstance(m, dict))
 
 
-def _call_pair(call: Any) -> tuple[str, str] | None:
-    """(name, canonical JSON of the arguments) of a call in OpenAI's form or the kit's {name, arguments}."""
+def _call_pair(call: Any) -> tuple[str, Any] | None:
+    """(name, parsed arguments) of a call in OpenAI's form or the kit's {name, arguments}, as `finetune
+    eval`'s tool-call metric reads calls (finetune.eval.metrics.call_key); None unless the arguments are
+    a JSON object."""
     if not isinstance(call, dict):
         return None
     fn = call.get("function", call)
-    name, args = fn.get("name"), fn.get("arguments", fn.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(name, str) or not isinstance(args, dict):
+    if not isinstance(fn, dict):
         return None
-    return name, json.dumps(args, sort_keys=True, ensure_ascii=False)
+    key = call_key({"function": {"name": fn.get("name"), "arguments": fn.get("arguments", fn.get("parameters", {}))}})
+    return key if key is not None and isinstance(key[1], dict) else None
 
 
-def completion_tool_calls(completion: Any) -> list[tuple[str, str]] | None:
-    """The completion's tool calls as (name, canonical arguments), or None when a call block does not
+def completion_tool_calls(completion: Any) -> list[tuple[str, Any]] | None:
+    """The completion's tool calls as (name, parsed arguments), or None when a call block does not
     parse. Calls the trainer already parsed (messages' `tool_calls`) are used as they are; else the
     text is read by the kit's parser (finetune.data.chat_template.parse_tool_calls)."""
     messages = completion if isinstance(completion, list) else [completion] if isinstance(completion, dict) else []
@@ -200,7 +197,7 @@ def _tool_call(spec, room: int) -> Callable:
             declared = {(t.get("function") or t).get("name") for t in tools if isinstance(t, dict)}
             if any(name not in declared for name, _ in got):
                 return 0.0
-        return 1.0 if sorted(got) == sorted(want) else 0.0
+        return 1.0 if same_calls(got, want) else 0.0
     return score
 
 

@@ -218,6 +218,14 @@ def test_regex_json_schema_tool_call_and_length_rewards():
              "It costs $12.", '<tool_call>{"name": "price", "arguments": {"item": ']
     assert tc(prompts=[[U]] * 5, completions=[_chat(t) for t in texts], completion_ids=[[1]] * 5,
               tool_calls=[ref] * 5, tools=[tools] * 5) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    # the arguments compare as JSON values, as `finetune eval`'s tool-call metric compares them: 1 = 1.0
+    two = '<tool_call>{"name": "price", "arguments": {"item": "desk", "n": 1.0}}</tool_call>' * 2
+    assert tc(prompts=[[U]] * 2, completions=[_chat(texts[0].replace('"n": 1', '"n": 1.0')), _chat(two)],
+              completion_ids=[[1]] * 2, tool_calls=[ref] * 2, tools=[tools] * 2) == [1.0, 0.0]  # one call, not two
+    from finetune.data.chat_template import parse_tool_calls
+    from finetune.eval.metrics import score_tool_calls
+    reply = parse_tool_calls(texts[0].replace('"n": 1', '"n": 1.0'))
+    assert score_tool_calls([(reply.tool_calls, reply.invalid)], [ref])[1]["tool_arguments_exact_match"] == 1.0
 
     (lp,) = _rewards({"type": "length_penalty", "soft_tokens": 4}, room=16)
     lengths = [1, 12, 13, 14, 16]
@@ -392,7 +400,8 @@ def _grpo_yaml(tmp_path, tiny_model, **extra):
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", price_prompts(64, 0))
     return _write_config(tmp_path, tiny_model, {"train": prompts}, method="grpo", grpo={
-        "rewards": [{"type": "tests.finetune.test_grpo:even_tokens"}], "num_generations": 4,
+        "rewards": [{"type": "tests.finetune.test_grpo:even_tokens"},
+                    {"type": "tests.finetune.test_grpo:flaky_reward", "weight": 0.1}], "num_generations": 4,
         "max_completion_length": 8}, **extra)
 
 
@@ -411,6 +420,10 @@ def _two_ranks_trained(run: Path, res, steps: int) -> None:
     logged = [m for m in _metrics(run) if "loss" in m]
     assert len(logged) == steps and all(math.isfinite(m["loss"]) and "reward" in m for m in logged), logged
     assert all(m["rollout/tokens_per_s"] > 0 for m in logged), logged
+    # the failing reward's errors: counted on both ranks, in the log lines and by reason in run.json
+    errors = sum(m["rewards/flaky_reward/errors"] for m in logged)
+    reasons = json.loads((run / "run.json").read_text())["throughput"]["reward_errors"]
+    assert errors > 0 and sum(reasons["flaky_reward"].values()) == errors, (errors, reasons)
 
 
 def _replayed_batches(config: Path, n: int, world_size: int = 2) -> list[list[list[str]]]:
