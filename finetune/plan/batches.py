@@ -108,6 +108,40 @@ def longest_batch(lengths, batch_size: int, *, group_by_length: bool = True, win
     return LongestBatch(1 if packing else rows, per_row, rows, longest, epoch, index, True, packing, n, ids=ids)
 
 
+def _generation_epochs(n_prompts: int, *, batch_size: int, grad_accum: int, world_size: int, group: int,
+                       iterations: int, seed: int, epochs: int, micro_batches: int | None):
+    """(epoch, passes, prompt ids [generations, world_size, batch_size x grad_accum]) per epoch, the
+    generations the run reaches (rollout_generations)."""
+    import itertools
+
+    import numpy as np
+    from trl.trainer.utils import RepeatSampler
+
+    per_rank = batch_size * grad_accum
+    per_gen = per_rank * world_size
+    if per_gen % group:
+        raise ValueError(f"{per_gen} rows per generation is not a multiple of {group} completions per prompt")
+    passes = grad_accum * iterations
+    # TRL's sampler draws one permutation per epoch whatever its repeat counts, so drawn without them
+    # it gives the run's prompts in the run's order, a generation's prompts per chunk, each once; the
+    # repeats (a prompt's completions side by side, the chunk once per micro-batch it serves) are laid
+    # out here as TRL lays them out.
+    sampler = RepeatSampler(range(n_prompts), mini_repeat_count=1, batch_size=per_gen // group, shuffle=True,
+                            seed=seed)
+    left = micro_batches
+    for epoch in itertools.count():
+        if (left is not None and left <= 0) or (left is None and epoch >= max(1, int(epochs))):
+            return
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        if not len(order):
+            raise ValueError(f"{n_prompts} prompts: fewer than one generation draws ({per_gen // group})")
+        gens = np.repeat(order, group).reshape(-1, world_size, per_rank)
+        if left is not None:
+            gens = gens[: -(-left // passes)]
+            left -= len(gens) * passes
+        yield epoch, passes, gens
+
+
 def rollout_generations(n_prompts: int, *, batch_size: int, grad_accum: int = 1, world_size: int = 1,
                         group: int = 1, iterations: int = 1, seed: int = 0, epochs: int = 1,
                         micro_batches: int | None = None):
@@ -120,30 +154,10 @@ def rollout_generations(n_prompts: int, *, batch_size: int, grad_accum: int = 1,
     of each of its prompts; rank r generates the r-th slice (the dataloader deals the sampler's batches
     to the ranks in turn). `micro_batches`: how many each rank runs in all (max_steps x grad_accum), or
     None: every generation of `epochs` epochs."""
-    import itertools
-
-    import numpy as np
-    from trl.trainer.utils import RepeatSampler
-
-    per_rank = batch_size * grad_accum
-    per_gen = per_rank * world_size
-    if per_gen % group:
-        raise ValueError(f"{per_gen} rows per generation is not a multiple of {group} completions per prompt")
-    passes = grad_accum * iterations
-    sampler = RepeatSampler(range(n_prompts), mini_repeat_count=group, batch_size=per_gen // group,
-                            repeat_count=passes, shuffle=True, seed=seed)
-    left = micro_batches
-    for epoch in itertools.count():
-        if (left is not None and left <= 0) or (left is None and epoch >= max(1, int(epochs))):
-            return
-        order = np.fromiter(iter(sampler), dtype=np.int64)
-        if not len(order):
-            raise ValueError(f"{n_prompts} prompts: fewer than one generation draws ({per_gen // group})")
-        for k, rows in enumerate(order.reshape(-1, passes, world_size, per_rank)[:, 0]):
-            if left is not None:
-                if left <= 0:
-                    return
-                left -= passes
+    for epoch, passes, gens in _generation_epochs(n_prompts, batch_size=batch_size, grad_accum=grad_accum,
+                                                  world_size=world_size, group=group, iterations=iterations,
+                                                  seed=seed, epochs=epochs, micro_batches=micro_batches):
+        for k, rows in enumerate(gens):
             yield epoch, k * passes, rows
 
 
@@ -162,13 +176,13 @@ def longest_rollout_batch(lengths, room: int, *, batch_size: int, grad_accum: in
     if len(lengths) == 0:
         raise ValueError("no examples: the data holds nothing to train on")
     best = None
-    for epoch, index, rows in rollout_generations(len(lengths), batch_size=batch_size, grad_accum=grad_accum,
+    for epoch, passes, gens in _generation_epochs(len(lengths), batch_size=batch_size, grad_accum=grad_accum,
                                                   world_size=world_size, group=group, iterations=iterations,
                                                   seed=seed, epochs=epochs, micro_batches=micro_batches):
-        widths = lengths[rows].max(axis=1)
-        r = int(np.argmax(widths))
-        if best is None or widths[r] > best[0]:
-            best = (int(widths[r]), epoch, index, rows[r])
+        widths = lengths[gens].max(axis=2)  # [generations, ranks]
+        k, r = np.unravel_index(int(np.argmax(widths)), widths.shape)
+        if best is None or widths[k, r] > best[0]:
+            best = (int(widths[k, r]), epoch, int(k) * passes, gens[k, r])
     width, epoch, index, ids = best
     return LongestBatch(batch_size, width, batch_size, int(lengths.max()), epoch, index, True, False, len(lengths),
                         ids=tuple(dict.fromkeys(int(i) for i in ids)),
