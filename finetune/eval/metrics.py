@@ -36,6 +36,7 @@ __all__ = [
     "normalize_answer",
     "rouge_l",
     "same_calls",
+    "same_number",
     "score_predictions",
     "score_tool_calls",
     "token_f1",
@@ -98,12 +99,20 @@ def as_number(text: Any) -> float | None:
         return None
 
 
+def same_number(a: Any, b: Any) -> bool | None:
+    """Whether two answers are the same number (as_number), or None when either is not one."""
+    x, y = as_number(a), as_number(b)
+    if x is None or y is None:
+        return None
+    return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+
+
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 if the normalized strings are equal, else 0.0. Two numbers are compared by value
     ("$1,299.00" = "1299"), not by their digits with the punctuation deleted ("1.5" != "15")."""
-    x, y = as_number(prediction), as_number(reference)
-    if x is not None and y is not None:
-        return float(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9))
+    numbers = same_number(prediction, reference)
+    if numbers is not None:
+        return float(numbers)
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 

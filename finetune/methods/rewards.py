@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from finetune.eval.metrics import as_number, call_key, same_calls
+from finetune.eval.metrics import call_key, same_calls, same_number
 
 __all__ = ["RECORD_KEY", "Reward", "build_rewards", "completion_text", "completion_tool_calls", "normalize_answer", "same_answer"]
 
@@ -99,8 +99,6 @@ def completion_tool_calls(completion: Any) -> list[tuple[str, Any]] | None:
 
 
 # ---- comparing answers ----
-
-
 def normalize_answer(text: Any) -> str:
     s = unicodedata.normalize("NFKC", str(text)).casefold()
     s = re.sub(r"\s+", " ", s).strip()
@@ -111,8 +109,7 @@ def same_answer(got: Any, want: Any) -> bool:
     a, b = normalize_answer(got), normalize_answer(want)
     if a == b:
         return True
-    x, y = as_number(a), as_number(b)  # the same numbers as `finetune eval`'s exact match
-    return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+    return bool(same_number(a, b))  # the same numbers as `finetune eval`'s exact match
 
 
 def _column(columns: dict[str, list], name: str, i: int) -> Any:
