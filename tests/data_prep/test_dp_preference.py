@@ -425,6 +425,18 @@ def shard_lines(out: Path, name: str) -> bytes:
     return b"".join((out / name / s["file"]).read_bytes() for s in manifest["shards"])
 
 
+def assert_ray_matches_local(sources: list[Path], tmp_path: Path, local: dict, args: dict) -> None:
+    """The Ray engine with 1 and 2 workers writes the local build's lines (in tmp_path/local) byte for
+    byte, in the same splits and order, and the same report."""
+    for p in (1, 2):
+        out = tmp_path / f"ray{p}"
+        rep = build(sources, out, engine="ray", ray={"parallelism": p, "shard_records": 20}, **args)
+        for name in (*SPLITS, "rejects"):
+            assert shard_lines(out, name) == (tmp_path / "local" / f"{name}.jsonl").read_bytes(), (p, name)
+        drop = ("outputs", "timings", "engine")
+        assert {k: v for k, v in rep.items() if k not in drop} == {k: v for k, v in local.items() if k not in drop}
+
+
 def test_ray_engine_gives_the_local_engines_preference_build(ray_session, tmp_path: Path) -> None:
     """Formats, every kind of reject, exact copies, near-similar prompts and prompts with several
     pairs: the same lines in the same splits and order, the same rejects and report, with 1 or 2
@@ -442,10 +454,4 @@ def test_ray_engine_gives_the_local_engines_preference_build(ray_session, tmp_pa
     assert local["dedup"]["exact_duplicates"] > 0 and local["dedup"]["near_duplicates"] > 0
     assert set(local["rejects_by_step"]) == {"read", "convert", "chat_filter", "preference", "dedup"}
     assert all(local["counts"][s] > 0 for s in (*SPLITS, "rejects"))
-    for p in (1, 2):
-        out = tmp_path / f"ray{p}"
-        rep = build(sources, out, engine="ray", ray={"parallelism": p, "shard_records": 20}, **args)
-        for name in (*SPLITS, "rejects"):
-            assert shard_lines(out, name) == (tmp_path / "local" / f"{name}.jsonl").read_bytes(), (p, name)
-        drop = ("outputs", "timings", "engine")
-        assert {k: v for k, v in rep.items() if k not in drop} == {k: v for k, v in local.items() if k not in drop}
+    assert_ray_matches_local(sources, tmp_path, local, args)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from dp_fixtures import near_dup_triple, read_jsonl
-from test_dp_preference import shard_lines, words, write_csv, write_jsonl
+from test_dp_preference import assert_ray_matches_local, words, write_csv, write_jsonl
 
 from data_prep.build import build
 from data_prep.cli import main
@@ -275,10 +275,4 @@ def test_ray_engine_gives_the_local_engines_prompts_build(ray_session, tmp_path:
     args = dict(task="prompts", test_fraction=0.3, val_fraction=0.1, seed=2)
     local = build(sources, tmp_path / "local", **args)
     assert local["dedup"]["exact_duplicates"] > 0 and local["dedup"]["near_duplicates"] > 0
-    for p in (1, 2):
-        out = tmp_path / f"ray{p}"
-        rep = build(sources, out, engine="ray", ray={"parallelism": p, "shard_records": 20}, **args)
-        for name in (*SPLITS, "rejects"):
-            assert shard_lines(out, name) == (tmp_path / "local" / f"{name}.jsonl").read_bytes(), (p, name)
-        drop = ("outputs", "timings", "engine")
-        assert {k: v for k, v in rep.items() if k not in drop} == {k: v for k, v in local.items() if k not in drop}
+    assert_ray_matches_local(sources, tmp_path, local, args)
