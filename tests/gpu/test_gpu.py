@@ -559,6 +559,9 @@ def test_grpo_generates_and_trains_on_the_gpu_against_a_reference(tiny_model, ch
     assert any("memory_plan_bytes" in r for r in rows), rows
     info = json.loads((out / "run.json").read_text())
     assert info["throughput"]["rollout_tokens"] > 0
+    # MFU of both phases against the GPU's peak (its datasheet row, or a measured bf16 matmul)
+    assert all(0 < r[k] < 1 for r in logged for k in ("mfu", "train/mfu", "rollout/mfu")), logged
+    assert info["throughput"]["mfu_peak"].startswith(torch.cuda.get_device_name(0)), info["throughput"]
     _run([sys.executable, "-m", "finetune", "eval", "--adapter", str(out / "adapter"), "--data",
           str(chat_data["eval"]), "--output", str(tmp_path / "eval"), "--max-new-tokens", "16"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
