@@ -301,15 +301,16 @@ def cached_attention_kernel(device: str) -> str | None:
     if not (device.startswith("cuda") and torch.cuda.is_available()) or importlib.util.find_spec("kernels") is None:
         return None
     from kernels import install_kernel
-    from transformers.modeling_flash_attention_utils import FLASH_ATTN_KERNEL_VERSIONS
+    from transformers.integrations.hub_kernels import get_attn_kernel_version
 
     capability = torch.cuda.get_device_capability(torch.device(device))
     for needs, repo in HUB_FLASH_KERNELS:
         if capability < needs:
             continue
         try:
-            install_kernel(repo, version=FLASH_ATTN_KERNEL_VERSIONS.get(repo, 1), local_files_only=True)
-        except Exception:  # noqa: BLE001 - not cached, or no build for this torch/CUDA/platform
+            # the version of the repository transformers itself loads
+            install_kernel(repo, version=get_attn_kernel_version(repo), local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached, no build for this torch/CUDA, or a `kernels` older than version=
             continue
         return repo
     return None
